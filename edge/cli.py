@@ -1,0 +1,158 @@
+"""The ``vla-edge`` command line.
+
+Each subcommand imports its implementation lazily, so ``vla-edge run`` on a robot never imports torch
+and starts fast. Errors a user can act on (:class:`VlaEdgeError`) print as one line and exit 2;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vla_edge.edge.errors import VlaEdgeError
+
+log = logging.getLogger("vla_edge")
+
+
+def _add_tiny_ckpt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tiny-ckpt",
+        help="build a tiny LLaVA-VLA-shaped checkpoint (for tests and the demo)",
+        description="Build a small model with the LLaVA-VLA architecture (SigLIP trunk, MLP projector, "
+        "image_newline, Qwen2 decoder) and a locally made tokenizer, from fixed seeds. Nothing is "
+        "downloaded. Needs the [export] extra (torch, transformers).",
+    )
+    p.add_argument("--out", required=True, help="where to write the checkpoint (.pt)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=lambda a: _call("vla_edge.export.tiny", "main", a))
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="turn a checkpoint into an INT8 ONNX bundle",
+        description="Export a LLaVA-VLA checkpoint (best.pt or an HF save_pretrained directory) to an ONNX "
+        "bundle: vision graph, decoder with KV cache and cut output head, token embeddings, tokenizer, "
+        "manifest.json and parity.json. The bundle is built in a temporary directory and renamed into "
+        "place only when every step, parity included, has passed.",
+    )
+    p.add_argument("--ckpt", help="checkpoint: a .pt file or an HF directory with config.json")
+    p.add_argument("--shape", choices=["llava-ov-0.5b"], help="instead of --ckpt: random weights of this real shape")
+    p.add_argument("--out", required=True, help="bundle directory to create (must not exist unless --force)")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="device the bundle is tuned for")
+    p.add_argument(
+        "--precision",
+        choices=["int8", "fp32", "fp16"],
+        default="int8",
+        help="int8 (default): weight-only 8-bit MatMulNBits for cuda, dynamic QInt8 for cpu; "
+        "fp32/fp16 for parity work",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--parity-samples", type=int, default=2, help="fixed inputs used for the parity report")
+    p.set_defaults(func=lambda a: _call("vla_edge.export.pipeline", "main", a))
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="per-stage latency of one policy step (or of the C++ kernels)",
+        description="Run N policy steps after warm-up and print per-stage latency p50/p95/p99. "
+        "--baseline torch also runs the PyTorch reference in the same process and prints the ratio. "
+        "--kernels benchmarks the C++ kernels against their numpy/PIL references.",
+    )
+    p.add_argument("--bundle", help="bundle directory")
+    p.add_argument("--shape", choices=["llava-ov-0.5b"], help="benchmark the real shape with random weights")
+    p.add_argument("--kernels", action="store_true", help="benchmark the C++ kernels instead")
+    p.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps (default 1)")
+    p.add_argument("--baseline", choices=["torch"], help="also run the PyTorch reference")
+    p.add_argument("--ckpt", help="checkpoint for --baseline torch (default: the bundle's source)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    p.add_argument("--parallel", action="store_true", help="decode the chunk with Jacobi parallel decoding")
+    p.add_argument("--navigation", action="store_true", help="use a navigation prompt")
+    p.add_argument("--json", help="also write the results as JSON to this path")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.bench", "main", a))
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the realtime control loop on a robot (sim by default)",
+        description="Single-process realtime loop: cameras, policy, Piper arms, TRACER base, keyboard e-stop "
+        "(space latches, r then y resumes).",
+    )
+    p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
+    p.add_argument("--bundle", help="bundle directory (default for sim: the demo bundle)")
+    p.add_argument("--instruction", default="pick up the red cube", help="task instruction")
+    p.add_argument("--navigation", action="store_true", help="ask for mobile manipulation (<Navigation>)")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync", help="chunk execution mode")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until e-stop/Ctrl+C)")
+    p.add_argument("--rate", type=float, default=30.0, help="control rate in Hz (default 30)")
+    p.add_argument("--record", help="write each episode as HDF5 into this directory")
+    p.add_argument("--json", help="write the end-of-run summary as JSON")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "main", a))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="everything a new user needs: tiny checkpoint, export, simulated run, summary",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to run the simulated robot")
+    p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "demo", a))
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="connect to every device of a robot profile, print what was found, exit",
+    )
+    p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.check", "main", a))
+
+
+def _call(module: str, func: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vla-edge",
+        description="Deploy LLaVA-VLA on an AgileX Cobot Magic: export, benchmark, run (sim by default).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except VlaEdgeError as e:
+        if args.debug:
+            raise
+        print(f"vla-edge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vla-edge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
