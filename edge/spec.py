@@ -1,0 +1,205 @@
+"""The facts of CONTRACT.md as data: token layout, image layout, policy statistics.
+
+Everything here is carried in a bundle's ``manifest.json`` (see :mod:`vla_edge.edge.bundle`), so a
+different checkpoint can override it; the module-level constants are the defaults for the real
+LLaVA-VLA 0.5B model and the Cobot Magic. Pure Python + numpy: safe to import on the robot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+N_BINS = 256
+"""Action/proprio bins: ``linspace(-1, 1, 256)``; token ``V - i`` for bin index ``i`` in 1..256."""
+
+DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
+"""Navigation direction tokens, in the order the cut head holds them."""
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Token ids of one model. ``vocab_base`` is V: bins occupy ids ``V-256 .. V-1``.
+
+    The decoder's output head is cut to :attr:`head_ids`, in this order:
+    index ``j`` in ``0..255`` is token ``V - 256 + j`` (ascending ids, so *descending* values),
+    index 256 is ``<|im_end|>``, indices 257..260 are the directions in :data:`DIRECTIONS` order.
+    """
+
+    vocab_base: int
+    endoftext: int
+    im_start: int
+    im_end: int
+    newline: int
+    navigation: int
+    directions: dict[str, int]
+    embedding_rows: int
+    n_bins: int = N_BINS
+
+    @property
+    def head_ids(self) -> np.ndarray:
+        """Token id of each row of the cut output head (int64)."""
+        bins = np.arange(self.vocab_base - self.n_bins, self.vocab_base, dtype=np.int64)
+        rest = [self.im_end] + [self.directions[d] for d in DIRECTIONS]
+        return np.concatenate([bins, np.asarray(rest, dtype=np.int64)])
+
+    @property
+    def head_im_end(self) -> int:
+        """Index of ``<|im_end|>`` in the cut head."""
+        return self.n_bins
+
+    @property
+    def head_directions(self) -> dict[str, int]:
+        """Index of each direction token in the cut head."""
+        return {d: self.n_bins + 1 + k for k, d in enumerate(DIRECTIONS)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenSpec:
+        return cls(**{**d, "directions": dict(d["directions"])})
+
+
+# LLaVA-VLA 0.5B (Qwen2 tokenizer). Navigation rows: vla-edge defines them in embedding rows no
+# tokenizer token claims (the tokenizer ends at 151646 with LLaVA's <image>; the table has 151936).
+QWEN2_TOKENS = TokenSpec(
+    vocab_base=151643,
+    endoftext=151643,
+    im_start=151644,
+    im_end=151645,
+    newline=198,
+    navigation=151930,
+    directions={"forward": 151931, "turn_left": 151932, "turn_right": 151933, "stop": 151934},
+    embedding_rows=151936,
+)
+
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence robot. "
+    "The robot provides actions to follow out the user's instructions."
+)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One camera view placed on the canvas: resized (``ImageLayout.tile_filter``) to w x h pixels at (x, y)."""
+
+    camera: str
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How camera views become the model's one image (CONTRACT section 1, image composition).
+
+    Each tile's view is resized to its w x h with ``tile_filter`` and pasted on a black canvas of
+    ``canvas_w x canvas_h``; the canvas is resized to ``output x output`` with ``output_filter``;
+    pixels become ``(px/255 - 0.5) / 0.5``, RGB, NCHW. Filters are PIL names: lanczos, bicubic,
+    bilinear, nearest.
+    """
+
+    tiles: tuple[Tile, ...]
+    canvas_w: int
+    canvas_h: int
+    output: int = 384
+    tile_filter: str = "lanczos"
+    output_filter: str = "bicubic"
+
+    @property
+    def cameras(self) -> list[str]:
+        return [t.camera for t in self.tiles]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageLayout:
+        return cls(**{**d, "tiles": tuple(Tile(**t) for t in d["tiles"])})
+
+
+# The reference two-view layout of LLaVA-VLA on CALVIN: 334x167 tiles stacked into 334x334.
+CALVIN_LAYOUT = ImageLayout(
+    tiles=(Tile("rgb_static", 0, 0, 334, 167), Tile("rgb_gripper", 0, 167, 334, 167)),
+    canvas_w=334,
+    canvas_h=334,
+)
+
+# vla-edge's Cobot Magic layout: the front camera across the top half, the wrists side by side below.
+COBOT_MAGIC_LAYOUT = ImageLayout(
+    tiles=(
+        Tile("cam_high", 0, 0, 336, 168),
+        Tile("cam_left_wrist", 0, 168, 168, 168),
+        Tile("cam_right_wrist", 168, 168, 168, 168),
+    ),
+    canvas_w=336,
+    canvas_h=336,
+)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Action/proprio shapes and normalisation statistics (CONTRACT section 1).
+
+    ``action_lo``/``action_hi``: per-dimension min-max bounds used to de-normalise actions
+    (radians for joints, metres for grippers). ``proprio_mean``/``proprio_std``: z-score statistics
+    of the state vector. ``d_max_m``/``theta_max_deg``: the navigation VALUE token's full scale.
+    """
+
+    chunk_size: int
+    action_dim: int
+    state_dim: int
+    action_lo: list[float]
+    action_hi: list[float]
+    proprio_mean: list[float]
+    proprio_std: list[float]
+    d_max_m: float = 1.0
+    theta_max_deg: float = 90.0
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunk_size * self.action_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PolicySpec:
+        return cls(**d)
+
+
+# Cobot Magic joint limits (CONTRACT section 2), per arm: J1..J6 (rad), gripper (m).
+PIPER_JOINT_LO = [-2.6179, 0.0, -2.967, -1.745, -1.22, -2.0944, 0.0]
+PIPER_JOINT_HI = [2.6179, 3.14, 0.0, 1.745, 1.22, 2.0944, 0.07]
+
+
+def cobot_magic_policy(**overrides) -> PolicySpec:
+    """Default 14-dim bimanual policy spec: action bounds = the published joint limits."""
+    lo = PIPER_JOINT_LO * 2
+    hi = PIPER_JOINT_HI * 2
+    base = dict(
+        chunk_size=5,
+        action_dim=14,
+        state_dim=14,
+        action_lo=lo,
+        action_hi=hi,
+        proprio_mean=[(a + b) / 2 for a, b in zip(lo, hi, strict=True)],
+        proprio_std=[(b - a) / 4 for a, b in zip(lo, hi, strict=True)],
+    )
+    base.update(overrides)
+    return PolicySpec(**base)
+
+
+@dataclass
+class Prompt:
+    """Token-id pieces of the ChatML prompt around the image and the per-step proprio tokens.
+
+    Full prompt = ``prefix + <730 image embeddings> + middle(instruction) + proprio + suffix``.
+    Built from ids only, never by decoding and re-encoding text.
+    """
+
+    prefix: list[int] = field(default_factory=list)
+    suffix: list[int] = field(default_factory=list)
