@@ -1,0 +1,333 @@
+"""``vla-edge export``: checkpoint -> verified ONNX bundle, one checked step at a time.
+
+Steps (each verifies its own output before the next runs):
+
+1. load      read and validate the checkpoint (weights_only, names, shapes)
+2. vision    export vision.onnx (fp32); ORT output must match PyTorch
+3. decoder   export decoder.onnx (fp32, cut head, KV cache); prefill + decode must match a full forward
+4. assets    embeddings.npy, tokenizer.json, prompt template ids
+5. quantize  INT8 copies of both graphs (skipped for --precision fp32)
+6. parity    PyTorch vs fp32 vs INT8 on fixed inputs -> parity.json; fails if fp32 greedy tokens differ
+7. manifest  every file's sha256; the temporary directory is renamed into place
+
+Nothing is written at ``--out`` unless every step passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vla_edge.edge.bundle import Bundle, write_manifest
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(VlaEdgeError):
+    """An export step failed its own check."""
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    target: str = "cpu"
+    precision: str = "int8"
+    opset: int = 18
+    parity_samples: int = 2
+    force: bool = False
+    quant_scheme: str | None = None  # default: quantize.SCHEMES[target]
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+
+
+def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
+    """Export a loaded :class:`~vla_edge.export.checkpoint.Checkpoint` to ``opts.out``."""
+    import onnxruntime as ort
+    import torch
+
+    from vla_edge.export import graphs, quantize
+    from vla_edge.export.model import LlavaVLA
+    from vla_edge.export.parity import compare, fixed_inputs
+    from vla_edge.export.reference import TorchReference
+
+    out = Path(opts.out)
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out} already exists (use --force to replace it)")
+    if ckpt.tokenizer_json is None:
+        raise ExportError("checkpoint has no tokenizer (wrapper 'tokenizer_json' or tokenizer.json in the directory)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix="vla-edge-export-"))
+    res = ExportResult(bundle=out)
+    step = _Steps(progress, res.seconds)
+    try:
+        torch.manual_seed(0)
+        with step("build PyTorch model"):
+            model = LlavaVLA.from_checkpoint(ckpt)
+        fp32_vision, fp32_decoder = scratch / "vision.onnx", scratch / "decoder.onnx"
+        with step("export vision graph"):
+            graphs.export_vision(model, fp32_vision, opts.opset)
+            _check_vision(model, fp32_vision)
+        with step("export decoder graph"):
+            graphs.export_decoder(model, ckpt.tokens.head_ids, fp32_decoder, opts.opset)
+            _check_decoder(model, ckpt.tokens.head_ids, fp32_decoder)
+        encode = tokenizer_encoder(ckpt.tokenizer_json)
+        prompt = PromptTemplate.build(encode, ckpt.tokens)
+        emb = model.lm.model.embed_tokens.weight.detach().float().numpy()
+        manifest = _manifest(ckpt, opts, prompt, ort.__version__)
+        fp32_dir = scratch / "fp32"
+        with step("write embeddings, tokenizer, prompt"):
+            for d, dtype in ((fp32_dir, np.float32), (tmp, np.float16 if opts.precision != "fp32" else np.float32)):
+                d.mkdir(exist_ok=True)
+                np.save(d / "embeddings.npy", emb.astype(dtype))
+                (d / "tokenizer.json").write_text(ckpt.tokenizer_json)
+            shutil.copy(fp32_vision, fp32_dir / "vision.onnx")
+            shutil.copy(fp32_decoder, fp32_dir / "decoder.onnx")
+            write_manifest(fp32_dir, {**manifest, "precision": "fp32", "quantization": None})
+        variants = {"fp32": fp32_dir}
+        if opts.precision == "fp32":
+            shutil.copy(fp32_vision, tmp / "vision.onnx")
+            shutil.copy(fp32_decoder, tmp / "decoder.onnx")
+            manifest["quantization"] = None
+        else:
+            scheme = opts.quant_scheme or quantize.SCHEMES[opts.target]
+            with step(f"quantize ({scheme})"):
+                qv = quantize.quantize(fp32_vision, tmp / "vision.onnx", scheme)
+                qd = quantize.quantize(fp32_decoder, tmp / "decoder.onnx", scheme)
+                manifest["quantization"] = {"vision": qv, "decoder": qd}
+            write_manifest(tmp, {**manifest})  # provisional, so the engine can load it for parity
+            variants[opts.precision] = tmp
+        with step(f"parity on {opts.parity_samples} fixed inputs"):
+            from vla_edge.edge.engine import Engine
+
+            engines = {name: Engine(Bundle.load(d), provider="cpu") for name, d in variants.items()}
+            reference = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, prompt, encode)
+            inputs = fixed_inputs(ckpt.layout, ckpt.policy.state_dim, opts.parity_samples)
+            res.parity = compare(reference, engines, inputs)
+            res.parity["checkpoint_sha256"] = ckpt.sha256
+            (tmp / "parity.json").write_text(json.dumps(res.parity, indent=2) + "\n")
+            if not res.parity["variants"]["fp32"]["chunks_identical"]:
+                raise ExportError(
+                    "fp32 export does not reproduce PyTorch's greedy tokens "
+                    f"(agreement {res.parity['variants']['fp32']['token_agreement']:.3f}); see parity.json in {scratch}"
+                )
+        with step("write manifest, move bundle into place"):
+            write_manifest(tmp, manifest)
+            Bundle.load(tmp)  # verify what we wrote
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        res.sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+        res.sizes["fp32 vision.onnx"] = fp32_vision.stat().st_size
+        res.sizes["fp32 decoder.onnx"] = fp32_decoder.stat().st_size
+        return res
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _manifest(ckpt, opts: ExportOptions, prompt: PromptTemplate, ort_version: str) -> dict:
+    import onnx
+    import torch
+    import transformers
+
+    import vla_edge
+
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"name": ckpt.path.name, "sha256": ckpt.sha256},
+        "target": opts.target,
+        "precision": opts.precision,
+        "versions": {
+            "vla_edge": vla_edge.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort_version,
+            "opset": opts.opset,
+        },
+        "model": ckpt.model.to_dict(),
+        "tokens": ckpt.tokens.to_dict(),
+        "head_ids": ckpt.tokens.head_ids.tolist(),
+        "policy": ckpt.policy.to_dict(),
+        "image_layout": ckpt.layout.to_dict(),
+        "prompt": prompt.to_dict(),
+        "roles": {"vision": "vision.onnx", "decoder": "decoder.onnx", "embeddings": "embeddings.npy",
+                  "tokenizer": "tokenizer.json"},
+        "graphs": _graph_io(ckpt.model),
+    }
+
+
+def _graph_io(m) -> dict:
+    t = m.text
+    kv = [1, t.kv_heads, "past_len", t.head_dim]
+    dec_in = {"inputs_embeds": [1, "new_len", t.hidden], "logit_index": ["n_logits"]}
+    dec_out = {"logits": [1, "n_logits", "n_head"]}
+    for i in range(t.layers):
+        for k in ("key", "value"):
+            dec_in[f"past.{i}.{k}"] = kv
+            dec_out[f"present.{i}.{k}"] = [1, t.kv_heads, "past_len + new_len", t.head_dim]
+    s = m.vision.image_size
+    return {
+        "vision": {"inputs": {"pixels": [1, 3, s, s]}, "outputs": {"image_embeds": [1, m.image_tokens, t.hidden]}},
+        "decoder": {"inputs": dec_in, "outputs": dec_out},
+    }
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _check_vision(model, path: Path, tol: float = 1e-3) -> None:
+    import torch
+
+    s = model.cfg.vision.image_size
+    x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    with torch.no_grad():
+        ref = model.image_embeds(x).numpy()
+    got = _session(path).run(None, {"pixels": x.numpy()})[0]
+    err = float(np.abs(got - ref).max())
+    log.info("vision graph: max abs error vs PyTorch %.2e", err)
+    if got.shape != ref.shape or err > tol * max(1.0, float(np.abs(ref).max())):
+        raise ExportError(f"vision graph does not match PyTorch (shape {got.shape} vs {ref.shape}, max err {err:.2e})")
+
+
+def _check_decoder(model, head_ids, path: Path, tol: float = 1e-3) -> None:
+    """Prefill of the first part + a multi-token decode of the rest must equal one full forward."""
+    import torch
+
+    t = model.cfg.text
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1, 12, t.hidden, generator=g) * 0.5
+    with torch.no_grad():
+        full = model.lm(inputs_embeds=emb).logits[0][:, torch.as_tensor(head_ids)].numpy()
+    sess = _session(path)
+    empty = np.zeros((1, t.kv_heads, 0, t.head_dim), np.float32)
+    past = [empty] * (2 * t.layers)
+    got = []
+    for lo, hi in ((0, 8), (8, 9), (9, 12)):
+        feed = {"inputs_embeds": emb[:, lo:hi].numpy(), "logit_index": np.arange(hi - lo, dtype=np.int64)}
+        for i in range(t.layers):
+            feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
+        outs = sess.run(None, feed)
+        got.append(outs[0][0])
+        past = outs[1:]
+    got = np.concatenate(got)
+    err = float(np.abs(got - full).max())
+    log.info("decoder graph: cached vs full forward max abs error %.2e", err)
+    if err > tol * max(1.0, float(np.abs(full).max())):
+        raise ExportError(f"decoder graph with KV cache does not match a full PyTorch forward (max err {err:.2e})")
+
+
+class _Steps:
+    """Times each step and shows it on a rich progress display (or the log without one)."""
+
+    def __init__(self, progress, seconds: dict):
+        self.progress = progress
+        self.seconds = seconds
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def run():
+            task = self.progress.add_task(name, total=1) if self.progress else None
+            log.debug("export: %s", name)
+            t0 = time.perf_counter()
+            yield
+            self.seconds[name] = time.perf_counter() - t0
+            if self.progress:
+                self.progress.update(task, completed=1, description=f"{name} [dim]({self.seconds[name]:.1f} s)[/]")
+
+        return run()
+
+
+def random_checkpoint(shape: str):
+    """A checkpoint of a real shape with random weights (for benchmarks; nothing downloaded)."""
+    import torch
+
+    from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, QWEN2_TOKENS, cobot_magic_policy
+    from vla_edge.export.checkpoint import Checkpoint
+    from vla_edge.export.config import LLAVA_OV_05B
+    from vla_edge.export.model import LlavaVLA
+    from vla_edge.export.tiny import build_tiny_tokenizer
+
+    if shape != "llava-ov-0.5b":
+        raise ExportError(f"unknown shape {shape!r}")
+    torch.manual_seed(0)
+    model = LlavaVLA(LLAVA_OV_05B)
+    return Checkpoint(
+        path=Path(shape),
+        sha256=f"random-{shape}-seed0",
+        model=LLAVA_OV_05B,
+        state_dict=model.llava_state_dict(),
+        policy=cobot_magic_policy(),
+        layout=COBOT_MAGIC_LAYOUT,
+        tokens=QWEN2_TOKENS,
+        tokenizer_json=build_tiny_tokenizer(),  # stand-in: only instruction ids are taken from it
+    )
+
+
+def print_summary(res: ExportResult, console) -> None:
+    from rich.table import Table
+
+    sizes = Table(title=f"bundle {res.bundle}")
+    sizes.add_column("file")
+    sizes.add_column("MB", justify="right")
+    for name, n in res.sizes.items():
+        sizes.add_row(name, f"{n / 1e6:.1f}")
+    console.print(sizes)
+    par = Table(title="parity vs PyTorch fp32")
+    for c in ("variant", "logit max|err|", "logit mean|err|", "cos min", "token agreement", "chunks identical",
+              "action max|err|"):
+        par.add_column(c, justify="right")
+    for name, v in res.parity.get("variants", {}).items():
+        par.add_row(name, f"{v['logit_max_abs_err']:.2e}", f"{v['logit_mean_abs_err']:.2e}",
+                    f"{v['logit_cosine_min']:.6f}", f"{v['token_agreement']:.3f}", str(v["chunks_identical"]),
+                    f"{v['action_max_abs_err']:.4f}")
+    console.print(par)
+    console.print(f"total {sum(res.seconds.values()):.1f} s")
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vla_edge.export.checkpoint import load_checkpoint
+
+    console = Console(stderr=True)
+    if bool(args.ckpt) == bool(args.shape):
+        raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
+    opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
+                         parity_samples=args.parity_samples, force=args.force)
+    if opts.precision == "fp16":
+        raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=False) as progress:
+        t = progress.add_task("load checkpoint", total=1)
+        ckpt = load_checkpoint(args.ckpt) if args.ckpt else random_checkpoint(args.shape)
+        progress.update(t, completed=1)
+        res = export_bundle(ckpt, opts, progress)
+    print_summary(res, console)
+    return 0

@@ -1,0 +1,97 @@
+"""The PyTorch reference step: what LLaVA-VLA does with plain transformers, PIL and numpy.
+
+Used by the export parity report and by ``vla-edge bench --baseline torch``: PIL composition
+(:mod:`vla_edge.kernels.reference`), eager ``LlavaVLA``, greedy ``generate`` with the output
+grammar applied as a logits processor (the same decisions as the engine's constrained decoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vla_edge.edge.prompt import PromptTemplate
+from vla_edge.edge.spec import ImageLayout, PolicySpec, TokenSpec
+from vla_edge.export.model import LlavaVLA
+
+
+@dataclass
+class ReferenceStep:
+    head_idx: np.ndarray  # (K,) chosen cut-head indices
+    logits: np.ndarray  # (K, n_head) raw logits of the cut rows at each generated position
+    timings_ms: dict[str, float]
+
+
+class GrammarProcessor:
+    """A transformers LogitsProcessor that keeps only the grammar's greedy choice at each step."""
+
+    def __init__(self, grammar, head_ids: np.ndarray):
+        self.grammar = grammar
+        self.head_ids = torch.as_tensor(head_ids)
+        self.raw: list[np.ndarray] = []
+        self.chosen: list[int] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        row = scores[0, self.head_ids].float().numpy()
+        self.raw.append(row)
+        j = self.grammar.step(np.ascontiguousarray(row, np.float32))
+        self.chosen.append(j)
+        out = torch.full_like(scores, float("-inf"))
+        out[0, self.head_ids[j]] = 0.0
+        return out
+
+
+class TorchReference:
+    def __init__(self, model: LlavaVLA, tokens: TokenSpec, policy: PolicySpec, layout: ImageLayout,
+                 prompt: PromptTemplate, encode):
+        self.model = model
+        self.tokens = tokens
+        self.policy = policy
+        self.layout = layout
+        self.prompt = prompt
+        self.encode = encode
+
+    def pixels(self, frames: list[np.ndarray]) -> np.ndarray:
+        from vla_edge.kernels import reference
+
+        return reference.compose_views(frames, self.layout)
+
+    @torch.no_grad()
+    def step(self, pixels: np.ndarray, state: np.ndarray, instruction: str, navigation: bool) -> ReferenceStep:
+        import time
+
+        from vla_edge import kernels
+        from vla_edge.kernels import reference
+
+        m = self.model
+        t0 = time.perf_counter()
+        image = m.image_embeds(torch.as_tensor(pixels))[0]
+        t1 = time.perf_counter()
+        proprio = reference.tokenize_proprio(
+            np.asarray(state, np.float64), np.asarray(self.policy.proprio_mean), np.asarray(self.policy.proprio_std),
+            self.tokens.vocab_base,
+        )
+        after = self.prompt.instruction_ids(self.encode, instruction, navigation) + list(proprio) + self.prompt.suffix
+        emb = m.embed_tokens
+        embeds = torch.cat([emb(torch.tensor(self.prompt.prefix)), image, emb(torch.tensor(after))])[None]
+        grammar = kernels.ChunkGrammar(self.tokens.n_bins, self.policy.chunk_tokens, navigation)
+        proc = GrammarProcessor(grammar, self.tokens.head_ids)
+        from transformers import LogitsProcessorList
+
+        m.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=self.policy.chunk_tokens + 4,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([proc]),
+            eos_token_id=self.tokens.im_end,
+            pad_token_id=self.tokens.im_end,
+        )
+        t2 = time.perf_counter()
+        return ReferenceStep(
+            head_idx=np.asarray(proc.chosen, np.int64),
+            logits=np.stack(proc.raw),
+            timings_ms={"vision": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3},
+        )
