@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from vla_edge.edge.bundle import Bundle
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.prompt import tokenizer_encoder
@@ -81,7 +80,6 @@ class Engine:
 
     def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, parallel: bool = False):
         import onnxruntime as ort
-
         from vla_edge import kernels
 
         self.bundle = bundle

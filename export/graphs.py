@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
 from vla_edge.export.model import LlavaVLA
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,9 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.lm = model.lm
         self.n_layers = model.cfg.text.layers
-        self.register_buffer("head_weight", model.lm.lm_head.weight.detach()[head_ids].clone(), persistent=False)
+        # (hidden, n_head): stored transposed so the exported MatMul has a constant B (quantisable).
+        head = model.lm.lm_head.weight.detach()[head_ids].t().contiguous()
+        self.register_buffer("head_weight_t", head, persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor, logit_index: torch.Tensor, *past: torch.Tensor):
         from transformers import DynamicCache
@@ -50,7 +51,7 @@ class DecoderGraph(nn.Module):
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)])
         out = self.lm.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state.index_select(1, logit_index)
-        logits = torch.matmul(hidden, self.head_weight.t())
+        logits = torch.matmul(hidden, self.head_weight_t)
         presents = []
         for layer in out.past_key_values.layers:
             presents += [layer.keys, layer.values]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from vla_edge.export.checkpoint import NEWLINE_KEY, PROJECTOR_PREFIX, VISION_PREFIX, Checkpoint
 from vla_edge.export.config import ModelConfig
 

@@ -48,7 +48,7 @@ def compare(reference, engines: dict, inputs) -> dict:
         refs.append((pixels, reference.step(pixels, state, instr, nav)))
     for name, eng in engines.items():
         max_abs, mean_abs, cos, agree, total, act_err, exact = 0.0, [], [], 0, 0, 0.0, True
-        for (frames, state, instr, nav), (pixels, ref) in zip(inputs, refs, strict=True):
+        for (_frames, state, instr, nav), (pixels, ref) in zip(inputs, refs, strict=True):
             eng.start_episode(instr, navigation=nav)
             forced = eng.forced_logits(pixels, state, ref.head_idx)
             d = np.abs(forced - ref.logits)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from vla_edge.edge.bundle import Bundle, write_manifest
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
@@ -59,7 +58,6 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     """Export a loaded :class:`~vla_edge.export.checkpoint.Checkpoint` to ``opts.out``."""
     import onnxruntime as ort
     import torch
-
     from vla_edge.export import graphs, quantize
     from vla_edge.export.model import LlavaVLA
     from vla_edge.export.parity import compare, fixed_inputs
@@ -147,7 +145,6 @@ def _manifest(ckpt, opts: ExportOptions, prompt: PromptTemplate, ort_version: st
     import onnx
     import torch
     import transformers
-
     import vla_edge
 
     return {
@@ -266,7 +263,6 @@ class _Steps:
 def random_checkpoint(shape: str):
     """A checkpoint of a real shape with random weights (for benchmarks; nothing downloaded)."""
     import torch
-
     from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, QWEN2_TOKENS, cobot_magic_policy
     from vla_edge.export.checkpoint import Checkpoint
     from vla_edge.export.config import LLAVA_OV_05B
@@ -313,7 +309,6 @@ def print_summary(res: ExportResult, console) -> None:
 def main(args) -> int:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from vla_edge.export.checkpoint import load_checkpoint
 
     console = Console(stderr=True)
@@ -323,11 +318,10 @@ def main(args) -> int:
                          parity_samples=args.parity_samples, force=args.force)
     if opts.precision == "fp16":
         raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=False) as progress:
-        t = progress.add_task("load checkpoint", total=1)
-        ckpt = load_checkpoint(args.ckpt) if args.ckpt else random_checkpoint(args.shape)
-        progress.update(t, completed=1)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.ckpt) if args.ckpt else random_checkpoint(args.shape)
+    log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         res = export_bundle(ckpt, opts, progress)
     print_summary(res, console)
     return 0

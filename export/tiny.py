@@ -75,7 +75,6 @@ def tiny_token_spec(tokenizer_json: str) -> TokenSpec:
 def make_tiny_checkpoint(seed: int = 0) -> dict:
     """The vla-edge wrapper dict of a tiny random model (see :mod:`vla_edge.export.checkpoint`)."""
     import torch
-
     from vla_edge.export.model import LlavaVLA
 
     tokenizer_json = build_tiny_tokenizer()

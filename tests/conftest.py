@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny checkpoint and its bundles, built once per test session from fixed seeds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``vla-edge ARGS`` in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "vla_edge.edge.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    from vla_edge.export.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
+
+
+def _export(ckpt: Path, out: Path, precision: str) -> Path:
+    from vla_edge.export.checkpoint import load_checkpoint
+    from vla_edge.export.pipeline import ExportOptions, export_bundle
+
+    export_bundle(load_checkpoint(ckpt), ExportOptions(out=out, precision=precision))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "int8", "int8")
