@@ -1,0 +1,188 @@
+"""``vla-edge bench``: per-stage latency of one policy step, optionally against PyTorch.
+
+Runs ``--warmup`` then ``--steps`` steps of the engine on fixed synthetic inputs (three 640x480
+frames, a state vector, an instruction) and prints p50/p95/p99 per stage, per token and tokens/s.
+``--baseline torch`` runs the PyTorch reference (transformers eager, greedy ``generate``, PIL
+preprocessing) on the same checkpoint and inputs in the same process, then prints the ratio and
+whether the chunks were identical. ``--shape llava-ov-0.5b`` exports random weights of the real
+shape once into the user cache dir and benchmarks that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+from vla_edge.edge.bundle import Bundle
+from vla_edge.edge.engine import STAGES, Engine
+from vla_edge.edge.errors import VlaEdgeError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLA_EDGE_CACHE", Path.home() / ".cache" / "vla-edge"))
+
+
+def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
+    v = np.asarray(values, np.float64)
+    return {f"p{q}": float(np.percentile(v, q)) if v.size else float("nan") for q in qs}
+
+
+def synthetic_inputs(layout, state_dim: int, seed: int = 0):
+    """Three textured 640x480 RGB frames and a state vector, fixed by the seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    frames = []
+    for i, _ in enumerate(layout.tiles):
+        img = np.stack([(xx * (i + 1)) % 256, (yy * 2) % 256, ((xx + yy) // 3) % 256], -1).astype(np.uint8)
+        img = np.clip(img.astype(np.int16) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+        frames.append(img)
+    return frames, rng.normal(0, 0.3, state_dim)
+
+
+def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object]:
+    """Export (once) and return the cached bundle of a real shape with random weights."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
+
+    out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}"
+    ckpt = None
+    if not (out / "manifest.json").exists():
+        log.info("exporting %s (random weights) into %s: several minutes on a CPU, once", shape, out)
+        ckpt = random_checkpoint(shape)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=Console(stderr=True)) as progress:
+            export_bundle(ckpt, ExportOptions(out=out, target=target, precision=precision, force=True), progress)
+    return out, ckpt
+
+
+def run_engine(engine: Engine, frames, state, instruction: str, navigation: bool, steps: int, warmup: int):
+    engine.start_episode(instruction, navigation=navigation)
+    for _ in range(warmup):
+        engine.step(frames, state)
+    chunks = [engine.step(frames, state) for _ in range(steps)]
+    stages = {s: [c.timings_ms[s] for c in chunks] for s in (*STAGES, "total")}
+    per_token = [c.timings_ms["decode"] / max(c.decode_calls, 1) for c in chunks]
+    n_tokens = [len(c.token_ids) for c in chunks]
+    return chunks, stages, per_token, n_tokens
+
+
+def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, steps, warmup):
+    import time
+
+    import torch
+    from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+    from vla_edge.export.model import LlavaVLA
+    from vla_edge.export.reference import TorchReference
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = LlavaVLA.from_checkpoint(ckpt)
+    encode = tokenizer_encoder(ckpt.tokenizer_json)
+    ref = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, PromptTemplate.build(encode, ckpt.tokens), encode)
+    results = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        pixels = ref.pixels(frames)
+        t1 = time.perf_counter()
+        r = ref.step(pixels, state, instruction, navigation)
+        r.timings_ms = {"compose": (t1 - t0) * 1e3, **r.timings_ms, "total": r.timings_ms["total"] + (t1 - t0) * 1e3}
+        if i >= warmup:
+            results.append(r)
+    return results
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.kernels:
+        from vla_edge.kernels import bench as kbench
+
+        res = kbench.run()
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        return 0
+    ckpt = None
+    if args.shape:
+        target = "cuda" if args.provider == "cuda" else "cpu"
+        root, ckpt = _shape_bundle(args.shape, target, "int8")
+    elif args.bundle:
+        root = Path(args.bundle)
+    else:
+        raise VlaEdgeError("give --bundle DIR, --shape NAME or --kernels")
+    bundle = Bundle.load(root)
+    engine = Engine(bundle, provider=args.provider, parallel=args.parallel)
+    frames, state = synthetic_inputs(bundle.layout, bundle.policy.state_dim)
+    instruction = "pick up the red cube"
+    chunks, stages, per_token, n_tokens = run_engine(
+        engine, frames, state, instruction, args.navigation, args.steps, args.warmup
+    )
+    report: dict = {
+        "bundle": str(root),
+        "precision": bundle.precision,
+        "provider": engine.provider,
+        "parallel_decoding": args.parallel,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "steps": args.steps,
+        "stages_ms": {k: percentiles(v) for k, v in stages.items()},
+        "per_token_ms": percentiles(per_token),
+        "tokens_per_step": int(np.median(n_tokens)),
+        "tokens_per_s": float(np.median(n_tokens) / (np.median(stages["decode"]) + np.median(stages["prefill"])) * 1e3),
+    }
+    table = Table(title=f"vla-edge step latency (ms): {root.name}, {bundle.precision}, {engine.provider}"
+                  + (", parallel decoding" if args.parallel else ""))
+    table.add_column("stage")
+    for q in ("p50", "p95", "p99"):
+        table.add_column(q, justify="right")
+    for k, v in report["stages_ms"].items():
+        table.add_row(k, *(f"{v[q]:.2f}" for q in ("p50", "p95", "p99")))
+    table.add_row("per token", *(f"{report['per_token_ms'][q]:.2f}" for q in ("p50", "p95", "p99")))
+    console.print(table)
+    console.print(f"{report['tokens_per_step']} tokens per step, {report['tokens_per_s']:.1f} tokens/s (prefill + decode)")
+
+    if args.baseline == "torch":
+        from vla_edge.export.checkpoint import load_checkpoint
+
+        if ckpt is None:
+            if args.shape:
+                from vla_edge.export.pipeline import random_checkpoint
+
+                ckpt = random_checkpoint(args.shape)
+            else:
+                src = args.ckpt
+                if not src:
+                    raise VlaEdgeError("--baseline torch needs --ckpt (the checkpoint the bundle came from)")
+                ckpt = load_checkpoint(src)
+                if ckpt.sha256 != bundle.manifest["source"]["sha256"]:
+                    raise VlaEdgeError(f"{src} is not the checkpoint {root} was exported from (sha256 differs)")
+        refs = run_torch(ckpt, bundle, frames, state, instruction, args.navigation, args.steps, args.warmup)
+        torch_total = [r.timings_ms["total"] for r in refs]
+        same = all(
+            np.array_equal(bundle.tokens.head_ids[r.head_idx], c.token_ids) for r, c in zip(refs, chunks, strict=True)
+        )
+        ratio = float(np.median(torch_total) / np.median(stages["total"]))
+        report["baseline"] = {
+            "kind": "torch eager fp32, transformers generate (greedy, grammar processor), PIL preprocessing",
+            "stages_ms": {k: percentiles([r.timings_ms[k] for r in refs]) for k in refs[0].timings_ms},
+            "speedup_p50": ratio,
+            "chunks_identical": same,
+        }
+        bt = Table(title="PyTorch baseline (ms)")
+        bt.add_column("stage")
+        for q in ("p50", "p95", "p99"):
+            bt.add_column(q, justify="right")
+        for k, v in report["baseline"]["stages_ms"].items():
+            bt.add_row(k, *(f"{v[q]:.2f}" for q in ("p50", "p95", "p99")))
+        console.print(bt)
+        console.print(f"speed-up vs PyTorch (p50 total): [bold]{ratio:.2f}x[/]; chunks identical: {same}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {args.json}")
+    return 0
