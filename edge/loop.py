@@ -1,0 +1,340 @@
+"""The realtime control loop: one process, the control tick on absolute deadlines.
+
+Threads::
+
+    main        control tick at ``rate_hz``: read arm state, next action -> safety filter -> arms,
+                base command -> base; watchdogs; recording; telemetry
+    inference   one policy step at a time on the newest synchronised frames (ONNX Runtime releases
+                the GIL), so ticks keep coming while the model thinks
+    keyboard    e-stop listener: commands the actuators itself, never waits for the loop
+    devices     camera readers, CAN feedback, base serial streaming (owned by ``Robot``)
+
+Chunks execute one step per tick. ``sync`` mode: infer, execute the chunk, infer again (the robot
+holds while the model thinks). ``async`` mode: the next inference starts on the newest observation
+while the current chunk runs; its chunk is spliced in at the step matching the ticks elapsed since
+its observation (latency compensation), optionally blended with the steps already planned for the
+same ticks (temporal ensembling, weight ``exp(-k i)``, ``i = 0`` the oldest). Planned steps are
+kept per tick, so an unfilled tick is *absent*, never a zero.
+
+Any fault (stale camera, lost arm feedback, base link, an unsafe or late inference) puts the robot
+in the safe state (arms hold the measured pose, base zero velocity) and ends the run with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from vla_edge.edge.errors import VlaEdgeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    """``seconds``/``max_ticks``: stop after this much (0: until e-stop quit, Ctrl+C or SIGTERM).
+
+    ``ensemble_k``: async temporal-ensembling weight ``exp(-k i)``; ``None`` lets the newest chunk win.
+    ``inference_deadline_s``: an inference step taking longer is a fault.
+    """
+
+    rate_hz: float = 30.0
+    mode: str = "sync"
+    seconds: float = 0.0
+    max_ticks: int = 0
+    ensemble_k: float | None = None
+    inference_deadline_s: float = 10.0
+    navigation: bool = False
+    status_every_s: float = 0.5
+
+
+class ActionSchedule:
+    """Planned joint targets by absolute tick index; several chunks may plan the same tick."""
+
+    def __init__(self, ensemble_k: float | None = None):
+        self.ensemble_k = ensemble_k
+        self._plan: dict[int, list[np.ndarray]] = {}
+
+    def add_chunk(self, first_tick: int, steps: np.ndarray) -> None:
+        for i, q in enumerate(steps):
+            self._plan.setdefault(first_tick + i, []).append(np.asarray(q, np.float64))
+
+    def filled(self, tick: int) -> bool:
+        return tick in self._plan
+
+    def remaining(self, tick: int) -> int:
+        """Planned ticks from ``tick`` on."""
+        return sum(1 for t in self._plan if t >= tick)
+
+    def pop(self, tick: int) -> np.ndarray | None:
+        """The target for ``tick`` (None if nothing is planned); drops anything older."""
+        for t in [t for t in self._plan if t < tick]:
+            del self._plan[t]
+        qs = self._plan.pop(tick, None)
+        if not qs:
+            return None
+        if self.ensemble_k is None or len(qs) == 1:
+            return qs[-1]
+        w = np.exp(-self.ensemble_k * np.arange(len(qs)))
+        return (w[:, None] * np.stack(qs)).sum(0) / w.sum()
+
+    def clear(self) -> None:
+        self._plan.clear()
+
+
+def base_profile(direction: str, value: float, dt_s: float, max_v: float, max_a: float, max_w: float,
+                 max_alpha: float) -> list[tuple[float, float]]:
+    """Per-tick ``(vx_mps, wz_radps)`` moving ``value`` metres forward or turning ``value`` degrees.
+
+    A trapezoidal (or triangular) velocity profile within the speed and acceleration limits, ending
+    at zero velocity.
+    """
+    if direction == "forward":
+        dist, vmax, amax, sign, linear = abs(value), max_v, max_a, 1.0, True
+    elif direction in ("turn_left", "turn_right"):
+        dist, vmax, amax, linear = math.radians(abs(value)), max_w, max_alpha, False
+        sign = 1.0 if direction == "turn_left" else -1.0
+    else:
+        return []
+    if dist <= 0:
+        return []
+    t_acc = vmax / amax
+    if amax * t_acc**2 >= dist:  # triangular: never reaches vmax
+        t_acc = math.sqrt(dist / amax)
+        vmax = amax * t_acc
+        t_flat = 0.0
+    else:
+        t_flat = (dist - amax * t_acc**2) / vmax
+    total = 2 * t_acc + t_flat
+    out = []
+    for k in range(int(math.ceil(total / dt_s))):
+        t = (k + 0.5) * dt_s
+        v = amax * t if t < t_acc else vmax if t < t_acc + t_flat else max(0.0, amax * (total - t))
+        out.append((sign * v, 0.0) if linear else (0.0, sign * v))
+    return out + [(0.0, 0.0)]
+
+
+class InferenceWorker:
+    """Runs one policy step at a time on its own thread; the loop polls for the result."""
+
+    def __init__(self, policy, robot, cameras: list[str]):
+        self.policy = policy
+        self.robot = robot
+        self.cameras = cameras
+        self._lock = threading.Lock()
+        self._busy = False
+        self._result = None
+        self._started_s = 0.0
+        self._obs_tick = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @property
+    def running_for_s(self) -> float:
+        return time.monotonic() - self._started_s if self._busy else 0.0
+
+    def request(self, tick: int) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        self._obs_tick = tick
+        self._started_s = time.monotonic()
+        threading.Thread(target=self._run, name="inference", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            fs = self.robot.read_frames()
+            state = self.robot.read_state()
+            frames = [fs.images[c] for c in self.cameras]
+            chunk = self.policy.step(frames, state.qpos)
+            out = ("ok", chunk, self._obs_tick, fs)
+        except Exception as e:  # reported to the control thread, which makes the robot safe
+            out = ("error", e, self._obs_tick, None)
+        with self._lock:
+            self._result = out
+            self._busy = False
+
+    def poll(self):
+        with self._lock:
+            r, self._result = self._result, None
+        return r
+
+
+class ControlLoop:
+    """Drives ``robot`` with ``policy`` until a limit, a fault or a stop request."""
+
+    def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats, recorder=None,
+                 cameras: list[str] | None = None):
+        self.robot = robot
+        self.policy = policy
+        self.instruction = instruction
+        self.cfg = cfg
+        self.safety = safety
+        self.estop = estop
+        self.stats = stats
+        self.recorder = recorder
+        self.cameras = cameras or list(robot.camera_names)
+        self.schedule = ActionSchedule(cfg.ensemble_k if cfg.mode == "async" else None)
+        self.worker = InferenceWorker(policy, robot, self.cameras)
+        self.base_plan: list[tuple[float, float]] = []
+        self.stop_requested = threading.Event()
+        self.fault: str | None = None
+        self.ticks = 0
+        self._target: np.ndarray | None = None
+        self._base_cmd = (0.0, 0.0)
+        self._was_latched = False
+
+    # -- the run -------------------------------------------------------------------------------------
+    def run(self) -> str | None:
+        """Run the loop; returns the fault message that ended it, or None."""
+        cfg = self.cfg
+        dt = 1.0 / cfg.rate_hz
+        self.policy.start_episode(self.instruction, navigation=cfg.navigation)
+        self._target = self.robot.read_state().qpos.copy()
+        t0 = time.monotonic()
+        next_status = t0
+        k = 0
+        try:
+            while not self.stop_requested.is_set():
+                deadline = t0 + k * dt
+                now = time.monotonic()
+                if now < deadline:
+                    time.sleep(deadline - now)
+                start = time.monotonic()
+                self._tick(k, start)
+                end = time.monotonic()
+                self.stats.tick(start, deadline, end, dt)
+                k += 1
+                self.ticks = k
+                if end >= t0 + k * dt:  # overrun: skip the deadlines we missed, counted by stats
+                    k = max(k, int((end - t0) / dt) + 1)
+                if cfg.max_ticks and self.ticks >= cfg.max_ticks:
+                    break
+                if cfg.seconds and end - t0 >= cfg.seconds:
+                    break
+                if end >= next_status:
+                    next_status = end + cfg.status_every_s
+                    self.stats.show_status(self.estop.is_latched)
+        except VlaEdgeError as e:
+            self._safe_stop(str(e))
+        except Exception as e:  # a bug must still leave the robot safe
+            self._safe_stop(f"{type(e).__name__}: {e}")
+            raise
+        return self.fault
+
+    def _safe_stop(self, message: str) -> None:
+        """Arms hold the measured pose, base zero velocity; remember why."""
+        if self.fault is None:
+            self.fault = message
+            log.error("safe stop: %s", message)
+        try:
+            self.robot.hold()
+        except Exception as e:
+            log.error("safe stop: hold failed: %s", e)
+
+    # -- one tick ------------------------------------------------------------------------------------
+    def _tick(self, k: int, now: float) -> None:
+        robot, cfg = self.robot, self.cfg
+        faults = robot.faults()
+        if faults:
+            raise VlaEdgeError("; ".join(faults))
+        state = robot.read_state()
+        latched = self.estop.is_latched
+        if latched:
+            self._was_latched = True
+            self._record(k, now, state, self._target, (0.0, 0.0), 0)
+            return
+        if self._was_latched:  # resumed: re-arm from the current pose, forget queued actions
+            self._was_latched = False
+            self.schedule.clear()
+            self.base_plan = []
+            self._target = state.qpos.copy()
+            self._base_cmd = (0.0, 0.0)
+            if self.worker.busy:
+                self._discard_running = True
+        self._collect_inference(k)
+        if self.worker.busy and self.worker.running_for_s > cfg.inference_deadline_s:
+            raise VlaEdgeError(
+                f"inference step past its deadline ({self.worker.running_for_s:.1f} s > {cfg.inference_deadline_s:.1f} s)"
+            )
+        # next joint target
+        q = self.schedule.pop(k)
+        clamps = 0
+        if q is not None:
+            safe, clamped = self.safety.filter_joints(q, state.qpos)
+            clamps += len(clamped)
+            self._target = safe
+            robot.send_joint_targets(safe)
+        # base
+        vx, wz = self.base_plan.pop(0) if self.base_plan else (0.0, 0.0)
+        vx, wz, bclamped = self.safety.filter_base(vx, wz, 1.0 / cfg.rate_hz)
+        clamps += len(bclamped)
+        robot.send_base_velocity(vx, wz)
+        self._base_cmd = (vx, wz)
+        self.stats.clamps(clamps)
+        # ask for the next chunk
+        if not self.worker.busy and not self.base_plan:
+            if cfg.mode == "sync":
+                if self.schedule.remaining(k + 1) == 0:
+                    self.worker.request(k + 1)
+            elif self.schedule.remaining(k + 1) <= self._async_margin():
+                self.worker.request(k + 1)
+        self._record(k, now, state, self._target, (vx, wz), clamps)
+
+    def _async_margin(self) -> int:
+        """Request the next chunk when fewer planned steps remain than the inference takes, in ticks."""
+        p50 = self.stats.inference_p50_s()
+        return max(1, int(math.ceil(p50 * self.cfg.rate_hz)) if p50 else 2)
+
+    _discard_running = False
+
+    def _collect_inference(self, k: int) -> None:
+        r = self.worker.poll()
+        if r is None:
+            return
+        kind, payload, obs_tick, frames = r
+        if kind == "error":
+            raise VlaEdgeError(f"inference failed: {payload}") if not isinstance(payload, VlaEdgeError) else payload
+        if self._discard_running:  # started before an e-stop: its observation is out of date
+            self._discard_running = False
+            return
+        chunk = payload
+        self.stats.inference(chunk.timings_ms.get("total", 0.0), chunk.timings_ms)
+        if frames is not None:
+            self.stats.frames(list(frames.ages_s.values()), frames.skew_s)
+        if self.recorder is not None:
+            self.recorder.record_inference(time.monotonic(), chunk.timings_ms, chunk.token_ids)
+        if chunk.base is not None and chunk.base[0] != "stop":
+            lim = self.safety.limits
+            self.base_plan = base_profile(chunk.base[0], chunk.base[1], 1.0 / self.cfg.rate_hz, lim.max_vx_mps,
+                                          lim.max_ax_mps2, lim.max_wz_radps, lim.max_aw_radps2)
+            log.info("navigation: %s %.2f -> %d ticks of base motion", chunk.base[0], chunk.base[1], len(self.base_plan))
+            return
+        joints = chunk.joints
+        if joints is None or not np.isfinite(joints).all():
+            raise VlaEdgeError("policy returned a non-finite action chunk (NaN/inf): refusing to execute it")
+        # Latency compensation: the chunk's first step belongs to the observation's tick.
+        if self.cfg.mode == "sync":
+            self.schedule.add_chunk(k, joints)
+        else:
+            self.schedule.add_chunk(obs_tick, joints)
+
+    def _record(self, k, now, state, target, base, clamps) -> None:
+        if self.recorder is None:
+            return
+        frames, stamps = {}, {}
+        for name in self.cameras:
+            f = self.robot.cameras.cameras[name].latest()
+            if f is not None:
+                frames[name], stamps[name] = f.image, f.stamp_s
+        if len(frames) != len(self.cameras):
+            return
+        action = target if target is not None else state.qpos
+        self.recorder.record_tick(frames, stamps, state.qpos, action, np.asarray(base, np.float64), now, clamps)

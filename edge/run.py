@@ -1,0 +1,132 @@
+"""``vla-edge run`` and ``vla-edge demo``: put the policy on a robot (the simulated one by default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from vla_edge.edge.errors import VlaEdgeError
+
+log = logging.getLogger(__name__)
+
+
+def demo_dir(workdir: str | None = None) -> Path:
+    from vla_edge.edge.bench import cache_dir
+
+    return Path(workdir) if workdir else cache_dir() / "demo"
+
+
+def ensure_demo_bundle(workdir: str | None = None) -> Path:
+    """The demo's tiny checkpoint and its INT8 bundle, made on first use (needs the [export] extra)."""
+    d = demo_dir(workdir)
+    bundle = d / "bundle"
+    if (bundle / "manifest.json").exists():
+        return bundle
+    try:
+        from vla_edge.export.checkpoint import load_checkpoint
+        from vla_edge.export.pipeline import ExportOptions, export_bundle
+        from vla_edge.export.tiny import write_tiny_checkpoint
+    except ImportError as e:
+        raise VlaEdgeError(
+            f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
+            "pip install 'vla-edge[export]' or pass --bundle"
+        ) from None
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    ckpt = d / "tiny.pt"
+    if not ckpt.exists():
+        log.info("making the tiny demo checkpoint %s", ckpt)
+        write_tiny_checkpoint(ckpt, seed=0)
+    log.info("exporting %s -> %s", ckpt, bundle)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as progress:
+        export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
+    return bundle
+
+
+def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str = "sync", seconds: float = 0.0,
+        rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
+        provider: str = "auto", keyboard: str = "auto", max_ticks: int = 0, policy_wrapper=None) -> int:
+    """Connect, run the loop, make everything safe, print the summary. Returns the exit code."""
+    from rich.console import Console
+
+    from vla_edge.edge.bundle import Bundle
+    from vla_edge.edge.engine import Engine
+    from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
+    from vla_edge.edge.loop import ControlLoop, LoopConfig
+    from vla_edge.edge.robot import Robot, load_profile
+    from vla_edge.edge.safety import SafetyFilter, SafetyLimits
+    from vla_edge.edge.telemetry import RunStats
+
+    console = Console(stderr=True)
+    profile = load_profile(robot_name)
+    if bundle_path is None:
+        if profile.sim is None:
+            raise VlaEdgeError(f"robot {profile.name}: give --bundle (the demo bundle is only for the sim robot)")
+        bundle_path = str(ensure_demo_bundle())
+    bundle = Bundle.load(bundle_path)
+    threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
+    policy = Engine(bundle, provider=provider, threads=threads)
+    if policy_wrapper is not None:
+        policy = policy_wrapper(policy)
+    cfg = LoopConfig(rate_hz=rate_hz or profile.control_rate_hz, mode=mode, seconds=seconds, max_ticks=max_ticks,
+                     navigation=navigation)
+    robot = Robot(profile)
+    stats = RunStats(rate_hz=cfg.rate_hz)
+    estop = EStop()
+    recorder = None
+    robot.connect()
+    try:
+        missing = [c for c in bundle.layout.cameras if c not in robot.camera_names]
+        if missing:
+            raise VlaEdgeError(f"bundle expects cameras {bundle.layout.cameras}; robot {profile.name} has no {missing[0]}")
+        estop.on_trip(lambda reason: robot.estop())
+        estop.on_resume(lambda: robot.resume())
+        listener = KeyboardListener(estop, source=keyboard)
+        listener.start()
+        if record:
+            from vla_edge.edge.recorder import EpisodeRecorder
+
+            recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras)
+            recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root), "robot": profile.name,
+                                    "sim": profile.sim is not None})
+            estop.on_event(recorder.record_event)
+        loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.from_profile(profile)),
+                           estop, stats, recorder, cameras=bundle.layout.cameras)
+        restore = install_signal_handlers(estop, loop.stop_requested)
+        console.print(f"[bold]vla-edge run[/] robot={profile.name} bundle={bundle.root} ({bundle.precision}, "
+                      f"{policy.provider if hasattr(policy, 'provider') else ''}) mode={mode} rate={cfg.rate_hz:g} Hz"
+                      " - [bold]space[/]: e-stop, [bold]r[/] then [bold]y[/]: resume, Ctrl+C: stop")
+        try:
+            fault = loop.run()
+        finally:
+            restore()
+            listener.stop()
+    finally:
+        try:
+            robot.disconnect()
+        finally:
+            if recorder is not None:
+                recorder.close()
+    stats.print_summary(console, ticks=loop.ticks, fault=fault)
+    if json_path:
+        stats.write_json(json_path, extra={"ticks": loop.ticks, "fault": fault, "mode": mode,
+                                           "robot": profile.name, "bundle": str(bundle.root)})
+    if fault:
+        print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def main(args) -> int:
+    return run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
+               navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider)
+
+
+def demo(args) -> int:
+    """Tiny checkpoint -> INT8 bundle -> the simulated robot for a while -> summary."""
+    ensure_demo_bundle(args.workdir)
+    return run("sim", str(demo_dir(args.workdir) / "bundle"), "pick up the red cube", seconds=args.seconds)
