@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,6 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         provider: str = "auto", keyboard: str = "auto", max_ticks: int = 0, policy_wrapper=None) -> int:
     """Connect, run the loop, make everything safe, print the summary. Returns the exit code."""
     from rich.console import Console
-
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
