@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 
 import serial
-
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.firmware_bridge import tracer_protocol as tp
 
