@@ -168,6 +168,11 @@ class TracerBase:
         """Target zero (ramped down at the deceleration limits)."""
         self.send_velocity(0.0, 0.0)
 
+    def halt(self) -> None:
+        """Command zero at once, skipping the ramp (e-stop: the base brakes with its own limits)."""
+        with self._lock:
+            self._target = self._command = (0.0, 0.0)
+
     # -- state -----------------------------------------------------------------------------------
     def read_state(self) -> BaseState:
         with self._lock:
