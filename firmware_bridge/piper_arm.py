@@ -140,6 +140,9 @@ class PiperArm:
         self._firmware: str | None = None
         self._lo = np.asarray(self.config.joint_lo, dtype=np.float64)
         self._hi = np.asarray(self.config.joint_hi, dtype=np.float64)
+        # Limits in bus units, rounded inward: a clamped target never rounds past a limit.
+        self._lo_mdeg = [math.ceil(v * MDEG_PER_RAD) for v in self._lo[:6]]
+        self._hi_mdeg = [math.floor(v * MDEG_PER_RAD) for v in self._hi[:6]]
 
     @property
     def name(self) -> str:
@@ -206,12 +209,13 @@ class PiperArm:
     def send_targets(self, q_rad, gripper_m: float) -> None:
         """Joint targets ``q_rad`` (6,) in rad and gripper stroke in m, clamped to the limits."""
         sdk = self._require()
-        q = np.clip(np.asarray(q_rad, dtype=np.float64).reshape(6), self._lo[:6], self._hi[:6])
+        q = np.asarray(q_rad, dtype=np.float64).reshape(6)
+        mdeg = [min(max(rad_to_mdeg(v), lo), hi) for v, lo, hi in zip(q, self._lo_mdeg, self._hi_mdeg, strict=True)]
         g = float(np.clip(gripper_m, self._lo[6], self._hi[6]))
         effort = max(0, min(5000, round(self.config.gripper_effort_nm * 1000)))
         with self._lock:
             sdk.ModeCtrl(0x01, 0x01, self.config.speed_pct, 0x00)  # CAN control, MOVE J, pos-vel
-            sdk.JointCtrl(*(rad_to_mdeg(v) for v in q))
+            sdk.JointCtrl(*mdeg)
             sdk.GripperCtrl(m_to_um(g), effort, 0x01, 0x00)
 
     def hold(self) -> None:
