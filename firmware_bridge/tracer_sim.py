@@ -78,6 +78,8 @@ class TracerSim:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=1.0)
+            self._thread = None
+            self._read_commands(time.monotonic())  # what the driver sent last (e.g. its final zero)
         for fd in (self._master, self._slave):
             try:
                 os.close(fd)
