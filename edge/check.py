@@ -10,6 +10,7 @@ import time
 
 from rich.console import Console
 from rich.table import Table
+from vla_edge.edge.cameras import CameraFault
 from vla_edge.edge.robot import SIDES, Robot, load_profile
 from vla_edge.firmware_bridge import tracer_protocol as tp
 
@@ -23,7 +24,15 @@ def main(args) -> int:
     robot.connect()
     try:
         time.sleep(max(0.0, getattr(args, "seconds", 1.0)))  # let the camera fps estimate settle
-        frames = robot.read_frames()
+        frames = None
+        for attempt in range(5):  # a diagnostic: tolerate a momentary hiccup, report a lasting one
+            try:
+                frames = robot.read_frames()
+                break
+            except CameraFault:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         state = robot.read_state()
 
         arms = Table(title="Piper arms", title_justify="left")

@@ -247,6 +247,11 @@ class TracerBase:
                 ser.write(tp.motion_command(vx, wz, self._next_counter()))
                 with self._lock:
                     self._frames_sent += 1
+                if self._link_error.startswith("serial write timeout"):
+                    self._link_error = ""
+            except serial.SerialTimeoutException as e:  # the device is not draining: report, keep trying
+                self._link_error = f"serial write timeout: {e}"
+                log.warning("TRACER %s: %s", cfg.port, self._link_error)
             except (serial.SerialException, OSError, TypeError, AttributeError) as e:
                 # TypeError/AttributeError: pyserial's port object after close from another thread.
                 self._link_error = f"serial write: {e}"
