@@ -113,6 +113,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
         help="connect to every device of a robot profile, print what was found, exit",
     )
     p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
+    p.add_argument("--seconds", type=float, default=1.0, help="how long to watch the cameras before reporting fps")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.check", "main", a))
 
 

@@ -1,0 +1,525 @@
+"""Cameras: one thread per camera keeping its newest frame, and a synchronised read of all of them.
+
+Every frame in vla-edge is **RGB**, ``uint8``, shape ``(H, W, 3)``; OpenCV sources convert from
+BGR on capture. Timestamps are ``time.monotonic()`` seconds at capture.
+
+Sources (each has ``open()``, ``read() -> (rgb, stamp_s) | None`` blocking for the next frame,
+``close()``):
+
+* :class:`OpenCVSource` - a V4L2 device (path or index) asked for MJPG 640x480 at 30 fps, verified.
+* :class:`SyntheticSource` - draws a table, a target disc and the arms (from a callable returning the
+  robot's 14-vector) for one of the views ``cam_high``, ``cam_left_wrist``, ``cam_right_wrist``, at
+  30 Hz with timing jitter. It can :meth:`~SyntheticSource.stall` or :meth:`~SyntheticSource.fail`.
+* :class:`ReplaySource` - an HDF5 episode (``observations/images/<cam>``) or a video file, paced.
+
+:class:`CameraRig` owns the :class:`Camera` threads; :meth:`CameraRig.read` returns a
+:class:`FrameSet` (one frame per camera, their ages and skew), waiting at most one frame period for
+a set within ``max_skew_s``, and raises :class:`CameraFault` when a camera is stale or gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+from vla_edge.edge.errors import VlaEdgeError
+
+log = logging.getLogger(__name__)
+
+CAMERA_NAMES = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+
+
+class CameraFault(VlaEdgeError):
+    """A camera cannot be opened, delivers the wrong format, went stale or is gone."""
+
+
+class FrameSource(Protocol):
+    def open(self) -> None: ...
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        """Block until the next frame: ``(rgb uint8 (H, W, 3), capture time.monotonic())``; None: gone."""
+
+    def close(self) -> None: ...
+
+
+# -- OpenCV (V4L2 devices) ---------------------------------------------------------------------
+class OpenCVSource:
+    """A V4L2/UVC camera through ``cv2.VideoCapture``; size, fps and fourcc are requested and checked."""
+
+    def __init__(self, device: str | int, width: int = 640, height: int = 480, fps: float = 30.0, fourcc: str = "MJPG"):
+        self.device, self.width, self.height, self.fps, self.fourcc = device, width, height, fps, fourcc
+        self._cap: cv2.VideoCapture | None = None
+
+    def open(self) -> None:
+        dev = self.device
+        if isinstance(dev, str) and dev.isdigit():
+            dev = int(dev)
+        if isinstance(dev, str) and dev.startswith("/dev/") and not Path(dev).exists():
+            raise CameraFault(f"camera device {dev} not found")
+        cap = cv2.VideoCapture(dev, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            raise CameraFault(f"cannot open camera device {dev}")
+        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.fourcc))
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        cap.set(cv2.CAP_PROP_FPS, self.fps)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        if (w, h) != (self.width, self.height):
+            cap.release()
+            raise CameraFault(f"camera {dev}: asked {self.width}x{self.height}, got {w}x{h}")
+        if fps > 0 and abs(fps - self.fps) > 1.0:
+            cap.release()
+            raise CameraFault(f"camera {dev}: asked {self.fps:g} fps, got {fps:g}")
+        self._cap = cap
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        cap = self._cap
+        if cap is None:
+            return None
+        ok, bgr = cap.read()
+        if not ok or bgr is None:
+            return None
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.monotonic()
+
+    def close(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release()
+
+
+class _Pacer:
+    """Frame clock at ``fps`` with Gaussian jitter (s); :meth:`wait` returns False once closed."""
+
+    def __init__(self, fps: float, jitter_s: float, seed: int) -> None:
+        self.period = 1.0 / fps
+        self.jitter_s = jitter_s
+        self._rng = np.random.default_rng(seed)
+        self._next = time.monotonic()
+        self.closed = threading.Event()
+
+    def wait(self) -> bool:
+        self._next += self.period
+        now = time.monotonic()
+        if now - self._next > 3 * self.period:  # far behind (loaded machine): skip, do not burst
+            self._next = now
+        j = float(np.clip(self._rng.normal(0.0, self.jitter_s), -3 * self.jitter_s, 3 * self.jitter_s)) if self.jitter_s else 0.0
+        return not self.closed.wait(max(0.0, self._next + j - now))
+
+
+# -- synthetic scenes --------------------------------------------------------------------------
+@dataclass
+class Scene:
+    """What the synthetic cameras see. Table coordinates: x right, y away from the robot, metres.
+
+    ``joint_state`` returns the robot's 14-vector ``[L j1..j6 rad, L gripper m, R ...]``.
+    """
+
+    joint_state: Callable[[], np.ndarray] = field(default=lambda: np.zeros(14))
+    target_xy_m: tuple[float, float] = (0.0, 0.35)
+    target_radius_m: float = 0.03
+    target_rgb: tuple[int, int, int] = (220, 40, 40)
+    arm_base_x_m: tuple[float, float] = (-0.3, 0.3)
+    """x of the left and right arm bases (both at y = 0)."""
+
+
+_LINKS_M = (0.28, 0.25, 0.09)  # upper arm, forearm, wrist-to-fingertip
+_TABLE_RGB = (150, 120, 90)
+_FLOOR_RGB = (60, 60, 70)
+
+
+def arm_points(q7, base_x_m: float) -> np.ndarray:
+    """Shoulder, elbow, wrist and fingertip as ``(4, 3)`` [x, y, height] metres: a simple planar model.
+
+    j1 yaws the arm about the vertical axis, j2 tilts the upper arm from vertical, j3 folds the
+    forearm (horizontal at j3 = 0), j5 pitches the wrist. Good enough to draw, not kinematics.
+    """
+    j1, j2, j3, _j4, j5 = (float(v) for v in q7[:5])
+    pitch = [j2, j2 + math.pi / 2 + j3, j2 + math.pi / 2 + j3 + j5]
+    r, h = 0.0, 0.15
+    pts = [(0.0, h)]
+    for length, a in zip(_LINKS_M, pitch, strict=True):
+        r, h = r + length * math.sin(a), h + length * math.cos(a)
+        pts.append((r, h))
+    return np.array([[base_x_m + r * math.sin(j1), r * math.cos(j1), hh] for r, hh in pts])
+
+
+class _Renderer:
+    """Draws one view. ``cam_high`` looks down at the table; wrist views look from the fingertip."""
+
+    def __init__(self, view: str, scene: Scene, width: int, height: int) -> None:
+        if view not in CAMERA_NAMES:
+            raise ValueError(f"unknown view {view!r}; expected one of {CAMERA_NAMES}")
+        self.view, self.scene, self.w, self.h = view, scene, width, height
+        self._bg = np.empty((height, width, 3), np.uint8)
+        self._bg[:] = _FLOOR_RGB
+        if view == "cam_high":
+            p0, p1 = self._top(-0.6, 0.8), self._top(0.6, -0.05)
+            cv2.rectangle(self._bg, p0, p1, _TABLE_RGB, -1)
+        else:
+            self._bg[:] = _TABLE_RGB
+
+    def _top(self, x_m: float, y_m: float) -> tuple[int, int]:
+        s = self.w / 1.4
+        return int(self.w / 2 + x_m * s), int(self.h - 20 - y_m * s)
+
+    def render(self) -> np.ndarray:
+        sc = self.scene
+        img = self._bg.copy()
+        q = np.asarray(sc.joint_state(), dtype=np.float64).reshape(14)
+        arms = [arm_points(q[0:7], sc.arm_base_x_m[0]), arm_points(q[7:14], sc.arm_base_x_m[1])]
+        tx, ty = sc.target_xy_m
+        if self.view == "cam_high":
+            s = self.w / 1.4
+            cv2.circle(img, self._top(tx, ty), max(2, int(sc.target_radius_m * s)), sc.target_rgb, -1)
+            for pts, grip in zip(arms, (q[6], q[13]), strict=True):
+                px = [self._top(p[0], p[1]) for p in pts]
+                for a, b in zip(px, px[1:], strict=False):
+                    cv2.line(img, a, b, (230, 230, 230), 6)
+                for p, pt in zip(px, pts, strict=True):
+                    cv2.circle(img, p, 6 + int(20 * max(pt[2], 0.0)), (40, 40, 40), -1)
+                cv2.circle(img, px[-1], 4 + int(grip * 150), (250, 200, 0), 2)
+        else:
+            side = 0 if self.view == "cam_left_wrist" else 1
+            tip = arms[side][-1]
+            yaw = float(q[7 * side])
+            height_m = max(float(tip[2]), 0.05)
+            f = self.w * 0.25 / height_m  # pixels per metre on the table at this height
+            dx, dy = tx - tip[0], ty - tip[1]
+            rx = dx * math.cos(yaw) - dy * math.sin(yaw)
+            ry = dx * math.sin(yaw) + dy * math.cos(yaw)
+            centre = (int(self.w / 2 + rx * f), int(self.h / 2 - ry * f))
+            if abs(centre[0]) < 4 * self.w and abs(centre[1]) < 4 * self.h:
+                cv2.circle(img, centre, max(2, int(sc.target_radius_m * f)), sc.target_rgb, -1)
+            gap = int(40 + q[7 * side + 6] * 3000)
+            for sign in (-1, 1):
+                x = self.w // 2 + sign * gap // 2
+                cv2.rectangle(img, (x - 12, self.h - 120), (x + 12, self.h), (90, 90, 90), -1)
+        return img
+
+
+class SyntheticSource:
+    """Synthetic frames of one view at ``fps`` with ``jitter_s`` timing noise (RGB uint8)."""
+
+    def __init__(self, view: str, scene: Scene | None = None, fps: float = 30.0, jitter_s: float = 0.002,
+                 width: int = 640, height: int = 480, seed: int = 0) -> None:
+        self.view = view
+        self.scene = scene or Scene()
+        self.fps, self.jitter_s, self.seed = fps, jitter_s, seed
+        self._renderer = _Renderer(view, self.scene, width, height)
+        self._pacer: _Pacer | None = None
+        self._stalled = threading.Event()
+        self._failed = False
+
+    def open(self) -> None:
+        self._failed = False
+        self._pacer = _Pacer(self.fps, self.jitter_s, self.seed)
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        pacer = self._pacer
+        if pacer is None or not pacer.wait():
+            return None
+        while self._stalled.is_set():  # a stalled camera: no frames, no error
+            if pacer.closed.wait(0.005):
+                return None
+        if self._failed:
+            return None
+        stamp = time.monotonic()
+        return self._renderer.render(), stamp
+
+    def close(self) -> None:
+        if self._pacer is not None:
+            self._pacer.closed.set()
+
+    # fault injection
+    def stall(self, stalled: bool = True) -> None:
+        """Stop (or restart) delivering frames without reporting an error."""
+        if stalled:
+            self._stalled.set()
+        else:
+            self._stalled.clear()
+
+    def fail(self) -> None:
+        """The device disappears: the next read returns None (the camera is gone)."""
+        self._failed = True
+
+
+# -- replay ------------------------------------------------------------------------------------
+class ReplaySource:
+    """Replay one camera of a recorded episode, paced at ``fps``.
+
+    ``path`` is an HDF5 episode in the Cobot Magic layout (``observations/images/<camera>``,
+    ``(N, 480, 640, 3)`` uint8 RGB; JPEG-encoded rows when the file's ``compress`` attribute is
+    true) or any video file OpenCV reads (decoded BGR, converted to RGB). Loops at the end unless
+    ``loop=False`` (then the camera is gone).
+    """
+
+    def __init__(self, path: str | Path, camera: str = "cam_high", fps: float = 30.0, loop: bool = True,
+                 jitter_s: float = 0.0) -> None:
+        self.path, self.camera, self.fps, self.loop, self.jitter_s = Path(path), camera, fps, loop, jitter_s
+        self._frames: list[np.ndarray] | None = None
+        self._cap: cv2.VideoCapture | None = None
+        self._i = 0
+        self._pacer: _Pacer | None = None
+
+    def open(self) -> None:
+        if not self.path.exists():
+            raise CameraFault(f"replay file {self.path} not found")
+        if self.path.suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(self.path, "r") as f:
+                key = f"observations/images/{self.camera}"
+                if key not in f:
+                    raise CameraFault(f"{self.path}: no dataset {key}")
+                data = f[key][()]
+                compressed = bool(f.attrs.get("compress", False))
+            if compressed:
+                self._frames = [cv2.cvtColor(cv2.imdecode(row, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for row in data]
+            else:
+                self._frames = list(data)
+        else:
+            cap = cv2.VideoCapture(str(self.path))
+            if not cap.isOpened():
+                raise CameraFault(f"cannot open video {self.path}")
+            self._cap = cap
+        self._i = 0
+        self._pacer = _Pacer(self.fps, self.jitter_s, 0)
+
+    def _next_image(self) -> np.ndarray | None:
+        if self._frames is not None:
+            if self._i >= len(self._frames):
+                if not self.loop or not self._frames:
+                    return None
+                self._i = 0
+            img = self._frames[self._i]
+            self._i += 1
+            return np.ascontiguousarray(img)
+        cap = self._cap
+        if cap is None:
+            return None
+        ok, bgr = cap.read()
+        if not ok and self.loop:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, bgr = cap.read()
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok else None
+
+    def read(self) -> tuple[np.ndarray, float] | None:
+        if self._pacer is None or not self._pacer.wait():
+            return None
+        img = self._next_image()
+        return None if img is None else (img, time.monotonic())
+
+    def close(self) -> None:
+        if self._pacer is not None:
+            self._pacer.closed.set()
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+# -- camera threads and the synchronised read -------------------------------------------------
+@dataclass(frozen=True)
+class Frame:
+    """One captured image (RGB uint8) with its capture time (``time.monotonic()``) and sequence number."""
+
+    image: np.ndarray
+    stamp_s: float
+    seq: int
+
+
+class Camera:
+    """One source on its own thread; keeps only the newest :class:`Frame`."""
+
+    def __init__(self, name: str, source: FrameSource, fps: float = 30.0) -> None:
+        self.name, self.source, self.fps = name, source, fps
+        self.error: str | None = None
+        self._latest: Frame | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._stamps: list[float] = []
+        self.on_frame: Callable[[], None] = lambda: None
+
+    def start(self) -> None:
+        try:
+            self.source.open()
+        except CameraFault as e:
+            raise CameraFault(f"camera {self.name}: {e}") from e
+        except Exception as e:  # an OpenCV/h5py error while opening is a camera fault too
+            raise CameraFault(f"camera {self.name}: cannot open ({e})") from e
+        self.error = None
+        self._latest = None
+        self._stamps = []
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name=f"camera {self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self.source.close()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+
+    def reconnect(self) -> None:
+        """Close and reopen the source (after an unplug, or to recover from a stall)."""
+        self.stop()
+        self.start()
+
+    def latest(self) -> Frame | None:
+        return self._latest
+
+    @property
+    def fps_measured(self) -> float:
+        """Frame rate over the last (up to) 30 frames; 0.0 before two frames."""
+        s = self._stamps
+        return (len(s) - 1) / (s[-1] - s[0]) if len(s) > 1 and s[-1] > s[0] else 0.0
+
+    def _loop(self) -> None:
+        seq = 0
+        while self._running:
+            try:
+                got = self.source.read()
+            except Exception as e:  # a driver error ends this camera; reported by the rig
+                got = None
+                self.error = f"read failed: {e}"
+            if got is None:
+                if self._running:
+                    self.error = self.error or "no frame from the source (device gone?)"
+                    log.error("camera %s: %s", self.name, self.error)
+                self.on_frame()
+                return
+            image, stamp = got
+            seq += 1
+            self._latest = Frame(image, stamp, seq)
+            self._stamps = (self._stamps + [stamp])[-30:]
+            self.on_frame()
+
+
+@dataclass(frozen=True)
+class FrameSet:
+    """One frame per camera. ``images[name]`` is RGB uint8 ``(480, 640, 3)``.
+
+    ``stamps_s``: capture times (``time.monotonic()``); ``ages_s``: now minus capture time at read;
+    ``skew_s``: newest minus oldest capture time; ``synced``: ``skew_s <= max_skew_s``.
+    """
+
+    images: dict[str, np.ndarray]
+    stamps_s: dict[str, float]
+    ages_s: dict[str, float]
+    skew_s: float
+    synced: bool
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.images[name]
+
+
+class CameraRig:
+    """Several cameras read together.
+
+    ``max_skew_s`` (default half a frame period) is the skew a synchronised set may have;
+    ``stale_after_s`` (default two frame periods) the age past which a camera is a fault.
+    """
+
+    def __init__(self, cameras: list[Camera], fps: float = 30.0, max_skew_s: float | None = None,
+                 stale_after_s: float | None = None, first_frame_timeout_s: float = 2.0) -> None:
+        self.cameras = {c.name: c for c in cameras}
+        self.period_s = 1.0 / fps
+        self.max_skew_s = 0.5 * self.period_s if max_skew_s is None else max_skew_s
+        self.stale_after_s = 2.0 * self.period_s if stale_after_s is None else stale_after_s
+        self.first_frame_timeout_s = first_frame_timeout_s
+        self._cond = threading.Condition()
+        for c in cameras:
+            c.on_frame = self._notify
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.cameras)
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        """Open every camera and wait for a first frame from each."""
+        started = []
+        try:
+            for c in self.cameras.values():
+                c.start()
+                started.append(c)
+            deadline = time.monotonic() + self.first_frame_timeout_s
+            with self._cond:
+                while missing := [c.name for c in started if c.latest() is None and c.error is None]:
+                    if time.monotonic() > deadline:
+                        raise CameraFault(f"camera {missing[0]}: no frame within {self.first_frame_timeout_s:.1f} s")
+                    self._cond.wait(0.05)
+            self._check(time.monotonic())
+        except BaseException:
+            for c in started:
+                c.stop()
+            raise
+
+    def stop(self) -> None:
+        for c in self.cameras.values():
+            c.stop()
+
+    def reconnect(self, name: str | None = None) -> None:
+        """Reopen one camera (or all): clears a 'gone' fault if the device is back."""
+        for c in [self.cameras[name]] if name else self.cameras.values():
+            c.reconnect()
+
+    def faults(self) -> list[str]:
+        """Stale or gone cameras, one line each."""
+        now = time.monotonic()
+        out = []
+        for c in self.cameras.values():
+            f = c.latest()
+            if c.error:
+                out.append(f"camera {c.name} gone: {c.error}")
+            elif f is None or now - f.stamp_s > self.stale_after_s:
+                age = "no frame" if f is None else f"newest frame {(now - f.stamp_s) * 1000:.0f} ms old"
+                out.append(f"camera {c.name} stale: {age}")
+        return out
+
+    def _check(self, now: float) -> None:
+        for c in self.cameras.values():
+            if c.error:
+                raise CameraFault(f"camera {c.name} gone: {c.error}")
+            f = c.latest()
+            if f is None or now - f.stamp_s > self.stale_after_s:
+                age = "no frame" if f is None else f"newest frame {(now - f.stamp_s) * 1000:.0f} ms old"
+                raise CameraFault(f"camera {c.name} stale: {age} (limit {self.stale_after_s * 1000:.0f} ms)")
+
+    def read(self) -> FrameSet:
+        """Newest frame of every camera, waiting at most one period for a set within ``max_skew_s``.
+
+        Raises :class:`CameraFault` if any camera is gone or its newest frame is older than
+        ``stale_after_s``. After one period without a synchronised set, returns the newest set
+        with ``synced=False``.
+        """
+        deadline = time.monotonic() + self.period_s
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                self._check(now)
+                frames = {n: c.latest() for n, c in self.cameras.items()}
+                stamps = {n: f.stamp_s for n, f in frames.items()}
+                skew = max(stamps.values()) - min(stamps.values())
+                if skew <= self.max_skew_s or now >= deadline:
+                    return FrameSet(
+                        images={n: f.image for n, f in frames.items()},
+                        stamps_s=stamps,
+                        ages_s={n: now - s for n, s in stamps.items()},
+                        skew_s=skew,
+                        synced=skew <= self.max_skew_s,
+                    )
+                self._cond.wait(min(deadline - now, self.period_s))

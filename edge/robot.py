@@ -1,0 +1,400 @@
+"""The whole robot behind one small interface: two Piper arms, a TRACER base, three cameras.
+
+A robot profile (TOML, ``edge/robots/<name>.toml``) says where each device is and its limits;
+:func:`load_profile` reads it into a :class:`RobotConfig`. :class:`Robot` is what the control
+loop uses::
+
+    robot = Robot(load_profile("sim"))       # or "cobot_magic", or a path to a .toml
+    robot.connect()                           # sim: starts the simulators first
+    state = robot.read_state()                # qpos (14,) [L j1..j6 rad, L gripper m, R ...]
+    frames = robot.read_frames()              # FrameSet: RGB uint8 per camera, ages_s, skew_s
+    robot.send_joint_targets(q14)             # clamped to the profile's joint limits
+    robot.send_base_velocity(0.1, 0.0)        # m/s, rad/s; clamped, ramped, streamed at 50 Hz
+    robot.faults()                            # [] when healthy
+    robot.estop(); robot.resume()
+    robot.disconnect()                        # base zero, arms hold (never disabled)
+
+Thread model: one control thread calls ``send_*``/``read_*``; :meth:`Robot.estop` may come from
+another thread (a keyboard), each arm's commands are serialised by the arm's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from vla_edge.edge.cameras import (
+    Camera,
+    CameraRig,
+    OpenCVSource,
+    ReplaySource,
+    Scene,
+    SyntheticSource,
+)
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig
+from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig
+
+log = logging.getLogger(__name__)
+
+PROFILE_DIR = Path(__file__).parent / "robots"
+SIDES = ("left", "right")
+
+
+@dataclass
+class CameraSettings:
+    """``source``: opencv (``devices`` are V4L2 paths or indices), synthetic, or replay
+    (``replay`` is an HDF5 episode or a video file per camera)."""
+
+    source: str = "opencv"
+    devices: dict[str, str | int] = field(default_factory=dict)
+    replay: dict[str, str] = field(default_factory=dict)
+    width: int = 640
+    height: int = 480
+    fps: float = 30.0
+    fourcc: str = "MJPG"
+    max_skew_s: float = 0.017
+    stale_after_s: float = 0.067
+
+
+@dataclass
+class SimSettings:
+    """Simulator knobs: the ``[sim]`` table of a profile (its presence makes the robot simulated)."""
+
+    feedback_hz: float = 200.0
+    joint_speed_radps: float = 3.0
+    camera_jitter_s: float = 0.002
+    target_xy_m: tuple[float, float] = (0.0, 0.35)
+    initial_qpos: tuple[float, ...] = (0.0,) * 7
+    camera_names: tuple[str, ...] = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+
+
+@dataclass
+class RobotConfig:
+    name: str
+    control_rate_hz: float
+    arms: dict[str, PiperArmConfig]
+    base: TracerBaseConfig
+    cameras: CameraSettings
+    sim: SimSettings | None = None
+
+
+def _profile_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or "/" in str(name_or_path):
+        if not p.exists():
+            raise VlaEdgeError(f"robot profile {p} not found")
+        return p
+    p = PROFILE_DIR / f"{name_or_path}.toml"
+    if not p.exists():
+        known = ", ".join(sorted(q.stem for q in PROFILE_DIR.glob("*.toml")))
+        raise VlaEdgeError(f"unknown robot profile {name_or_path!r} (known: {known}; or give a .toml path)")
+    return p
+
+
+def load_profile(name_or_path: str | Path) -> RobotConfig:
+    """Read a profile by name (``sim``, ``cobot_magic``) or path; raises VlaEdgeError if invalid."""
+    path = _profile_path(name_or_path)
+    try:
+        d = tomllib.loads(path.read_text())
+        arms_d = dict(d["arms"])
+        lo = [float(v) for v in arms_d.pop("joint_lo", PIPER_JOINT_LO)]
+        hi = [float(v) for v in arms_d.pop("joint_hi", PIPER_JOINT_HI)]
+        if len(lo) != 7 or len(hi) != 7:
+            raise ValueError("arms.joint_lo/joint_hi need 7 values (J1..J6 rad, gripper m)")
+        for i in range(7):
+            if not PIPER_JOINT_LO[i] - 1e-9 <= lo[i] < hi[i] <= PIPER_JOINT_HI[i] + 1e-9:
+                raise ValueError(f"joint {i + 1} limits [{lo[i]}, {hi[i]}] outside the Piper's published limits")
+        common = {k: v for k, v in arms_d.items() if k not in SIDES}
+        arms = {
+            side: PiperArmConfig(can_name=arms_d[side]["can"], joint_lo=lo, joint_hi=hi, **common) for side in SIDES
+        }
+        base = TracerBaseConfig(**d["base"])
+        cam_d = dict(d["cameras"])
+        cameras = CameraSettings(**cam_d)
+        sim = None
+        if "sim" in d:  # a [sim] table: the devices are simulators started by Robot.connect()
+            sim = SimSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["sim"].items()})
+        return RobotConfig(
+            name=d.get("name", path.stem),
+            control_rate_hz=float(d.get("control_rate_hz", 30.0)),
+            arms=arms,
+            base=base,
+            cameras=cameras,
+            sim=sim,
+        )
+    except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
+        raise VlaEdgeError(f"robot profile {path}: {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class RobotState:
+    """``qpos`` (14,) float64 ``[L j1..j6 rad, L gripper m, R j1..j6 rad, R gripper m]``.
+
+    ``stamps_s``: ``time.monotonic()`` of the newest joint feedback of each arm (left, right).
+    Base: measured ``base_vx_mps``, ``base_wz_radps`` at ``base_stamp_s``.
+    """
+
+    qpos: np.ndarray
+    stamps_s: tuple[float, float]
+    base_vx_mps: float
+    base_wz_radps: float
+    base_stamp_s: float
+    enabled: bool
+    estopped: bool
+
+
+@dataclass
+class SimHandle:
+    """Reach into the simulators (tests, evaluation). Present only for profiles with a ``[sim]`` table."""
+
+    arms: dict
+    base: object
+    scene: Scene
+    cameras: dict[str, SyntheticSource]
+
+    def set_target(self, x_m: float, y_m: float) -> None:
+        """Move the target object on the table (metres, table frame)."""
+        self.scene.target_xy_m = (x_m, y_m)
+
+    def joint_state(self) -> np.ndarray:
+        """Simulated truth of the 14-vector."""
+        return np.concatenate([self.arms[s].joint_state() for s in SIDES])
+
+    def base_pose(self) -> tuple[float, float, float]:
+        return self.base.pose()
+
+
+class Robot:
+    """Two :class:`PiperArm`, one :class:`TracerBase`, a :class:`CameraRig` (and simulators for sim)."""
+
+    def __init__(self, config: RobotConfig) -> None:
+        self.config = config
+        self.arms: dict[str, PiperArm] = {}
+        self.base: TracerBase | None = None
+        self.cameras: CameraRig | None = None
+        self.sim: SimHandle | None = None
+        self._estopped = False
+        self._firmware_estop = False
+        self._lo = np.asarray(config.arms["left"].joint_lo * 2)
+        self._hi = np.asarray(config.arms["left"].joint_hi * 2)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Start the simulators (sim profiles), then connect arms, base and cameras.
+
+        Raises a :class:`VlaEdgeError` naming the first device that failed (everything already
+        connected is disconnected again).
+        """
+        cfg = self.config
+        try:
+            arm_cfgs, base_cfg, rig = dict(cfg.arms), cfg.base, None
+            if cfg.sim is not None:
+                arm_cfgs, base_cfg, rig = self._start_sim()
+            for side in SIDES:
+                arm = PiperArm(arm_cfgs[side])
+                arm.connect()
+                self.arms[side] = arm
+            self.base = TracerBase(base_cfg)
+            self.base.connect()
+            self.cameras = rig or self._make_rig()
+            self.cameras.start()
+        except BaseException as e:
+            self.disconnect()
+            if isinstance(e, VlaEdgeError | KeyboardInterrupt):
+                raise
+            raise VlaEdgeError(f"robot {cfg.name}: connect failed: {type(e).__name__}: {e}") from e
+
+    def disconnect(self) -> None:
+        """Safe stop: base zero, arms hold their measured pose (never disabled), cameras closed."""
+        steps = []
+        if self.base is not None:
+            steps.append(self.base.disconnect)
+        steps += [a.disconnect for a in self.arms.values()]
+        if self.cameras is not None:
+            steps.append(self.cameras.stop)
+        if self.sim is not None:
+            steps += [s.stop for s in self.sim.arms.values()] + [self.sim.base.stop]
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # keep going: the other devices must still be made safe
+                log.error("disconnect: %s", e)
+        self.arms, self.base, self.cameras, self.sim = {}, None, None, None
+
+    def __enter__(self) -> Robot:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.disconnect()
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def camera_names(self) -> list[str]:
+        return self.cameras.names if self.cameras else list(self._camera_names())
+
+    @property
+    def estopped(self) -> bool:
+        """True between :meth:`estop` and :meth:`resume`: commands are ignored."""
+        return self._estopped
+
+    def read_state(self) -> RobotState:
+        left, right = (self._arm(s).read_state() for s in SIDES)
+        b = self._base().read_state()
+        return RobotState(
+            qpos=np.concatenate([left.qpos, right.qpos]),
+            stamps_s=(left.joint_stamp_s, right.joint_stamp_s),
+            base_vx_mps=b.vx_mps,
+            base_wz_radps=b.wz_radps,
+            base_stamp_s=b.motion_stamp_s,
+            enabled=all(left.enabled) and all(right.enabled),
+            estopped=self._estopped,
+        )
+
+    def read_frames(self):
+        """One RGB frame per camera (:class:`~vla_edge.edge.cameras.FrameSet`); CameraFault if stale/gone."""
+        if self.cameras is None:
+            raise VlaEdgeError("robot is not connected")
+        return self.cameras.read()
+
+    def faults(self) -> list[str]:
+        """Active faults of every device (silent bus, base link loss, camera stale, ...)."""
+        out = [f for a in self.arms.values() for f in a.faults()]
+        if self.base is not None:
+            out += self.base.faults()
+        if self.cameras is not None:
+            out += self.cameras.faults()
+        return out
+
+    def base_pose(self) -> tuple[float, float, float]:
+        """Simulated base pose ``(x_m, y_m, yaw_rad)``; only known in simulation."""
+        if self.sim is None:
+            raise VlaEdgeError("base_pose() is only available with a simulated robot")
+        return self.sim.base_pose()
+
+    # -- commands --------------------------------------------------------------------------------
+    def send_joint_targets(self, q14) -> None:
+        """Absolute targets ``[L j1..j6 rad, L gripper m, R ...]``, clamped to the profile's limits.
+
+        Ignored while e-stopped. Raises VlaEdgeError for a wrong shape or a non-finite value.
+        """
+        q = np.asarray(q14, dtype=np.float64)
+        if q.shape != (14,) or not np.isfinite(q).all():
+            raise VlaEdgeError(f"joint targets must be 14 finite values, got shape {q.shape}")
+        if self._estopped:
+            return
+        q = np.clip(q, self._lo, self._hi)
+        self._arm("left").send_targets(q[0:6], q[6])
+        self._arm("right").send_targets(q[7:13], q[13])
+
+    def send_base_velocity(self, vx_mps: float, wz_radps: float) -> None:
+        """Base velocity target (clamped and ramped by the driver). Ignored while e-stopped."""
+        if not (math.isfinite(vx_mps) and math.isfinite(wz_radps)):
+            raise VlaEdgeError("base velocity must be finite")
+        if self._estopped:
+            return
+        self._base().send_velocity(vx_mps, wz_radps)
+
+    def hold(self) -> None:
+        """Arms hold their measured pose, base target zero."""
+        self._base().stop()
+        for side in SIDES:
+            self._arm(side).hold()
+
+    def estop(self, firmware: bool = False) -> None:
+        """Latch an e-stop: base commanded to zero at once, arms hold (software) or get the Piper
+        firmware e-stop 0x150 (``firmware=True``: the damped arms sink slowly). Commands are
+        ignored until :meth:`resume`."""
+        self._estopped = True
+        if self.base is not None:
+            self.base.halt()
+        for arm in self.arms.values():
+            try:
+                if firmware:
+                    arm.estop()
+                else:
+                    arm.hold()
+            except VlaEdgeError as e:
+                log.error("estop: %s", e)
+        self._firmware_estop = self._firmware_estop or firmware
+
+    def resume(self) -> None:
+        """Clear the e-stop. After a firmware e-stop this resets and re-enables the arms (the Piper
+        cuts motor power briefly on reset); either way the arms then hold their measured pose."""
+        for arm in self.arms.values():
+            if self._firmware_estop:
+                arm.resume()
+            else:
+                arm.hold()
+        self._firmware_estop = False
+        self._estopped = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _arm(self, side: str) -> PiperArm:
+        if side not in self.arms:
+            raise VlaEdgeError("robot is not connected")
+        return self.arms[side]
+
+    def _base(self) -> TracerBase:
+        if self.base is None:
+            raise VlaEdgeError("robot is not connected")
+        return self.base
+
+    def _camera_names(self) -> list[str]:
+        c = self.config.cameras
+        if self.config.sim is not None and c.source == "synthetic":
+            return list(self.config.sim.camera_names)
+        return list(c.devices or c.replay)
+
+    def _make_rig(self, scene: Scene | None = None) -> CameraRig:
+        c = self.config.cameras
+        cams = []
+        for name in self._camera_names():
+            if c.source == "opencv":
+                src = OpenCVSource(c.devices[name], c.width, c.height, c.fps, c.fourcc)
+            elif c.source == "replay":
+                src = ReplaySource(c.replay[name], camera=name, fps=c.fps)
+            elif c.source == "synthetic":
+                sim = self.config.sim or SimSettings()
+                src = SyntheticSource(name, scene or Scene(), c.fps, sim.camera_jitter_s, c.width, c.height,
+                                      seed=len(cams))
+            else:
+                raise VlaEdgeError(f"unknown camera source {c.source!r} (opencv, synthetic, replay)")
+            cams.append(Camera(name, src, c.fps))
+        return CameraRig(cams, c.fps, c.max_skew_s, c.stale_after_s)
+
+    def _start_sim(self):
+        from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
+        from vla_edge.firmware_bridge.tracer_sim import TracerSim
+
+        cfg, s = self.config, self.config.sim
+        assert s is not None
+        # piper_sdk keeps one interface per bus name for the whole process: a fresh name per robot.
+        tag = uuid.uuid4().hex[:8]
+        arm_cfgs, sims = {}, {}
+        for side in SIDES:
+            a = cfg.arms[side]
+            channel = f"{a.can_name}-{tag}"
+            arm_cfgs[side] = PiperArmConfig(**{**a.__dict__, "can_name": channel, "bustype": "virtual"})
+            q0 = tuple(s.initial_qpos[:6])
+            sims[side] = PiperSim(PiperSimConfig(channel=channel, feedback_hz=s.feedback_hz,
+                                                 joint_speed_radps=s.joint_speed_radps, initial_q_rad=q0)).start()
+        base_sim = TracerSim().start()
+        base_cfg = TracerBaseConfig(**{**cfg.base.__dict__, "port": base_sim.port})
+        scene = Scene(target_xy_m=tuple(s.target_xy_m))
+        self.sim = SimHandle(arms=sims, base=base_sim, scene=scene, cameras={})
+        scene.joint_state = self.sim.joint_state
+        rig = self._make_rig(scene) if cfg.cameras.source == "synthetic" else None
+        if rig is not None:
+            self.sim.cameras = {n: c.source for n, c in rig.cameras.items()}
+        # Sim grippers start at the profile's initial opening.
+        for side in SIDES:
+            sims[side].gripper_m = sims[side].gripper_target_m = float(s.initial_qpos[6])
+        return arm_cfgs, base_cfg, rig

@@ -1,0 +1,294 @@
+"""AgileX TRACER base over RS232 (pyserial), in serial control mode.
+
+The base stops by itself when no command arrives for 500 ms, so :class:`TracerBase` streams the
+current velocity command from its own thread at ``stream_hz`` (default 50 Hz), ramped toward the
+target with the configured acceleration limits. A second thread reads and parses feedback.
+
+A target that is not refreshed by :meth:`TracerBase.send_velocity` within ``command_timeout_s``
+decays to zero: if the control loop hangs, the base stops even though the streaming thread lives.
+
+Usage::
+
+    base = TracerBase(TracerBaseConfig(port="/dev/ttyUSB0"))
+    base.connect()                      # opens the port, waits for feedback
+    base.send_velocity(0.2, 0.0)        # m/s, rad/s; call at the control rate
+    state = base.read_state()           # measured vx_mps, wz_radps, fault bits, timestamps
+    base.disconnect()                   # zero command, then close
+
+Faults (link loss, port errors, base fault bits, bad frames) are listed by :meth:`faults`; they
+never raise from the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import serial
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.firmware_bridge import tracer_protocol as tp
+
+log = logging.getLogger(__name__)
+
+
+class BaseFault(VlaEdgeError):
+    """The TRACER base cannot be reached or reported a fault."""
+
+
+@dataclass
+class TracerBaseConfig:
+    """Serial port and limits. Speeds in m/s and rad/s, accelerations in m/s^2 and rad/s^2."""
+
+    port: str = "/dev/ttyUSB0"
+    baudrate: int = 115200
+    max_linear_mps: float = 1.5
+    max_angular_radps: float = 0.7853
+    max_linear_accel_mps2: float = 1.0
+    max_angular_accel_radps2: float = 2.0
+    stream_hz: float = 50.0
+    command_timeout_s: float = 0.5
+    """A non-zero target older than this decays to zero (the control loop stopped calling)."""
+    feedback_timeout_s: float = 0.3
+    """No feedback for this long is a link-loss fault."""
+    connect_timeout_s: float = 1.0
+    bad_frame_window_s: float = 1.0
+    """Bad frames are reported as a fault for this long after the last one."""
+
+
+@dataclass(frozen=True)
+class BaseState:
+    """Latest feedback. ``*_stamp_s`` are ``time.monotonic()`` at reception (0.0: never received)."""
+
+    vx_mps: float = 0.0
+    wz_radps: float = 0.0
+    motion_stamp_s: float = 0.0
+    vehicle_state: int = 0
+    control_mode: int = 0
+    battery_v: float = 0.0
+    fault_bits: int = 0
+    system_stamp_s: float = 0.0
+    command_vx_mps: float = 0.0
+    command_wz_radps: float = 0.0
+    frames_sent: int = 0
+    bad_frames: int = 0
+    fault_names: list[str] = field(default_factory=list)
+
+
+def _step_toward(current: float, target: float, max_step: float) -> float:
+    return current + max(-max_step, min(max_step, target - current))
+
+
+class TracerBase:
+    """One TRACER base on one serial port. Thread-safe: any thread may call :meth:`send_velocity`."""
+
+    def __init__(self, config: TracerBaseConfig | None = None) -> None:
+        self.config = config or TracerBaseConfig()
+        self._ser: serial.Serial | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._reader = tp.FrameReader()
+        self._target = (0.0, 0.0)
+        self._target_stamp_s = 0.0
+        self._command = (0.0, 0.0)
+        self._counter = 0
+        self._frames_sent = 0
+        self._motion = (0.0, 0.0, 0.0)  # vx, wz, stamp
+        self._system = (0, 0, 0.0, 0, 0.0)  # state, mode, battery, bits, stamp
+        self._link_error = ""
+        self._last_bad_frame_s = -1e9
+        self._command_expired = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        return self._ser is not None
+
+    def connect(self) -> None:
+        """Open the port, start the threads, and wait for the first feedback frame."""
+        cfg = self.config
+        try:
+            self._ser = serial.Serial(cfg.port, cfg.baudrate, timeout=0.02, write_timeout=0.1)
+            self._ser.reset_input_buffer()
+        except (serial.SerialException, OSError) as e:
+            self._ser = None
+            if "No such file" in str(e) or "could not open" in str(e):
+                raise BaseFault(f"serial port {cfg.port} not found (TRACER base)") from e
+            raise BaseFault(f"cannot open TRACER serial port {cfg.port}: {e}") from e
+        self._stop.clear()
+        self._link_error = ""
+        self._threads = [
+            threading.Thread(target=self._tx_loop, name=f"tracer-tx {cfg.port}", daemon=True),
+            threading.Thread(target=self._rx_loop, name=f"tracer-rx {cfg.port}", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while time.monotonic() < deadline:
+            if self._motion[2] or self._system[4]:
+                return
+            time.sleep(0.005)
+        self.disconnect()
+        raise BaseFault(f"no feedback from the TRACER base on {cfg.port} within {cfg.connect_timeout_s:.1f} s")
+
+    def disconnect(self) -> None:
+        """Stop streaming, send a zero command (twice), close the port. Safe to call twice."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=1.0)
+        self._threads = []
+        ser, self._ser = self._ser, None
+        if ser is None:
+            return
+        try:
+            for _ in range(2):
+                ser.write(tp.motion_command(0.0, 0.0, self._next_counter()))
+            ser.flush()
+        except (serial.SerialException, OSError) as e:
+            log.warning("TRACER %s: zero command on close failed: %s", self.config.port, e)
+        finally:
+            ser.close()
+        with self._lock:
+            self._target = self._command = (0.0, 0.0)
+
+    # -- commands --------------------------------------------------------------------------------
+    def send_velocity(self, vx_mps: float, wz_radps: float) -> None:
+        """Set the target velocity (clamped to the configured limits); streamed by the tx thread."""
+        cfg = self.config
+        vx = max(-cfg.max_linear_mps, min(cfg.max_linear_mps, float(vx_mps)))
+        wz = max(-cfg.max_angular_radps, min(cfg.max_angular_radps, float(wz_radps)))
+        with self._lock:
+            self._target = (vx, wz)
+            self._target_stamp_s = time.monotonic()
+            self._command_expired = False
+
+    def stop(self) -> None:
+        """Target zero (ramped down at the deceleration limits)."""
+        self.send_velocity(0.0, 0.0)
+
+    def halt(self) -> None:
+        """Command zero at once, skipping the ramp (e-stop: the base brakes with its own limits)."""
+        with self._lock:
+            self._target = self._command = (0.0, 0.0)
+
+    # -- state -----------------------------------------------------------------------------------
+    def read_state(self) -> BaseState:
+        with self._lock:
+            vx, wz, ms = self._motion
+            state, mode, battery, bits, ss = self._system
+            cvx, cwz = self._command
+            sent = self._frames_sent
+        return BaseState(
+            vx_mps=vx,
+            wz_radps=wz,
+            motion_stamp_s=ms,
+            vehicle_state=state,
+            control_mode=mode,
+            battery_v=battery,
+            fault_bits=bits,
+            system_stamp_s=ss,
+            command_vx_mps=cvx,
+            command_wz_radps=cwz,
+            frames_sent=sent,
+            bad_frames=self._reader.bad_frames,
+            fault_names=tp.fault_names(bits),
+        )
+
+    def faults(self) -> list[str]:
+        """Active faults, one short line each (empty when healthy)."""
+        cfg = self.config
+        out: list[str] = []
+        port = cfg.port
+        if self._ser is None:
+            return [f"base {port}: not connected"]
+        if self._link_error:
+            out.append(f"base {port}: link lost ({self._link_error})")
+        now = time.monotonic()
+        last = max(self._motion[2], self._system[4])
+        if now - last > cfg.feedback_timeout_s:
+            out.append(f"base {port}: no feedback for {(now - last) * 1000:.0f} ms")
+        if now - self._last_bad_frame_s < cfg.bad_frame_window_s:
+            r = self._reader
+            out.append(f"base {port}: bad input ({r.last_error}; {r.bad_frames} bad frames, {r.skipped_bytes} bytes skipped)")
+        state, _, _, bits, _ = self._system
+        if state:
+            out.append(f"base {port}: vehicle state {tp.VEHICLE_STATES.get(state, hex(state))}")
+        out += [f"base {port}: {name}" for name in tp.fault_names(bits)]
+        if self._command_expired:
+            out.append(f"base {port}: no velocity command for {cfg.command_timeout_s:.1f} s, stopping")
+        return out
+
+    # -- threads ---------------------------------------------------------------------------------
+    def _next_counter(self) -> int:
+        c = self._counter
+        self._counter = (c + 1) & 0xFF
+        return c
+
+    def _tx_loop(self) -> None:
+        cfg = self.config
+        period = 1.0 / cfg.stream_hz
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                target = self._target
+                if target != (0.0, 0.0) and now - self._target_stamp_s > cfg.command_timeout_s:
+                    target = self._target = (0.0, 0.0)
+                    self._command_expired = True
+                vx = _step_toward(self._command[0], target[0], cfg.max_linear_accel_mps2 * period)
+                wz = _step_toward(self._command[1], target[1], cfg.max_angular_accel_radps2 * period)
+                self._command = (vx, wz)
+            ser = self._ser
+            if ser is None:
+                return
+            try:
+                ser.write(tp.motion_command(vx, wz, self._next_counter()))
+                with self._lock:
+                    self._frames_sent += 1
+                if self._link_error.startswith("serial write timeout"):
+                    self._link_error = ""
+            except serial.SerialTimeoutException as e:  # the device is not draining: report, keep trying
+                self._link_error = f"serial write timeout: {e}"
+                log.warning("TRACER %s: %s", cfg.port, self._link_error)
+            except (serial.SerialException, OSError, TypeError, AttributeError) as e:
+                # TypeError/AttributeError: pyserial's port object after close from another thread.
+                self._link_error = f"serial write: {e}"
+                log.error("TRACER %s: %s", cfg.port, self._link_error)
+                return
+            next_t += period
+            self._stop.wait(max(0.0, next_t - time.monotonic()))
+            if time.monotonic() - next_t > 5 * period:  # we fell far behind: do not burst
+                next_t = time.monotonic()
+
+    def _rx_loop(self) -> None:
+        while not self._stop.is_set():
+            ser = self._ser
+            if ser is None:
+                return
+            try:
+                chunk = ser.read(max(1, ser.in_waiting))
+            except (serial.SerialException, OSError, TypeError, AttributeError) as e:
+                if not self._stop.is_set():
+                    self._link_error = f"serial read: {e}"
+                    log.error("TRACER %s: %s", self.config.port, self._link_error)
+                return
+            if not chunk:
+                continue
+            reader = self._reader
+            bad_before = (reader.bad_frames, reader.skipped_bytes)
+            frames = reader.feed(chunk)
+            now = time.monotonic()
+            synced = self._motion[2] or self._system[4]  # bytes before the first good frame: sync-up
+            if synced and (reader.bad_frames, reader.skipped_bytes) != bad_before:
+                self._last_bad_frame_s = now
+                log.warning("TRACER %s: %s", self.config.port, self._reader.last_error)
+            for f in frames:
+                if f.type != tp.TYPE_FEEDBACK:
+                    continue
+                with self._lock:
+                    if f.id == tp.FB_MOTION:
+                        self._motion = (*tp.decode_motion_feedback(f), now)
+                    elif f.id == tp.FB_SYSTEM:
+                        self._system = (*tp.decode_system_feedback(f), now)

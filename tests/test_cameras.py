@@ -1,0 +1,141 @@
+"""Camera threads, the synchronised read and its faults, with simulated and replayed sources."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from vla_edge.edge.cameras import (
+    CAMERA_NAMES,
+    Camera,
+    CameraFault,
+    CameraRig,
+    OpenCVSource,
+    ReplaySource,
+    Scene,
+    SyntheticSource,
+)
+
+PERIOD_S = 1 / 30
+
+
+@pytest.fixture
+def synthetic():
+    scene = Scene()
+    sources = {n: SyntheticSource(n, scene, seed=i) for i, n in enumerate(CAMERA_NAMES)}
+    rig = CameraRig([Camera(n, s) for n, s in sources.items()])
+    rig.start()
+    yield rig, sources, scene
+    rig.stop()
+
+
+def test_synchronised_read_reports_ages_and_skew(synthetic):
+    rig, _, _ = synthetic
+    for _ in range(10):
+        fs = rig.read()
+        assert set(fs.images) == set(CAMERA_NAMES)
+        for name, img in fs.images.items():
+            assert img.shape == (480, 640, 3) and img.dtype == np.uint8
+            assert 0.0 <= fs.ages_s[name] <= rig.stale_after_s
+        assert fs.skew_s == pytest.approx(max(fs.stamps_s.values()) - min(fs.stamps_s.values()))
+        assert fs.synced == (fs.skew_s <= rig.max_skew_s)
+        time.sleep(0.01)
+    time.sleep(0.5)
+    for cam in rig.cameras.values():
+        assert 20.0 < cam.fps_measured < 40.0
+    assert rig.faults() == []
+
+
+def test_stalled_camera_is_a_fault_within_two_frame_periods(synthetic):
+    rig, sources, _ = synthetic
+    rig.read()
+    sources["cam_left_wrist"].stall()
+    t0 = time.monotonic()
+    with pytest.raises(CameraFault, match="cam_left_wrist stale"):
+        while time.monotonic() - t0 < 1.0:
+            rig.read()
+    # stale_after_s is two periods; allow scheduling slack on a loaded machine.
+    assert time.monotonic() - t0 < 2 * PERIOD_S + 0.05
+    assert any("cam_left_wrist" in f for f in rig.faults())
+    sources["cam_left_wrist"].stall(False)
+    time.sleep(0.15)
+    rig.read()
+
+
+def test_gone_camera_is_a_fault_until_reconnected(synthetic):
+    rig, sources, _ = synthetic
+    sources["cam_high"].fail()
+    time.sleep(0.1)
+    with pytest.raises(CameraFault, match="cam_high gone"):
+        rig.read()
+    rig.reconnect("cam_high")
+    time.sleep(0.1)
+    assert rig.read().ages_s["cam_high"] < rig.stale_after_s
+
+
+def test_synthetic_scene_shows_target_and_arms():
+    scene = Scene(target_xy_m=(0.0, 0.35))
+    src = SyntheticSource("cam_high", scene)
+    src.open()
+    a, _ = src.read()
+    scene.target_xy_m = (0.3, 0.6)
+    b, _ = src.read()
+    q = np.zeros(14)
+    q[0] = 1.0
+    scene.joint_state = lambda: q
+    c, _ = src.read()
+    src.close()
+    red = lambda img: (img[..., 0] > 200) & (img[..., 1] < 80)  # noqa: E731 - RGB: red is channel 0
+    assert red(a).sum() > 100 and red(b).sum() > 100
+    assert not np.array_equal(red(a), red(b))
+    assert not np.array_equal(b, c)  # the arm moved
+
+
+def _episode(path, n=4):
+    rng = np.random.default_rng(0)
+    data = {cam: rng.integers(0, 255, (n, 480, 640, 3), dtype=np.uint8) for cam in CAMERA_NAMES}
+    with h5py.File(path, "w") as f:
+        f.attrs["sim"] = True
+        f.attrs["compress"] = False
+        for cam, frames in data.items():
+            f.create_dataset(f"observations/images/{cam}", data=frames)
+        f.create_dataset("observations/qpos", data=np.zeros((n, 14)))
+    return data
+
+
+def test_replay_hdf5_episode(tmp_path):
+    data = _episode(tmp_path / "episode_0.hdf5")
+    rig = CameraRig([Camera(c, ReplaySource(tmp_path / "episode_0.hdf5", c)) for c in CAMERA_NAMES])
+    rig.start()
+    try:
+        fs = rig.read()
+        for cam in CAMERA_NAMES:
+            assert any(np.array_equal(fs[cam], frame) for frame in data[cam])  # RGB as stored
+    finally:
+        rig.stop()
+
+
+def test_replay_video_file_is_rgb(tmp_path):
+    path = tmp_path / "cam.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (640, 480))
+    bgr = np.zeros((480, 640, 3), np.uint8)
+    bgr[..., 2] = 255  # pure red in OpenCV's BGR
+    for _ in range(5):
+        w.write(bgr)
+    w.release()
+    src = ReplaySource(path)
+    src.open()
+    try:
+        img, _ = src.read()
+    finally:
+        src.close()
+    assert img.shape == (480, 640, 3)
+    assert img[..., 0].mean() > 200 and img[..., 2].mean() < 50
+
+
+def test_missing_device_is_one_clear_fault():
+    with pytest.raises(CameraFault, match="camera cam_high: camera device /dev/video99 not found"):
+        CameraRig([Camera("cam_high", OpenCVSource("/dev/video99"))]).start()
