@@ -137,6 +137,20 @@ Axis pil_axis(int in_size, int out_size, const Filter& filter) {
     ax.first[xx] = xmin;
     ax.count[xx] = xmax;
   }
+  // Drop zero weights at either end of a window (bicubic's are exactly 0 at +-2 when upscaling):
+  // they add nothing to the sum, and shorter windows are cheaper.
+  for (int xx = 0; xx < out_size; ++xx) {
+    int32_t* k = &ax.k[static_cast<size_t>(xx) * ax.ksize];
+    int lead = 0;
+    while (lead < ax.count[xx] - 1 && k[lead] == 0) ++lead;
+    if (lead > 0) {
+      std::copy(k + lead, k + ax.count[xx], k);
+      std::fill(k + ax.count[xx] - lead, k + ax.count[xx], 0);
+      ax.first[xx] += lead;
+      ax.count[xx] -= lead;
+    }
+    while (ax.count[xx] > 1 && k[ax.count[xx] - 1] == 0) --ax.count[xx];
+  }
   return ax;
 }
 
