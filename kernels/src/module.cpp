@@ -2,6 +2,10 @@
 // itself through a register_* function declared in kernels.hpp.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
+#include "kernels.hpp"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
@@ -9,4 +13,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("build_info", []() {
     return std::string("vla-edge kernels, C++") + std::to_string(__cplusplus / 100 % 100);
   }, "Describe how the extension was built.");
+  vla_edge::register_resample(m);
+  vla_edge::register_tokens(m);
 }

@@ -1,0 +1,15 @@
+// Shared declarations of the vla-edge C++ kernels. Each kernel file registers its Python bindings
+// through one register_* function, called from module.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace vla_edge {
+
+// resample.cpp: PIL-exact resampling and multi-view composition (Composer).
+void register_resample(pybind11::module_& m);
+
+// tokens.cpp: action/proprio token codecs and the grammar-constrained decoder (ChunkGrammar).
+void register_tokens(pybind11::module_& m);
+
+}  // namespace vla_edge
