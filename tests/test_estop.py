@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import statistics
+import subprocess
 import sys
 import termios
 import threading
@@ -273,3 +274,20 @@ def test_signal_handlers_only_from_the_main_thread():
     t.start()
     t.join()
     assert errors
+
+
+def test_terminal_is_restored_at_exit_without_stop(pty):
+    """A program that forgets stop() (or dies of an exception) still leaves stdin's terminal as it was."""
+    master, slave = pty
+    before = termios.tcgetattr(slave)
+    child = (
+        "import sys, termios\n"
+        "from vla_edge.edge.estop import EStop, KeyboardListener\n"
+        "kl = KeyboardListener(EStop(), source='auto').start()\n"  # stdin is the pty: auto picks tty
+        "assert kl.source == 'tty', kl.source\n"
+        "assert not termios.tcgetattr(0)[3] & termios.ICANON\n"
+        "raise RuntimeError('crash without stop()')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child], stdin=slave, capture_output=True, text=True, timeout=60)
+    assert "crash without stop()" in proc.stderr and "AssertionError" not in proc.stderr, proc.stderr
+    assert termios.tcgetattr(slave) == before
