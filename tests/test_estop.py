@@ -1,0 +1,293 @@
+"""E-stop latch and keyboard listener, driven through a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.estop import EStop, Interrupted, KeyboardListener, install_signal_handlers
+
+WAIT_S = 5.0  # generous: a loaded CI box may be slow to schedule the listener thread
+
+
+@pytest.fixture
+def pty():
+    master, slave = os.openpty()
+    yield master, slave
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def read_until(master: int, text: str, timeout: float = WAIT_S) -> str:
+    """Read the terminal's output (what the operator sees) until ``text`` appears."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} never appeared on the terminal; saw {seen!r}"
+        if select.select([master], [], [], left)[0]:
+            seen += os.read(master, 1024)
+    return seen.decode(errors="replace")
+
+
+def wait_for(predicate, timeout: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+# -- the latch ------------------------------------------------------------------------------------
+def test_latch_runs_callbacks_in_the_callers_thread_and_needs_a_confirmed_resume():
+    estop = EStop()
+    calls = []
+    estop.on_trip(lambda reason: calls.append(("trip", reason, threading.current_thread().name)))
+    estop.on_resume(lambda: calls.append(("resume", None, threading.current_thread().name)))
+    assert not estop.is_latched and not estop.resume()
+    assert estop.trigger("test") is True
+    assert calls == [("trip", "test", threading.current_thread().name)]  # before trigger returned
+    assert estop.is_latched and estop.reason == "test" and estop.last_trip_ms >= 0
+    assert estop.trigger("again") is False and len(calls) == 2 and estop.reason == "test"
+    assert not estop.resume(), "resume without request_resume must not unlatch"
+    assert estop.is_latched
+    assert estop.request_resume()
+    estop.cancel_resume()
+    assert not estop.resume() and estop.is_latched
+    assert estop.request_resume() and estop.resume()
+    assert not estop.is_latched and calls[-1][0] == "resume"
+    kinds = [k for _, k, _ in estop.events]
+    assert kinds == ["trip", "retrip", "resume_requested", "resume_cancelled", "resume_requested", "resume"]
+    assert all(isinstance(t, float) for t, _, _ in estop.events)
+
+
+def test_a_failing_callback_does_not_stop_the_others_and_blocks_resume():
+    estop = EStop()
+    hit = []
+
+    def broken(reason):
+        raise RuntimeError("CAN down")
+
+    estop.on_trip(broken)
+    estop.on_trip(hit.append)
+    estop.trigger("x")
+    assert hit == ["x"] and estop.is_latched
+    assert any(k == "callback_error" and "CAN down" in r for _, k, r in estop.events)
+
+    def cannot_rearm():
+        raise RuntimeError("no pose")
+
+    estop.on_resume(cannot_rearm)
+    assert estop.request_resume() and not estop.resume()
+    assert estop.is_latched
+
+
+def test_concurrent_triggers_never_run_callbacks_at_the_same_time():
+    estop = EStop()
+    inside, overlap, count = [0], [], [0]
+
+    def actuator(reason):
+        inside[0] += 1
+        overlap.append(inside[0])
+        time.sleep(0.001)
+        count[0] += 1
+        inside[0] -= 1
+
+    estop.on_trip(actuator)
+    threads = [threading.Thread(target=lambda: [estop.trigger("t") for _ in range(10)]) for _ in range(4)]
+    waiter = threading.Thread(target=lambda: overlap.append(("waited", estop.wait_latched(WAIT_S))))
+    waiter.start()
+    for t in threads:
+        t.start()
+    for t in threads + [waiter]:
+        t.join()
+    assert count[0] == 40
+    assert ("waited", True) in overlap
+    assert max(x for x in overlap if isinstance(x, int)) == 1
+
+
+# -- the keyboard, through a pseudo-terminal ------------------------------------------------------
+def test_space_trips_within_50ms(pty):
+    master, slave = pty
+    estop = EStop()
+    hit_t, hit = [], threading.Event()
+    estop.on_trip(lambda reason: (hit_t.append(time.monotonic()), hit.set()))
+    latencies_ms = []
+    with KeyboardListener(estop, source="tty", tty_fd=slave) as kl:
+        assert kl.source == "tty"
+        for _ in range(7):
+            hit.clear()
+            t0 = time.monotonic()
+            os.write(master, b" ")
+            assert hit.wait(WAIT_S), "space did not trip the e-stop"
+            latencies_ms.append((hit_t[-1] - t0) * 1e3)
+    print(f"trip latency ms: {[round(x, 2) for x in latencies_ms]}")
+    assert estop.is_latched and estop.reason == "space key"
+    # Median over several trips: one scheduler hiccup on a loaded box must not decide the result.
+    assert statistics.median(latencies_ms) < 50.0
+
+
+def test_stays_latched_until_r_then_y_and_r_then_other_key_cancels(pty):
+    master, slave = pty
+    estop = EStop()
+    rearmed = []
+    estop.on_resume(lambda: rearmed.append(time.monotonic()))
+    with KeyboardListener(estop, source="tty", tty_fd=slave):
+        os.write(master, b"y")  # a stray confirm while armed does nothing
+        os.write(master, b" ")
+        assert estop.wait_latched(WAIT_S)
+        read_until(master, "E-STOP latched")
+        os.write(master, b"yq")  # no resume requested: stays latched
+        os.write(master, b"r")
+        read_until(master, "resume? press y")
+        os.write(master, b"x")
+        read_until(master, "resume cancelled")
+        assert estop.is_latched and not rearmed
+        os.write(master, b"y")  # the request was cancelled: a late y does nothing
+        os.write(master, b"r")
+        read_until(master, "resume? press y")
+        assert estop.is_latched and estop.resume_pending
+        os.write(master, b"y")
+        read_until(master, "resumed")
+        assert not estop.is_latched and len(rearmed) == 1
+        os.write(master, b" ")  # and it trips again
+        assert wait_for(lambda: estop.is_latched)
+
+
+def test_resume_request_expires(pty):
+    master, slave = pty
+    estop = EStop()
+    estop.trigger("test")
+    with KeyboardListener(estop, source="tty", tty_fd=slave, confirm_timeout_s=0.05):
+        os.write(master, b"r")
+        read_until(master, "resume? press y")
+        time.sleep(0.2)
+        os.write(master, b"y")
+        read_until(master, "resume cancelled")
+    assert estop.is_latched
+
+
+def test_terminal_attributes_are_restored_after_stop(pty):
+    master, slave = pty
+    before = termios.tcgetattr(slave)
+    kl = KeyboardListener(EStop(), source="tty", tty_fd=os.ttyname(slave)).start()  # a device path works too
+    during = termios.tcgetattr(slave)
+    assert during != before
+    assert not during[3] & (termios.ICANON | termios.ECHO | termios.ISIG)
+    assert during[1] == before[1], "output processing must be left alone"
+    kl.stop()
+    assert termios.tcgetattr(slave) == before
+    kl.stop()  # idempotent
+    assert termios.tcgetattr(slave) == before
+
+
+def test_ctrl_c_trips_then_interrupts(pty):
+    master, slave = pty
+    estop = EStop()
+    interrupted = threading.Event()
+    with KeyboardListener(estop, source="tty", tty_fd=slave, on_interrupt=interrupted.set):
+        os.write(master, b"\x03")
+        assert interrupted.wait(WAIT_S)
+        assert estop.is_latched and estop.reason == "ctrl+c"
+    # Default: KeyboardInterrupt in the main thread.
+    estop = EStop()
+    with pytest.raises(KeyboardInterrupt):
+        with KeyboardListener(estop, source="tty", tty_fd=slave):
+            os.write(master, b"\x03")
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(0.005)
+    assert estop.is_latched
+
+
+def test_losing_the_terminal_trips(pty):
+    master, slave = pty
+    estop = EStop()
+    kl = KeyboardListener(estop, source="tty", tty_fd=slave).start()
+    os.close(master)  # SSH connection gone: the slave side reads EOF/EIO
+    assert estop.wait_latched(WAIT_S)
+    assert "keyboard lost" in estop.reason
+    kl.stop()
+
+
+def test_auto_falls_back_cleanly_without_evdev_pynput_or_terminal(pty, monkeypatch):
+    monkeypatch.setitem(sys.modules, "evdev", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "pynput", None)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a terminal
+    estop = EStop()
+    with KeyboardListener(estop, source="auto") as kl:
+        assert kl.source == "none"
+    master, slave = pty
+    with KeyboardListener(estop, source="auto", tty_fd=slave) as kl:
+        assert kl.source == "tty"
+    for source in ("tty", "evdev", "pynput"):
+        with pytest.raises(VlaEdgeError, match="not available"):
+            KeyboardListener(estop, source=source)
+    with pytest.raises(VlaEdgeError, match="unknown"):
+        KeyboardListener(estop, source="joystick")
+    assert not estop.is_latched
+
+
+# -- signals --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_trip_then_end_the_run(signum):
+    estop = EStop()
+    before = signal.getsignal(signum)
+    restore = install_signal_handlers(estop)
+    try:
+        with pytest.raises(Interrupted) as exc:
+            os.kill(os.getpid(), signum)
+            time.sleep(WAIT_S)
+        assert isinstance(exc.value, KeyboardInterrupt) and exc.value.signum == signum
+        assert estop.is_latched and estop.reason == f"signal {signal.Signals(signum).name}"
+    finally:
+        restore()
+    assert signal.getsignal(signum) == before
+
+
+def test_signal_handlers_only_from_the_main_thread():
+    errors = []
+
+    def install():
+        try:
+            install_signal_handlers(EStop())
+        except VlaEdgeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=install)
+    t.start()
+    t.join()
+    assert errors
+
+
+def test_terminal_is_restored_at_exit_without_stop(pty):
+    """A program that forgets stop() (or dies of an exception) still leaves stdin's terminal as it was."""
+    master, slave = pty
+    before = termios.tcgetattr(slave)
+    child = (
+        "import sys, termios\n"
+        "from vla_edge.edge.estop import EStop, KeyboardListener\n"
+        "kl = KeyboardListener(EStop(), source='auto').start()\n"  # stdin is the pty: auto picks tty
+        "assert kl.source == 'tty', kl.source\n"
+        "assert not termios.tcgetattr(0)[3] & termios.ICANON\n"
+        "raise RuntimeError('crash without stop()')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child], stdin=slave, capture_output=True, text=True, timeout=60)
+    assert "crash without stop()" in proc.stderr and "AssertionError" not in proc.stderr, proc.stderr
+    assert termios.tcgetattr(slave) == before

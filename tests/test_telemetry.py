@@ -1,0 +1,106 @@
+"""Run statistics: jitter, overruns, percentiles, status line, summary table and JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from rich.console import Console
+from vla_edge.edge.telemetry import Ring, RunStats, percentiles
+
+PERIOD = 1 / 30
+
+
+def test_percentiles_helper():
+    p = percentiles(np.arange(101))
+    assert p == {"p50": 50.0, "p95": 95.0, "p99": 99.0}
+    assert percentiles([1.0, float("nan"), 3.0], qs=(50,)) == {"p50": 2.0}
+    assert all(math.isnan(v) for v in percentiles([]).values())
+    assert list(percentiles([1, 2], qs=(99.9,))) == ["p99.9"]
+
+
+def test_ring_keeps_only_the_newest_samples():
+    r = Ring(4)
+    for v in range(10):
+        r.add(v)
+    assert r.count == 10
+    assert list(r.values()) == [6, 7, 8, 9]
+    assert list(r.values(last=2)) == [8, 9]
+
+
+def simulated_run(stats: RunStats, n: int = 300) -> None:
+    """A 30 Hz loop whose every 10th tick starts 5 ms late and every 50th overruns by 10 ms."""
+    for i in range(n):
+        deadline = i * PERIOD
+        start = deadline + (0.005 if i % 10 == 0 else 0.0005)
+        end = start + (PERIOD + 0.010 if i % 50 == 0 else 0.010)
+        stats.tick(start, deadline, end)
+        stats.frames([0.020, 0.030, 0.025 + (0.1 if i % 50 == 7 else 0.0)], skew_s=0.004)
+        stats.clamps(i % 2)
+        if i % 5 == 0:
+            stats.inference(100.0 + (i % 100), {"vision": 20.0, "decode": 60.0 + i % 7})
+
+
+def test_jitter_overruns_and_summary_numbers():
+    stats = RunStats(PERIOD)
+    simulated_run(stats)
+    s = stats.summary()
+    assert s["ticks"] == 300 and s["overruns"] == 6 and s["overrun_fraction"] == pytest.approx(0.02)
+    assert s["rate_hz"] == pytest.approx(30.0, rel=0.01)
+    assert s["jitter_ms"]["p50"] == pytest.approx(0.5)
+    assert s["jitter_ms"]["p99"] == pytest.approx(5.0)
+    assert s["frame_age_ms"]["p50"] == pytest.approx(30.0) and s["frame_age_ms"]["p99"] == pytest.approx(125.0)
+    assert s["frame_skew_ms"]["p99"] == pytest.approx(4.0)
+    assert s["inferences"] == 60 and 100 <= s["inference_ms"]["p50"] <= 199
+    assert s["stage_ms"]["vision"]["p99"] == pytest.approx(20.0)
+    assert s["clamps"] == 150
+    assert s["estop_trips"] == 0 and math.isnan(s["estop_latency_ms"]["max"])
+
+
+def test_status_line_is_one_fixed_width_line():
+    stats = RunStats(PERIOD)
+    empty = stats.status_line()
+    assert "\n" not in empty and "armed" in empty
+    simulated_run(stats, 100)
+    line = stats.status_line()
+    assert "\n" not in line and len(line) == len(empty)
+    assert "30.0 Hz" in line and "clamps     50" in line
+    stats.estop(True, "space key")
+    latched = stats.status_line()
+    assert "LATCHED" in latched and len(latched) == len(line)
+
+
+def test_print_summary_and_json(tmp_path):
+    stats = RunStats(PERIOD)
+    empty_path = tmp_path / "empty.json"
+    stats.write_json(empty_path)  # no samples: NaN becomes null, file stays valid JSON
+    assert json.loads(empty_path.read_text())["jitter_ms"]["p99"] is None
+    simulated_run(stats)
+    stats.estop_latency(0.8)
+    stats.estop_latency(1.6)
+    out = io.StringIO()
+    stats.print_summary(Console(file=out, width=120))
+    text = out.getvalue()
+    for label in ("tick jitter", "frame age", "frame skew", "inference", "vision", "overruns", "e-stop"):
+        assert label in text
+    path = tmp_path / "run.json"
+    stats.write_json(path)
+    data = json.loads(path.read_text())
+    assert data["overruns"] == 6 and data["estop_trips"] == 2
+    assert data["estop_latency_ms"] == {"max": 1.6, "p50": pytest.approx(1.2)}
+    assert data["jitter_ms"]["p99"] == pytest.approx(5.0)
+
+
+def test_memory_stays_bounded():
+    stats = RunStats(PERIOD, max_samples=1000)
+    for i in range(5000):
+        stats.tick(i * PERIOD + (0.001 if i >= 4000 else 0.0), i * PERIOD, i * PERIOD + 0.01)
+        stats.inference(float(i), {"decode": float(i)})
+    assert stats._jitter_s.values().size == 1000 and stats._stage_ms["decode"].values().size == 1000
+    s = stats.summary()
+    assert s["ticks"] == 5000 and s["inferences"] == 5000
+    assert s["jitter_ms"]["p50"] == pytest.approx(1.0)  # only the newest 1000 samples are kept
+    assert s["inference_ms"]["p50"] >= 4000
