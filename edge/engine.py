@@ -190,9 +190,7 @@ class Engine:
         bins = head_idx < self.tokens.n_bins
         base = None
         if self.navigation:
-            direction, value = self.kernels.parse_navigation(
-                head_idx, self.tokens.n_bins, self.policy.d_max_m, self.policy.theta_max_deg
-            )
+            direction, value = self.kernels.parse_navigation(head_idx, self.policy.d_max_m, self.policy.theta_max_deg)
             base = (direction, float(value))
             if direction != "stop":
                 return ActionChunk(joints=None, base=base, token_ids=ids)

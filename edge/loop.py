@@ -145,7 +145,14 @@ class InferenceWorker:
         self._busy = True
         self._obs_tick = tick
         self._started_s = time.monotonic()
-        threading.Thread(target=self._run, name="inference", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for a running step to finish (ONNX Runtime must not be torn down mid-run)."""
+        t = getattr(self, "_thread", None)
+        if t is not None:
+            t.join(timeout_s)
 
     def _run(self) -> None:
         try:
@@ -184,6 +191,7 @@ class ControlLoop:
         self.worker = InferenceWorker(policy, robot, self.cameras)
         self.base_plan: list[tuple[float, float]] = []
         self.stop_requested = threading.Event()
+        self.on_status = None  # called with the one-line status every ``status_every_s``
         self.fault: str | None = None
         self.ticks = 0
         self._target: np.ndarray | None = None
@@ -209,7 +217,7 @@ class ControlLoop:
                 start = time.monotonic()
                 self._tick(k, start)
                 end = time.monotonic()
-                self.stats.tick(start, deadline, end, dt)
+                self.stats.tick(start, deadline, end)
                 k += 1
                 self.ticks = k
                 if end >= t0 + k * dt:  # overrun: skip the deadlines we missed, counted by stats
@@ -218,14 +226,20 @@ class ControlLoop:
                     break
                 if cfg.seconds and end - t0 >= cfg.seconds:
                     break
-                if end >= next_status:
+                if end >= next_status and self.on_status is not None:
                     next_status = end + cfg.status_every_s
-                    self.stats.show_status(self.estop.is_latched)
+                    self.stats.estop(self.estop.is_latched, self.estop.reason)
+                    self.on_status(self.stats.status_line())
         except VlaEdgeError as e:
             self._safe_stop(str(e))
+        except KeyboardInterrupt as e:  # Ctrl+C or SIGTERM: the e-stop has already tripped
+            signum = getattr(e, "signum", None)
+            self._safe_stop("stopped by SIGTERM" if signum == 15 else "stopped by Ctrl+C")
         except Exception as e:  # a bug must still leave the robot safe
             self._safe_stop(f"{type(e).__name__}: {e}")
             raise
+        finally:
+            self.worker.join(self.cfg.inference_deadline_s)
         return self.fault
 
     def _safe_stop(self, message: str) -> None:
@@ -255,6 +269,7 @@ class ControlLoop:
             self.schedule.clear()
             self.base_plan = []
             self._target = state.qpos.copy()
+            self.safety.reset(state.qpos)
             self._base_cmd = (0.0, 0.0)
             if self.worker.busy:
                 self._discard_running = True
@@ -289,8 +304,8 @@ class ControlLoop:
 
     def _async_margin(self) -> int:
         """Request the next chunk when fewer planned steps remain than the inference takes, in ticks."""
-        p50 = self.stats.inference_p50_s()
-        return max(1, int(math.ceil(p50 * self.cfg.rate_hz)) if p50 else 2)
+        p50_ms = self.stats.inference_p50_ms()
+        return max(1, int(math.ceil(p50_ms / 1e3 * self.cfg.rate_hz))) if math.isfinite(p50_ms) else 2
 
     _discard_running = False
 

@@ -47,17 +47,34 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     return bundle
 
 
+def safety_limits(profile):
+    """The safety filter's limits from a robot profile (joint limits, base speed/acceleration)."""
+    from vla_edge.edge.safety import SafetyLimits
+
+    arm, base = profile.arms["left"], profile.base
+    return SafetyLimits(joint_lo=arm.joint_lo, joint_hi=arm.joint_hi, max_vx_mps=base.max_linear_mps,
+                        max_wz_radps=base.max_angular_radps, max_ax_mps2=base.max_linear_accel_mps2,
+                        max_aw_radps2=base.max_angular_accel_radps2)
+
+
 def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str = "sync", seconds: float = 0.0,
         rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
-        provider: str = "auto", keyboard: str = "auto", max_ticks: int = 0, policy_wrapper=None) -> int:
-    """Connect, run the loop, make everything safe, print the summary. Returns the exit code."""
+        provider: str = "auto", keyboard: str = "auto", max_ticks: int = 0, firmware_estop: bool = False,
+        policy_wrapper=None, on_connected=None) -> int:
+    """Connect, run the loop, make everything safe, print the summary. Returns the exit code.
+
+    ``policy_wrapper(engine) -> policy`` and ``on_connected(robot, loop, estop)`` are hooks for tests
+    and evaluation (a slowed-down policy, fault injection).
+    """
+    import time
+
     from rich.console import Console
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
     from vla_edge.edge.loop import ControlLoop, LoopConfig
     from vla_edge.edge.robot import Robot, load_profile
-    from vla_edge.edge.safety import SafetyFilter, SafetyLimits
+    from vla_edge.edge.safety import SafetyFilter
     from vla_edge.edge.telemetry import RunStats
 
     console = Console(stderr=True)
@@ -73,47 +90,69 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         policy = policy_wrapper(policy)
     cfg = LoopConfig(rate_hz=rate_hz or profile.control_rate_hz, mode=mode, seconds=seconds, max_ticks=max_ticks,
                      navigation=navigation)
-    robot = Robot(profile)
-    stats = RunStats(rate_hz=cfg.rate_hz)
+    stats = RunStats(period_s=1.0 / cfg.rate_hz)
     estop = EStop()
     recorder = None
+    robot = Robot(profile)
     robot.connect()
+    loop = None
+    fault = None
     try:
         missing = [c for c in bundle.layout.cameras if c not in robot.camera_names]
         if missing:
             raise VlaEdgeError(f"bundle expects cameras {bundle.layout.cameras}; robot {profile.name} has no {missing[0]}")
-        estop.on_trip(lambda reason: robot.estop())
-        estop.on_resume(lambda: robot.resume())
-        listener = KeyboardListener(estop, source=keyboard)
-        listener.start()
         if record:
+            from vla_edge.edge.engine import STAGES
             from vla_edge.edge.recorder import EpisodeRecorder
 
-            recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras)
-            recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root), "robot": profile.name,
-                                    "sim": profile.sim is not None})
-            estop.on_event(recorder.record_event)
-        loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.from_profile(profile)),
-                           estop, stats, recorder, cameras=bundle.layout.cameras)
-        restore = install_signal_handlers(estop, loop.stop_requested)
+            recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"])
+            path = recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root),
+                                           "robot": profile.name, "sim": profile.sim is not None})
+            log.info("recording to %s", path)
+
+        def on_trip(reason: str) -> None:  # runs in the thread that saw the key: acts at once
+            robot.estop(firmware=firmware_estop)
+            stats.estop_latency((time.monotonic() - estop.trip_t) * 1e3 if estop.trip_t else 0.0)
+            if recorder is not None:
+                recorder.record_event(time.monotonic(), "estop", reason)
+
+        def on_resume() -> None:
+            robot.resume()
+            if recorder is not None:
+                recorder.record_event(time.monotonic(), "resume", "")
+
+        estop.on_trip(on_trip)
+        estop.on_resume(on_resume)
+        loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
+                           recorder, cameras=bundle.layout.cameras)
+        interactive = sys.stderr.isatty()
+        if interactive:
+            loop.on_status = lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)
+        listener = KeyboardListener(estop, source=keyboard)
+        restore = install_signal_handlers(estop)
         console.print(f"[bold]vla-edge run[/] robot={profile.name} bundle={bundle.root} ({bundle.precision}, "
-                      f"{policy.provider if hasattr(policy, 'provider') else ''}) mode={mode} rate={cfg.rate_hz:g} Hz"
-                      " - [bold]space[/]: e-stop, [bold]r[/] then [bold]y[/]: resume, Ctrl+C: stop")
+                      f"{getattr(policy, 'provider', '?')}) mode={mode} rate={cfg.rate_hz:g} Hz, keyboard: "
+                      f"{listener.source} - [bold]space[/]: e-stop, [bold]r[/] then [bold]y[/]: resume, Ctrl+C: stop")
+        if on_connected is not None:
+            on_connected(robot, loop, estop)
         try:
-            fault = loop.run()
+            with listener:
+                fault = loop.run()
         finally:
             restore()
-            listener.stop()
+            if interactive:
+                print(file=sys.stderr)
     finally:
         try:
             robot.disconnect()
         finally:
             if recorder is not None:
+                if fault:
+                    recorder.record_event(time.monotonic(), "fault", fault)
                 recorder.close()
-    stats.print_summary(console, ticks=loop.ticks, fault=fault)
+    stats.print_summary(console)
     if json_path:
-        stats.write_json(json_path, extra={"ticks": loop.ticks, "fault": fault, "mode": mode,
-                                           "robot": profile.name, "bundle": str(bundle.root)})
+        stats.write_json(json_path)
     if fault:
         print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr)
         return 3

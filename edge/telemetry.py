@@ -122,6 +122,10 @@ class RunStats:
             return math.nan
         return (starts.size - 1) / (starts[-1] - starts[0])
 
+    def inference_p50_ms(self, last: int = 30) -> float:
+        """Median of the newest ``last`` inference latencies (NaN before the first)."""
+        return percentiles(self._inference_ms.values(last), (50,))["p50"]
+
     def status_line(self) -> str:
         """One fixed-width line over the last :data:`LIVE_WINDOW` samples, e.g. for a rich Live display."""
         inf = percentiles(self._inference_ms.values(LIVE_WINDOW), (50, 99))
