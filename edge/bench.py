@@ -20,17 +20,13 @@ import numpy as np
 from vla_edge.edge.bundle import Bundle
 from vla_edge.edge.engine import STAGES, Engine
 from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.telemetry import percentiles
 
 log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("VLA_EDGE_CACHE", Path.home() / ".cache" / "vla-edge"))
-
-
-def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    return {f"p{q}": float(np.percentile(v, q)) if v.size else float("nan") for q in qs}
 
 
 def synthetic_inputs(layout, state_dim: int, seed: int = 0):

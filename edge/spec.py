@@ -7,7 +7,7 @@ LLaVA-VLA 0.5B model and the Cobot Magic. Pure Python + numpy: safe to import on
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -191,15 +191,3 @@ def cobot_magic_policy(**overrides) -> PolicySpec:
     )
     base.update(overrides)
     return PolicySpec(**base)
-
-
-@dataclass
-class Prompt:
-    """Token-id pieces of the ChatML prompt around the image and the per-step proprio tokens.
-
-    Full prompt = ``prefix + <730 image embeddings> + middle(instruction) + proprio + suffix``.
-    Built from ids only, never by decoding and re-encoding text.
-    """
-
-    prefix: list[int] = field(default_factory=list)
-    suffix: list[int] = field(default_factory=list)
