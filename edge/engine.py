@@ -5,7 +5,7 @@ One :meth:`Engine.step` runs the stages that ``vla-edge bench`` times::
     compose     camera frames -> (1,3,S,S) pixels        (C++ kernel, into a preallocated buffer)
     vision      pixels -> image embeddings               (vision.onnx)
     prompt      template ids + image + instruction + proprio tokens -> inputs_embeds (host)
-    prefill     whole prompt -> KV cache + first token    (decoder.onnx)
+    prefill     the prompt (after the system prefix, cached at start-up) -> KV cache + first token
     decode      one token at a time (or Jacobi-parallel), grammar-constrained over the cut head
     detokenize  bin tokens -> joint targets (rad, m); navigation tokens -> (direction, m | deg)
 
@@ -106,7 +106,7 @@ class Engine:
         self.head_ids = self.tokens.head_ids
         self.kernels = kernels
         self.pixels = np.zeros((1, 3, bundle.layout.output, bundle.layout.output), np.float32)
-        self.prefix_embeds = self._embed(bundle.prompt.prefix)
+        prefix_embeds = self._embed(bundle.prompt.prefix)
         self.suffix_embeds = self._embed(bundle.prompt.suffix)
         self.instruction_embeds: np.ndarray | None = None
         self.navigation = False
@@ -117,6 +117,10 @@ class Engine:
         self._empty_past = np.zeros((1, d.kv_heads, 0, d.head_dim), np.float32)
         self.past_names = [f"past.{i}.{kv}" for i in range(d.layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(d.layers) for kv in ("key", "value")]
+        # The system-prompt prefix never changes: its KV cache is computed once, here, not every step.
+        _, self.prefix_past = self._run_decoder(
+            prefix_embeds[None], np.zeros(1, np.int64), [self._empty_past] * len(self.past_names)
+        )
 
     # -- episode -------------------------------------------------------------------------------------
     def start_episode(self, instruction: str, navigation: bool = False) -> None:
@@ -166,9 +170,10 @@ class Engine:
         return chunk
 
     def _prompt_embeds(self, image: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """Everything after the cached system-prompt prefix: image, instruction, proprio, suffix."""
         proprio = self.kernels.tokenize_proprio(state, self.mean, self.std, self.tokens.vocab_base)
         return np.concatenate(
-            [self.prefix_embeds, image, self.instruction_embeds, self._embed(proprio), self.suffix_embeds]
+            [image, self.instruction_embeds, self._embed(proprio), self.suffix_embeds]
         )[None]
 
     def forced_logits(self, pixels: np.ndarray, state: np.ndarray, head_idx: np.ndarray) -> np.ndarray:
@@ -182,7 +187,7 @@ class Engine:
         embeds = np.concatenate([prompt, fed], axis=1)
         k = len(head_idx)
         index = np.arange(embeds.shape[1] - k, embeds.shape[1], dtype=np.int64)
-        logits, _ = self._run_decoder(embeds, index, [self._empty_past] * len(self.past_names))
+        logits, _ = self._run_decoder(embeds, index, self.prefix_past)
         return logits
 
     def detokenize(self, head_idx: np.ndarray) -> ActionChunk:
@@ -221,7 +226,7 @@ class Engine:
 
     def _generate(self, embeds: np.ndarray) -> tuple[np.ndarray, int, float]:
         t0 = time.perf_counter()
-        past = [self._empty_past] * len(self.past_names)
+        past = self.prefix_past
         logits, past = self._run_decoder(embeds, np.array([embeds.shape[1] - 1], np.int64), past)
         t_prefill = time.perf_counter() - t0
         grammar = self._grammar()
