@@ -194,6 +194,10 @@ class ControlLoop:
         self.on_status = None  # called with the one-line status every ``status_every_s``
         self.fault: str | None = None
         self.ticks = 0
+        """Ticks run so far (``max_ticks`` counts these)."""
+        self.tick = 0
+        """Index of the current tick's deadline (``t0 + tick / rate_hz``); plans are keyed by it, so
+        it jumps past deadlines an overrun missed."""
         self._target: np.ndarray | None = None
         self._base_cmd = (0.0, 0.0)
         self._was_latched = False
@@ -215,16 +219,17 @@ class ControlLoop:
                 if now < deadline:
                     time.sleep(deadline - now)
                 start = time.monotonic()
+                self.tick = k
                 self._tick(k, start)
                 end = time.monotonic()
                 self.stats.tick(start, deadline, end)
+                self.ticks += 1
                 k += 1
-                self.ticks = k
                 if end >= t0 + k * dt:  # overrun: skip the deadlines we missed, counted by stats
                     k = max(k, int((end - t0) / dt) + 1)
                 if cfg.max_ticks and self.ticks >= cfg.max_ticks:
                     break
-                if cfg.seconds and end - t0 >= cfg.seconds:
+                if cfg.seconds and k * dt >= cfg.seconds - 1e-9:  # the next deadline is past the end
                     break
                 if end >= next_status and self.on_status is not None:
                     next_status = end + cfg.status_every_s
