@@ -276,8 +276,9 @@ class ControlLoop:
             self._target = state.qpos.copy()
             self.safety.reset(state.qpos)
             self._base_cmd = (0.0, 0.0)
-            if self.worker.busy:
-                self._discard_running = True
+            # Chunks of observations made before the stop are out of date, whether their inference
+            # is still running or finished while latched: requests up to now observed ticks <= k.
+            self._stale_obs_tick = k
         self._collect_inference(k)
         if self.worker.busy and self.worker.running_for_s > cfg.inference_deadline_s:
             raise VlaEdgeError(
@@ -312,7 +313,7 @@ class ControlLoop:
         p50_ms = self.stats.inference_p50_ms()
         return max(1, int(math.ceil(p50_ms / 1e3 * self.cfg.rate_hz))) if math.isfinite(p50_ms) else 2
 
-    _discard_running = False
+    _stale_obs_tick = -1
 
     def _collect_inference(self, k: int) -> None:
         r = self.worker.poll()
@@ -321,8 +322,8 @@ class ControlLoop:
         kind, payload, obs_tick, frames = r
         if kind == "error":
             raise VlaEdgeError(f"inference failed: {payload}") if not isinstance(payload, VlaEdgeError) else payload
-        if self._discard_running:  # started before an e-stop: its observation is out of date
-            self._discard_running = False
+        if obs_tick <= self._stale_obs_tick:  # observed before an e-stop: out of date
+            log.info("discarding a chunk observed before the e-stop (tick %d)", obs_tick)
             return
         chunk = payload
         self.stats.inference(chunk.timings_ms.get("total", 0.0), chunk.timings_ms)
