@@ -33,7 +33,7 @@ from conftest import run_cli
 from vla_edge.edge.engine import ActionChunk
 from vla_edge.edge.loop import ActionSchedule, base_profile
 from vla_edge.edge.recorder import recover_episode
-from vla_edge.edge.robot import load_profile
+from vla_edge.edge.robot import Robot, load_profile
 from vla_edge.edge.run import run
 
 INSTRUCTION = "pick up the red cube"
@@ -402,6 +402,37 @@ def test_estop_key_stops_base_and_holds_arms_during_a_slow_inference_until_r_the
     summary = json.loads((tmp_path / "run.json").read_text())
     assert summary["estop_trips"] == 1
 
+
+
+def test_estop_during_a_base_command_of_the_control_thread_wins():
+    """The keyboard thread stops the robot while the control thread is between its e-stop check and
+    its send: the send must land before the stop's zero command, never after it."""
+    robot = Robot(load_profile("sim"))
+    robot.connect()
+    try:
+        in_send, release = threading.Event(), threading.Event()
+        send = robot.base.send_velocity
+
+        def slow_send(vx, wz):  # the control thread, preempted inside its send
+            in_send.set()
+            release.wait(WAIT_S)
+            send(vx, wz)
+
+        robot.base.send_velocity = slow_send
+        control = threading.Thread(target=robot.send_base_velocity, args=(0.3, 0.0))
+        control.start()
+        assert in_send.wait(WAIT_S)
+        keyboard = threading.Thread(target=robot.estop)
+        keyboard.start()
+        time.sleep(0.05)
+        release.set()
+        control.join(WAIT_S)
+        keyboard.join(WAIT_S)
+        time.sleep(0.2)  # the base driver streams (and ramps) its target at 50 Hz
+        assert robot.estopped and robot.base.read_state().command_vx_mps == 0.0
+        assert robot.sim.base.commands[-1][1:] == (0.0, 0.0)
+    finally:
+        robot.disconnect()
 
 # -- faults end in the safe state with their message ------------------------------------------------
 def _stall_camera(h):
