@@ -332,6 +332,8 @@ class ControlLoop:
         if self.recorder is not None:
             self.recorder.record_inference(time.monotonic(), chunk.timings_ms, chunk.token_ids)
         if chunk.base is not None and chunk.base[0] != "stop":
+            if not math.isfinite(chunk.base[1]):
+                raise VlaEdgeError(f"policy returned a non-finite navigation step {chunk.base!r}")
             lim = self.safety.limits
             self.base_plan = base_profile(chunk.base[0], chunk.base[1], 1.0 / self.cfg.rate_hz, lim.max_vx_mps,
                                           lim.max_ax_mps2, lim.max_wz_radps, lim.max_aw_radps2)

@@ -489,10 +489,17 @@ def raise_on_second_call(state: np.ndarray, call: int) -> ActionChunk:
     return ramp_chunk(5, 0.005)(state, call)
 
 
+def nan_navigation_on_second_call(state: np.ndarray, call: int) -> ActionChunk:
+    if call == 1:
+        return ActionChunk(joints=None, base=("forward", float("nan")))
+    return ramp_chunk(5, 0.005)(state, call)
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (nan_on_second_call, "policy returned a non-finite action chunk (NaN/inf): refusing to execute it"),
+    (nan_navigation_on_second_call, "policy returned a non-finite navigation step ('forward', nan)"),
     (raise_on_second_call, "inference failed: onnxruntime exploded"),
-], ids=["nan-chunk", "inference-error"])
+], ids=["nan-chunk", "nan-navigation", "inference-error"])
 def test_bad_chunk_is_never_executed_and_stops_safely(int8_bundle, capsys, make, message):
     h = Harness(make=make)
     assert h.run(int8_bundle) == 3
