@@ -309,9 +309,13 @@ class ControlLoop:
         self._record(k, now, state, self._target, (vx, wz), clamps)
 
     def _async_margin(self) -> int:
-        """Request the next chunk when fewer planned steps remain than the inference takes, in ticks."""
+        """Request the next chunk when fewer planned steps remain than the inference takes, in ticks.
+
+        Plus one tick: the worker first waits up to a frame period for a synchronised frame set,
+        which the policy's own timings do not include.
+        """
         p50_ms = self.stats.inference_p50_ms()
-        return max(1, int(math.ceil(p50_ms / 1e3 * self.cfg.rate_hz))) if math.isfinite(p50_ms) else 2
+        return max(1, int(math.ceil(p50_ms / 1e3 * self.cfg.rate_hz))) + 1 if math.isfinite(p50_ms) else 2
 
     _stale_obs_tick = -1
 
