@@ -50,6 +50,8 @@ TRIP_KEY = " "
 RESUME_KEY = "r"
 CONFIRM_KEY = "y"
 CTRL_C = "\x03"
+SIGNAL_TRIP_WAIT_S = 0.5
+"""How long a signal handler waits for its trip before ending the run anyway (see install_signal_handlers)."""
 
 
 class EStop:
@@ -177,7 +179,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def install_signal_handlers(estop: EStop, signums=(signal.SIGINT, signal.SIGTERM)) -> Callable[[], None]:
-    """SIGINT/SIGTERM: trip ``estop``, then raise :class:`Interrupted` in the main thread.
+    """SIGINT/SIGTERM: trip ``estop`` (on a thread of its own), then raise :class:`Interrupted` in the main thread.
 
     Must be called from the main thread. Returns a function that restores the previous handlers.
     """
@@ -185,7 +187,15 @@ def install_signal_handlers(estop: EStop, signums=(signal.SIGINT, signal.SIGTERM
         raise VlaEdgeError("e-stop: signal handlers can only be installed from the main thread")
 
     def handler(signum, frame):
-        estop.trigger(f"signal {signal.Signals(signum).name}")
+        # The handler runs in the main thread between two of its bytecodes, possibly while it holds
+        # a (non-reentrant) lock the trip needs, e.g. inside a piper_sdk getter: tripping right here
+        # would deadlock. Trip on a thread of its own; if it is not done soon, unwinding the main
+        # thread releases what it holds and the trip completes.
+        t_detected = time.monotonic()
+        trip = threading.Thread(target=estop.trigger, args=(f"signal {signal.Signals(signum).name}", t_detected),
+                                name="estop-signal", daemon=True)
+        trip.start()
+        trip.join(SIGNAL_TRIP_WAIT_S)
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in signums}

@@ -194,6 +194,10 @@ class ControlLoop:
         self.on_status = None  # called with the one-line status every ``status_every_s``
         self.fault: str | None = None
         self.ticks = 0
+        """Ticks run so far (``max_ticks`` counts these)."""
+        self.tick = 0
+        """Index of the current tick's deadline (``t0 + tick / rate_hz``); plans are keyed by it, so
+        it jumps past deadlines an overrun missed."""
         self._target: np.ndarray | None = None
         self._base_cmd = (0.0, 0.0)
         self._was_latched = False
@@ -215,16 +219,17 @@ class ControlLoop:
                 if now < deadline:
                     time.sleep(deadline - now)
                 start = time.monotonic()
+                self.tick = k
                 self._tick(k, start)
                 end = time.monotonic()
                 self.stats.tick(start, deadline, end)
+                self.ticks += 1
                 k += 1
-                self.ticks = k
                 if end >= t0 + k * dt:  # overrun: skip the deadlines we missed, counted by stats
                     k = max(k, int((end - t0) / dt) + 1)
                 if cfg.max_ticks and self.ticks >= cfg.max_ticks:
                     break
-                if cfg.seconds and end - t0 >= cfg.seconds:
+                if cfg.seconds and k * dt >= cfg.seconds - 1e-9:  # the next deadline is past the end
                     break
                 if end >= next_status and self.on_status is not None:
                     next_status = end + cfg.status_every_s
@@ -271,8 +276,9 @@ class ControlLoop:
             self._target = state.qpos.copy()
             self.safety.reset(state.qpos)
             self._base_cmd = (0.0, 0.0)
-            if self.worker.busy:
-                self._discard_running = True
+            # Chunks of observations made before the stop are out of date, whether their inference
+            # is still running or finished while latched: requests up to now observed ticks <= k.
+            self._stale_obs_tick = k
         self._collect_inference(k)
         if self.worker.busy and self.worker.running_for_s > cfg.inference_deadline_s:
             raise VlaEdgeError(
@@ -303,11 +309,15 @@ class ControlLoop:
         self._record(k, now, state, self._target, (vx, wz), clamps)
 
     def _async_margin(self) -> int:
-        """Request the next chunk when fewer planned steps remain than the inference takes, in ticks."""
-        p50_ms = self.stats.inference_p50_ms()
-        return max(1, int(math.ceil(p50_ms / 1e3 * self.cfg.rate_hz))) if math.isfinite(p50_ms) else 2
+        """Request the next chunk when fewer planned steps remain than the inference takes, in ticks.
 
-    _discard_running = False
+        Plus one tick: the worker first waits up to a frame period for a synchronised frame set,
+        which the policy's own timings do not include.
+        """
+        p50_ms = self.stats.inference_p50_ms()
+        return max(1, int(math.ceil(p50_ms / 1e3 * self.cfg.rate_hz))) + 1 if math.isfinite(p50_ms) else 2
+
+    _stale_obs_tick = -1
 
     def _collect_inference(self, k: int) -> None:
         r = self.worker.poll()
@@ -316,8 +326,8 @@ class ControlLoop:
         kind, payload, obs_tick, frames = r
         if kind == "error":
             raise VlaEdgeError(f"inference failed: {payload}") if not isinstance(payload, VlaEdgeError) else payload
-        if self._discard_running:  # started before an e-stop: its observation is out of date
-            self._discard_running = False
+        if obs_tick <= self._stale_obs_tick:  # observed before an e-stop: out of date
+            log.info("discarding a chunk observed before the e-stop (tick %d)", obs_tick)
             return
         chunk = payload
         self.stats.inference(chunk.timings_ms.get("total", 0.0), chunk.timings_ms)
@@ -326,6 +336,8 @@ class ControlLoop:
         if self.recorder is not None:
             self.recorder.record_inference(time.monotonic(), chunk.timings_ms, chunk.token_ids)
         if chunk.base is not None and chunk.base[0] != "stop":
+            if not math.isfinite(chunk.base[1]):
+                raise VlaEdgeError(f"policy returned a non-finite navigation step {chunk.base!r}")
             lim = self.safety.limits
             self.base_plan = base_profile(chunk.base[0], chunk.base[1], 1.0 / self.cfg.rate_hz, lim.max_vx_mps,
                                           lim.max_ax_mps2, lim.max_wz_radps, lim.max_aw_radps2)

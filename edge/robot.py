@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import tomllib
 import uuid
 from dataclasses import dataclass, field
@@ -182,6 +183,10 @@ class Robot:
         self.sim: SimHandle | None = None
         self._estopped = False
         self._firmware_estop = False
+        # Held by send_* from the check of the e-stop flag to the end of the send, and by estop():
+        # a send that passed the check before a stop finishes before the stop's zero/hold commands,
+        # never after them. Reentrant: a signal handler may stop the robot in the middle of a send.
+        self._command_lock = threading.RLock()
         self._lo = np.asarray(config.arms["left"].joint_lo * 2)
         self._hi = np.asarray(config.arms["left"].joint_hi * 2)
 
@@ -288,19 +293,21 @@ class Robot:
         q = np.asarray(q14, dtype=np.float64)
         if q.shape != (14,) or not np.isfinite(q).all():
             raise VlaEdgeError(f"joint targets must be 14 finite values, got shape {q.shape}")
-        if self._estopped:
-            return
         q = np.clip(q, self._lo, self._hi)
-        self._arm("left").send_targets(q[0:6], q[6])
-        self._arm("right").send_targets(q[7:13], q[13])
+        with self._command_lock:
+            if self._estopped:
+                return
+            self._arm("left").send_targets(q[0:6], q[6])
+            self._arm("right").send_targets(q[7:13], q[13])
 
     def send_base_velocity(self, vx_mps: float, wz_radps: float) -> None:
         """Base velocity target (clamped and ramped by the driver). Ignored while e-stopped."""
         if not (math.isfinite(vx_mps) and math.isfinite(wz_radps)):
             raise VlaEdgeError("base velocity must be finite")
-        if self._estopped:
-            return
-        self._base().send_velocity(vx_mps, wz_radps)
+        with self._command_lock:
+            if self._estopped:
+                return
+            self._base().send_velocity(vx_mps, wz_radps)
 
     def hold(self) -> None:
         """Arms hold their measured pose, base target zero."""
@@ -312,29 +319,31 @@ class Robot:
         """Latch an e-stop: base commanded to zero at once, arms hold (software) or get the Piper
         firmware e-stop 0x150 (``firmware=True``: the damped arms sink slowly). Commands are
         ignored until :meth:`resume`."""
-        self._estopped = True
-        if self.base is not None:
-            self.base.halt()
-        for arm in self.arms.values():
-            try:
-                if firmware:
-                    arm.estop()
-                else:
-                    arm.hold()
-            except VlaEdgeError as e:
-                log.error("estop: %s", e)
-        self._firmware_estop = self._firmware_estop or firmware
+        with self._command_lock:
+            self._estopped = True
+            if self.base is not None:
+                self.base.halt()
+            for arm in self.arms.values():
+                try:
+                    if firmware:
+                        arm.estop()
+                    else:
+                        arm.hold()
+                except VlaEdgeError as e:
+                    log.error("estop: %s", e)
+            self._firmware_estop = self._firmware_estop or firmware
 
     def resume(self) -> None:
         """Clear the e-stop. After a firmware e-stop this resets and re-enables the arms (the Piper
         cuts motor power briefly on reset); either way the arms then hold their measured pose."""
-        for arm in self.arms.values():
-            if self._firmware_estop:
-                arm.resume()
-            else:
-                arm.hold()
-        self._firmware_estop = False
-        self._estopped = False
+        with self._command_lock:
+            for arm in self.arms.values():
+                if self._firmware_estop:
+                    arm.resume()
+                else:
+                    arm.hold()
+            self._firmware_estop = False
+            self._estopped = False
 
     # -- helpers ---------------------------------------------------------------------------------
     def _arm(self, side: str) -> PiperArm:

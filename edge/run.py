@@ -59,12 +59,13 @@ def safety_limits(profile):
 
 def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str = "sync", seconds: float = 0.0,
         rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
-        provider: str = "auto", keyboard: str = "auto", max_ticks: int = 0, firmware_estop: bool = False,
-        policy_wrapper=None, on_connected=None) -> int:
+        provider: str = "auto", keyboard: str = "auto", keyboard_tty=None, max_ticks: int = 0,
+        firmware_estop: bool = False, policy_wrapper=None, on_connected=None) -> int:
     """Connect, run the loop, make everything safe, print the summary. Returns the exit code.
 
-    ``policy_wrapper(engine) -> policy`` and ``on_connected(robot, loop, estop)`` are hooks for tests
-    and evaluation (a slowed-down policy, fault injection).
+    ``keyboard``/``keyboard_tty``: the e-stop key source and, for ``tty``, the terminal (an fd or a
+    path; default stdin). ``policy_wrapper(engine) -> policy`` and ``on_connected(robot, loop, estop)``
+    are hooks for tests and evaluation (a slowed-down policy, fault injection).
     """
     import time
 
@@ -128,7 +129,7 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         interactive = sys.stderr.isatty()
         if interactive:
             loop.on_status = lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)
-        listener = KeyboardListener(estop, source=keyboard)
+        listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty)
         restore = install_signal_handlers(estop)
         console.print(f"[bold]vla-edge run[/] robot={profile.name} bundle={bundle.root} ({bundle.precision}, "
                       f"{getattr(policy, 'provider', '?')}) mode={mode} rate={cfg.rate_hz:g} Hz, keyboard: "

@@ -60,6 +60,8 @@ class TracerSim:
         """Sim time (monotonic) at which the watchdog last stopped the base."""
         self.command_stamps: list[float] = []
         """Monotonic reception time of every good command frame (for rate checks)."""
+        self.commands: list[tuple[float, float, float]] = []
+        """``(reception time, vx_mps, wz_radps)`` of every good motion command, oldest first."""
         self.last_command_frame: bytes | None = None
         self.bad_frames_seen = 0
         # faults
@@ -163,6 +165,7 @@ class TracerSim:
                                 self._last_command_s = now
                                 self._watchdog_tripped = False
                                 self.command_stamps.append(now)
+                                self.commands.append((now, vx, wz))
                                 self.last_command_frame = tp.build_frame(f.type, f.id, f.data, f.counter)
                 self.bad_frames_seen += self._reader.bad_frames - bad
         except OSError:

@@ -261,6 +261,31 @@ def test_signals_trip_then_end_the_run(signum):
     assert signal.getsignal(signum) == before
 
 
+def test_signal_during_a_lock_the_trip_needs_still_ends_the_run_and_trips():
+    """SIGTERM while the main thread holds a lock the on_trip callback needs (a device lock, a
+    piper_sdk getter's): the handler must not deadlock; the trip completes once the run unwinds."""
+    lock = threading.Lock()
+    tripped = threading.Event()
+
+    def needs_lock(reason):
+        if lock.acquire(timeout=WAIT_S):  # without a bound a broken handler hangs the test forever
+            lock.release()
+            tripped.set()
+
+    estop = EStop()
+    estop.on_trip(needs_lock)
+    restore = install_signal_handlers(estop)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted), lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(WAIT_S)
+        assert time.monotonic() - t0 < WAIT_S - 1.0
+        assert tripped.wait(WAIT_S) and estop.is_latched
+    finally:
+        restore()
+
+
 def test_signal_handlers_only_from_the_main_thread():
     errors = []
 

@@ -1,0 +1,605 @@
+"""End-to-end tests of ``vla-edge run`` on the simulated Cobot Magic, plus the loop's planning parts.
+
+Every ``run()`` here is the real one: Piper simulators on virtual CAN, the TRACER simulator on a
+pseudo-terminal, synthetic cameras, the safety filter, the e-stop, the recorder. Tests reach in
+through the two hooks ``run()`` offers:
+
+* ``policy_wrapper(engine) -> policy``: a :class:`ScriptedPolicy` returns chunks a test chose
+  (a slow one, a NaN one, one whose values say which step they are);
+* ``on_connected(robot, loop, estop)``: a :class:`Harness` keeps the live objects and starts the
+  test's script on a side thread (fault injection, e-stop keys on a pty).
+
+Signals (SIGTERM, SIGKILL) need a process of their own: ``sim_child.py`` runs the real CLI there.
+No speed is asserted except the issue's e-stop bound (50 ms); waits are generous for a busy box.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run_cli
+from vla_edge.edge.engine import ActionChunk
+from vla_edge.edge.loop import ActionSchedule, base_profile
+from vla_edge.edge.recorder import recover_episode
+from vla_edge.edge.robot import Robot, load_profile
+from vla_edge.edge.run import run
+
+INSTRUCTION = "pick up the red cube"
+CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+RATE_HZ = 30.0
+WAIT_S = 10.0  # generous: a loaded 2-core box may be slow to schedule a thread
+CHILD = Path(__file__).with_name("sim_child.py")
+HOME_Q = np.array(load_profile("sim").sim.initial_qpos * 2)  # (14,) start pose of both arms
+GRIPPERS = [6, 13]
+
+
+def wait_for(predicate, timeout: float = WAIT_S, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+# -- test doubles and harness -------------------------------------------------------------------------
+def hold_chunk(state: np.ndarray, call: int) -> ActionChunk:
+    """Stay where you are: the measured pose for 5 steps."""
+    return ActionChunk(joints=np.tile(state, (5, 1)))
+
+
+class ScriptedPolicy:
+    """Stands in for the engine: each step makes ``make(state, call)`` from the observed state, then
+    sleeps ``delay_s`` (a float or ``f(call)``) before returning it. ``calls_started`` holds the
+    monotonic start time of each step."""
+
+    def __init__(self, engine, make=hold_chunk, delay_s=0.0):
+        self.engine, self.make, self.delay_s = engine, make, delay_s
+        self.calls_started: list[float] = []
+
+    def start_episode(self, instruction: str, navigation: bool = False) -> None:
+        self.engine.start_episode(instruction, navigation=navigation)
+
+    @property
+    def busy_call(self) -> int:
+        """Index of the newest step started (-1 before the first)."""
+        return len(self.calls_started) - 1
+
+    def step(self, frames, state) -> ActionChunk:
+        assert len(frames) == 3 and all(f.shape == (480, 640, 3) for f in frames)
+        t0 = time.monotonic()
+        call = len(self.calls_started)
+        self.calls_started.append(t0)
+        chunk = self.make(np.asarray(state, np.float64).copy(), call)  # decided by what it saw
+        time.sleep(self.delay_s(call) if callable(self.delay_s) else self.delay_s)
+        chunk.timings_ms = {"total": (time.monotonic() - t0) * 1e3}
+        return chunk
+
+
+class Harness:
+    """Runs ``run()`` on the sim robot; ``script(harness)`` runs on a side thread once connected.
+
+    Keeps ``robot``, ``loop``, ``estop``, ``sim`` (the simulators outlive the run) and every joint
+    target the loop sent as ``(tick, monotonic_s, q14)`` in ``sent``.
+    """
+
+    def __init__(self, script=None, policy: ScriptedPolicy | None = None, **policy_kw):
+        self.script = script
+        self.policy_kw = policy_kw
+        self.policy = None
+        self.sent: list[tuple[int, float, np.ndarray]] = []
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wrap(self, engine):
+        self.policy = ScriptedPolicy(engine, **self.policy_kw)
+        return self.policy
+
+    def on_connected(self, robot, loop, estop) -> None:
+        self.robot, self.loop, self.estop, self.sim = robot, loop, estop, robot.sim
+        send = robot.send_joint_targets
+
+        def spy(q):
+            self.sent.append((loop.tick, time.monotonic(), np.array(q, np.float64)))
+            send(q)
+
+        robot.send_joint_targets = spy
+        if self.script is not None:
+            self._thread = threading.Thread(target=self._run_script, name="test-script", daemon=True)
+            self._thread.start()
+
+    def _run_script(self) -> None:
+        try:
+            self.script(self)
+        except BaseException as e:  # reported by run(); stop the robot rather than wait for a limit
+            self.error = e
+            self.loop.stop_requested.set()
+
+    def run(self, bundle: Path, scripted: bool = True, **kw) -> int:
+        kw.setdefault("keyboard", "none")
+        kw.setdefault("seconds", 20.0)  # a backstop: each test ends its run itself
+        try:
+            rc = run("sim", str(bundle), INSTRUCTION, on_connected=self.on_connected,
+                     policy_wrapper=self.wrap if scripted else None, **kw)
+        finally:
+            self.finished.set()
+        if self._thread is not None:
+            self._thread.join(WAIT_S)
+        if self.error is not None:
+            raise self.error
+        return rc
+
+    def wait(self, predicate, what: str) -> None:
+        """In a script: wait for ``predicate``; fail at once, saying why, if the run ended first."""
+        wait_for(lambda: predicate() or self.finished.is_set(), what=what)
+        assert not self.finished.is_set(), f"the run ended (fault: {self.loop.fault}) before {what}"
+
+    # observations of the simulators
+    def base_velocity(self) -> float:
+        return self.sim.base.velocity()[0]
+
+    def last_base_command(self) -> tuple[float, float]:
+        return self.sim.base.commands[-1][1:]
+
+    def arm_targets(self) -> np.ndarray:
+        """What the simulated arms were last told (J1..J6 rad of each side, (12,))."""
+        return np.concatenate([np.array(self.sim.arms[s].target_rad) for s in ("left", "right")])
+
+    def arm_pose(self) -> np.ndarray:
+        return np.concatenate([np.array(self.sim.arms[s].q_rad) for s in ("left", "right")])
+
+    def drive_base(self, vx_mps: float = 0.2) -> None:
+        """Make the base drive forward through the loop (its navigation plan), and wait until it moves."""
+        self.loop.base_plan = [(vx_mps, 0.0)] * 100_000
+        self.wait(lambda: self.base_velocity() > 0.1, what="the base to move")
+
+
+def assert_safe_state(h: Harness) -> None:
+    """Base commanded to zero, arms told to hold where they are."""
+    assert h.last_base_command() == (0.0, 0.0)
+    np.testing.assert_allclose(h.arm_targets(), h.arm_pose(), atol=0.01)
+
+
+# -- the loop's parts -----------------------------------------------------------------------------------
+def test_schedule_leaves_unplanned_ticks_empty_and_newest_chunk_wins():
+    s = ActionSchedule()
+    s.add_chunk(10, np.array([[1.0], [2.0], [3.0]]))
+    assert not s.filled(9) and s.pop(9) is None  # nothing planned: absent, never zeros
+    assert s.remaining(10) == 3 and s.filled(11)
+    s.add_chunk(11, np.array([[20.0], [30.0]]))  # a newer chunk plans ticks 11 and 12 again
+    assert s.pop(10)[0] == 1.0
+    assert s.pop(11)[0] == 20.0 and s.pop(12)[0] == 30.0
+    assert s.pop(13) is None and s.remaining(0) == 0
+
+
+def test_schedule_ensembles_with_exponential_weights_oldest_first_and_drops_the_past():
+    k = 0.5
+    s = ActionSchedule(ensemble_k=k)
+    s.add_chunk(0, np.array([[0.0], [10.0], [100.0]]))
+    s.add_chunk(1, np.array([[20.0], [200.0]]))
+    s.add_chunk(2, np.array([[400.0]]))
+    assert s.pop(0)[0] == 0.0  # a single plan is taken as it is
+    w = np.exp(-k * np.arange(2))
+    assert s.pop(1)[0] == pytest.approx((w[0] * 10 + w[1] * 20) / w.sum())
+    w = np.exp(-k * np.arange(3))
+    assert s.pop(2)[0] == pytest.approx((w[0] * 100 + w[1] * 200 + w[2] * 400) / w.sum())
+    s.add_chunk(5, np.array([[1.0], [2.0]]))
+    assert s.pop(6)[0] == 2.0 and not s.filled(5)  # popping tick 6 dropped the unused tick 5
+
+
+@pytest.mark.parametrize(("direction", "value", "dist", "vmax", "amax", "axis", "sign"), [
+    ("forward", 1.0, 1.0, 0.5, 0.5, 0, 1.0),               # trapezoid: cruises at vmax
+    ("forward", 0.05, 0.05, 0.5, 0.5, 0, 1.0),             # triangle: never reaches vmax
+    ("turn_left", 90.0, math.pi / 2, 0.7853, 1.0, 1, 1.0),
+    ("turn_right", 30.0, math.pi / 6, 0.7853, 1.0, 1, -1.0),
+])
+def test_base_profile_covers_the_distance_within_speed_and_acceleration(direction, value, dist, vmax, amax,
+                                                                        axis, sign):
+    dt = 1 / RATE_HZ
+    prof = np.array(base_profile(direction, value, dt, max_v=0.5, max_a=0.5, max_w=0.7853, max_alpha=1.0))
+    v = prof[:, axis]
+    assert np.all(prof[:, 1 - axis] == 0.0)
+    assert np.all(sign * v >= 0.0)
+    assert (v.sum() * dt) == pytest.approx(sign * dist, rel=0.02, abs=0.002)
+    assert np.abs(v).max() <= vmax + 1e-9
+    assert np.abs(np.diff(np.concatenate([[0.0], v]))).max() <= amax * dt + 1e-9
+    assert tuple(prof[-1]) == (0.0, 0.0)
+    if dist == 1.0:
+        assert np.abs(v).max() == pytest.approx(vmax)  # long enough to cruise
+    assert base_profile("stop", 1.0, dt, 0.5, 0.5, 0.7853, 1.0) == []
+    assert base_profile("forward", 0.0, dt, 0.5, 0.5, 0.7853, 1.0) == []
+
+
+# -- whole runs -----------------------------------------------------------------------------------------
+def test_max_ticks_run_records_the_documented_episode(int8_bundle, tmp_path):
+    h = Harness()
+    rc = h.run(int8_bundle, scripted=False, max_ticks=60, seconds=0.0, record=str(tmp_path / "rec"),
+               json_path=str(tmp_path / "run.json"))
+    assert rc == 0
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["ticks"] == 60 and summary["inferences"] >= 1
+    assert h.sent, "the policy's chunks never reached the arms"
+    [path] = sorted((tmp_path / "rec").glob("episode_*.hdf5"))
+    with h5py.File(path, "r") as f:
+        for cam in CAMERAS:
+            assert f[f"observations/images/{cam}"].shape == (60, 480, 640, 3)
+            assert f[f"observations/images/{cam}"].dtype == np.uint8
+            assert f[f"vla_edge/frame_ts/{cam}"].shape == (60,)
+        for name in ("observations/qpos", "observations/qvel", "observations/effort", "action"):
+            assert f[name].shape == (60, 14), name
+        assert f["base_action"].shape == (60, 2)
+        assert np.isfinite(f["observations/qpos"][:]).all() and np.isfinite(f["action"][:]).all()
+        np.testing.assert_allclose(f["observations/qpos"][0], HOME_Q, atol=1e-3)
+        t = f["vla_edge/tick_t"][:]
+        assert t.shape == (60,)
+        assert np.diff(t).min() > 0 and np.median(np.diff(t)) == pytest.approx(1 / RATE_HZ, rel=0.2)  # 30 Hz
+        assert f["vla_edge/clamps"].shape == (60,)
+        n_inf = f["vla_edge/inference/t"].shape[0]
+        assert n_inf == summary["inferences"]
+        assert f["vla_edge/inference/stage_ms"].shape[0] == n_inf
+        assert (f["vla_edge/inference/n_tokens"][:] > 0).all()
+        assert f.attrs["instruction"] == INSTRUCTION and f.attrs["robot"] == "sim"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_seconds_run_in_both_modes_moves_the_arms(int8_bundle, tmp_path, mode):
+    h = Harness()
+    rc = h.run(int8_bundle, scripted=False, mode=mode, seconds=2.0, json_path=str(tmp_path / "run.json"))
+    assert rc == 0
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert 54 <= summary["ticks"] <= 60  # 2 s at 30 Hz; an overrun may skip a deadline
+    assert summary["inferences"] >= 2
+    assert len(h.sent) >= 10
+    moved = np.abs(np.array([q for _, _, q in h.sent]) - HOME_Q).max()
+    assert moved > 0.01, "the arms were never told to move"
+
+
+def step_marked_chunk(state: np.ndarray, call: int) -> ActionChunk:
+    """30 steps from the home pose whose J6 (left) says the step, 0.001 rad per step, and J5 the call.
+
+    Neighbouring values differ by far less than the safety filter's step limit, so the targets the
+    loop sends carry the marks unchanged."""
+    steps = np.tile(HOME_Q, (30, 1))
+    steps[:, 5] = 0.001 * np.arange(30)
+    steps[:, 4] += 0.001 * call
+    return ActionChunk(joints=steps)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_chunks_start_at_the_step_matching_the_ticks_since_their_observation(int8_bundle, mode):
+    """sync: the robot waits for a chunk and runs it from step 0. async: the next chunk is computed
+    while the current one runs and spliced in at the step of the tick it arrives on (0.2 s of
+    inference: about 6 steps in), requested early enough that the robot does not wait between chunks."""
+    h = Harness(make=step_marked_chunk, delay_s=0.2)
+    first_ticks, popped = [], []
+
+    def script(h):
+        add, pop = h.loop.schedule.add_chunk, h.loop.schedule.pop
+        h.loop.schedule.add_chunk = lambda first, steps: (first_ticks.append(first), add(first, steps))
+        h.loop.schedule.pop = lambda k: popped.append(pop(k)) or popped[-1]  # once per tick run
+        h.wait(lambda: h.policy.busy_call >= 3, what="four inferences")
+        h.loop.stop_requested.set()
+
+    h.script = script
+    assert h.run(int8_bundle, mode=mode) == 0
+    assert len(first_ticks) >= 3
+    sent = [(k, round(q[4] / 0.001 - HOME_Q[4] / 0.001), round(q[5] / 0.001)) for k, _, q in h.sent]
+    for k, call, step in sent:  # each target is the step of its chunk for that tick
+        assert step == k - first_ticks[call], (k, call, step)
+    first_step = {}
+    for _, call, step in sent:
+        first_step.setdefault(call, step)
+    ticks = [k for k, _, _ in sent]
+    assert len(set(ticks)) == len(ticks)
+    if mode == "sync":
+        assert all(s == 0 for s in first_step.values()), first_step
+    else:
+        later = [first_step[c] for c in sorted(first_step) if c >= 1]
+        assert later and all(s >= 3 for s in later), first_step  # latency compensation skipped ahead
+        started = next(i for i, q in enumerate(popped) if q is not None)
+        unplanned = sum(q is None for q in popped[started:])
+        assert unplanned <= 2, f"{unplanned} ticks without a planned step between chunks (one late inference: 1-2)"
+
+
+# -- e-stop through a terminal ----------------------------------------------------------------------
+def ramp_chunk(steps: int, per_step: float):
+    """Chunks that move J1 of both arms ``per_step`` rad further each step, from the observed pose."""
+
+    def make(state: np.ndarray, call: int) -> ActionChunk:
+        out = np.tile(state, (steps, 1))
+        out[:, [0, 7]] += per_step * np.arange(1, steps + 1)[:, None]
+        return ActionChunk(joints=out)
+
+    return make
+
+
+def test_estop_key_stops_base_and_holds_arms_during_a_slow_inference_until_r_then_y(int8_bundle, tmp_path):
+    """Async mode: arms follow a ramp, the base drives, a 1.5 s inference is running; space on the
+    terminal must put a zero-velocity frame on the base's serial line and freeze the arm targets
+    within 50 ms, hold them while the inference finishes, ignore an unconfirmed resume, and resume
+    only on r then y, without executing the chunk of the observation taken before the stop."""
+    master, slave = os.openpty()
+    phase = {"tripped": False}
+    ramp = ramp_chunk(120, 0.005)
+
+    def delay(call):
+        return 0.05 if phase["tripped"] else (0.9 if call == 0 else 1.5)
+
+    def make(state, call):
+        return hold_chunk(state, call) if phase["tripped"] else ramp(state, call)
+
+    seen = {}
+
+    def key(k: bytes) -> float:
+        t = time.monotonic()
+        os.write(master, k)
+        return t
+
+    def script(h: Harness):
+        h.wait(lambda: h.policy.busy_call >= 1 and h.loop.worker.busy, what="the second (slow) inference")
+        h.drive_base()
+        t_prev = h.arm_targets()
+        time.sleep(0.1)
+        seen["arms_moving"] = float(np.abs(h.arm_targets() - t_prev).max())
+        seen["inference_busy"] = h.loop.worker.busy
+        n_cmds = len(h.sim.base.commands)
+        t_key = key(b" ")
+        h.wait(lambda: h.estop.is_latched, what="the latch")
+
+        def zero_frames():
+            return [t for t, vx, wz in h.sim.base.commands[n_cmds:] if t >= t_key and vx == wz == 0.0]
+
+        h.wait(zero_frames, what="a zero-velocity frame on the base's serial line")
+        seen["base_zero_ms"] = 1e3 * (zero_frames()[0] - t_key)
+        phase["tripped"] = True
+        time.sleep(max(0.0, t_key + 0.05 - time.monotonic()))
+        held = h.arm_targets()
+        seen["held_vs_pose"] = float(np.abs(held - h.arm_pose()).max())
+        # Latched while the slow inference finishes, and after it.
+        h.wait(lambda: not h.loop.worker.busy, what="the slow inference to finish")
+        time.sleep(0.3)
+        key(b"r")
+        time.sleep(0.1)
+        key(b"x")  # anything but y cancels
+        time.sleep(0.3)
+        seen["latched_after_r_x"] = h.estop.is_latched
+        seen["targets_moved_while_latched"] = float(np.abs(h.arm_targets() - held).max())
+        seen["pose_moved_while_latched"] = float(np.abs(h.arm_pose() - held).max())
+        seen["base_while_latched"] = h.base_velocity()
+        seen["nonzero_cmds_while_latched"] = [
+            (vx, wz) for t, vx, wz in h.sim.base.commands if t > t_key + 0.05 and (vx, wz) != (0.0, 0.0)
+        ]
+        key(b"r")
+        time.sleep(0.1)
+        key(b"y")
+        h.wait(lambda: not h.estop.is_latched, what="the resume")
+        seen["t_resume"] = time.monotonic()
+        seen["pose_at_resume"] = h.arm_pose()
+        n_sent = len(h.sent)
+        h.wait(lambda: len(h.sent) >= n_sent + 15, what="targets after the resume")
+        h.loop.stop_requested.set()
+
+    h = Harness(script, make=make, delay_s=delay)
+    try:
+        rc = h.run(int8_bundle, mode="async", keyboard="tty", keyboard_tty=slave, json_path=str(tmp_path / "run.json"))
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert rc == 0
+    assert seen["inference_busy"], "the stop must come while an inference runs"
+    assert seen["arms_moving"] > 0.005, "the arms should have been moving when the key was pressed"
+    assert seen["base_zero_ms"] < 50.0
+    assert seen["held_vs_pose"] < 0.01  # the arms hold where they are
+    assert seen["latched_after_r_x"]
+    assert seen["targets_moved_while_latched"] == 0.0
+    assert seen["pose_moved_while_latched"] < 0.01
+    assert seen["base_while_latched"] == 0.0 and seen["nonzero_cmds_while_latched"] == []
+    after = np.array([q for _, t, q in h.sent if t > seen["t_resume"]])
+    assert len(after) >= 15
+    home = np.concatenate([seen["pose_at_resume"][:6], [0.0], seen["pose_at_resume"][6:], [0.0]])
+    drift = np.abs(after - home)[:, [i for i in range(14) if i not in GRIPPERS]].max()
+    assert drift < 0.01, "a chunk planned before the e-stop was executed after the resume"
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["estop_trips"] == 1
+
+
+
+def test_estop_during_a_base_command_of_the_control_thread_wins():
+    """The keyboard thread stops the robot while the control thread is between its e-stop check and
+    its send: the send must land before the stop's zero command, never after it."""
+    robot = Robot(load_profile("sim"))
+    robot.connect()
+    try:
+        in_send, release = threading.Event(), threading.Event()
+        send = robot.base.send_velocity
+
+        def slow_send(vx, wz):  # the control thread, preempted inside its send
+            in_send.set()
+            release.wait(WAIT_S)
+            send(vx, wz)
+
+        robot.base.send_velocity = slow_send
+        control = threading.Thread(target=robot.send_base_velocity, args=(0.3, 0.0))
+        control.start()
+        assert in_send.wait(WAIT_S)
+        keyboard = threading.Thread(target=robot.estop)
+        keyboard.start()
+        time.sleep(0.05)
+        release.set()
+        control.join(WAIT_S)
+        keyboard.join(WAIT_S)
+        time.sleep(0.2)  # the base driver streams (and ramps) its target at 50 Hz
+        assert robot.estopped and robot.base.read_state().command_vx_mps == 0.0
+        assert robot.sim.base.commands[-1][1:] == (0.0, 0.0)
+    finally:
+        robot.disconnect()
+
+# -- faults end in the safe state with their message ------------------------------------------------
+def _stall_camera(h):
+    h.sim.cameras["cam_high"].stall()
+
+
+def _silence_left_arm(h):
+    h.sim.arms["left"].set_silent(True)
+
+
+def _silence_base(h):
+    h.sim.base.set_silent(True)
+
+
+def _close_base_port(h):
+    h.sim.base.close_port()
+
+
+@pytest.mark.parametrize(("inject", "message"), [
+    (_stall_camera, r"camera cam_high stale: newest frame \d+ ms old"),
+    (_silence_left_arm, r"arm sim_can_left-\w+: no feedback for \d+ ms \(silent bus\)"),
+    (_silence_base, r"base /dev/pts/\d+: no feedback for \d+ ms"),
+    (_close_base_port, r"base /dev/pts/\d+: link lost"),
+], ids=["camera-stall", "arm-feedback-lost", "serial-feedback-lost", "serial-port-closed"])
+def test_device_fault_ends_in_the_safe_state_with_its_message(int8_bundle, capsys, inject, message):
+    import re
+
+    def script(h: Harness):
+        h.wait(lambda: len(h.sent) >= 3, what="the arms to move")
+        h.drive_base()
+        inject(h)
+
+    h = Harness(script, make=ramp_chunk(60, 0.005))
+    assert h.run(int8_bundle) == 3
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("vla-edge run: stopped safely: ")]
+    assert len(line) == 1, err[-2000:]
+    assert re.search(message, line[0]), line[0]
+    np.testing.assert_allclose(h.arm_targets(), h.arm_pose(), atol=0.02)  # arms hold
+    if inject is not _close_base_port:  # a closed port receives nothing more; the base's own watchdog stops it
+        assert h.last_base_command() == (0.0, 0.0)
+
+
+def nan_on_second_call(state: np.ndarray, call: int) -> ActionChunk:
+    chunk = ramp_chunk(5, 0.005)(state, call)
+    if call == 1:
+        chunk.joints[2, 3] = np.nan
+    return chunk
+
+
+def raise_on_second_call(state: np.ndarray, call: int) -> ActionChunk:
+    if call == 1:
+        raise RuntimeError("onnxruntime exploded")
+    return ramp_chunk(5, 0.005)(state, call)
+
+
+def nan_navigation_on_second_call(state: np.ndarray, call: int) -> ActionChunk:
+    if call == 1:
+        return ActionChunk(joints=None, base=("forward", float("nan")))
+    return ramp_chunk(5, 0.005)(state, call)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (nan_on_second_call, "policy returned a non-finite action chunk (NaN/inf): refusing to execute it"),
+    (nan_navigation_on_second_call, "policy returned a non-finite navigation step ('forward', nan)"),
+    (raise_on_second_call, "inference failed: onnxruntime exploded"),
+], ids=["nan-chunk", "nan-navigation", "inference-error"])
+def test_bad_chunk_is_never_executed_and_stops_safely(int8_bundle, capsys, make, message):
+    h = Harness(make=make)
+    assert h.run(int8_bundle) == 3
+    assert f"vla-edge run: stopped safely: {message}\n" in capsys.readouterr().err
+    assert len(h.sent) == 5 and all(np.isfinite(q).all() for _, _, q in h.sent)  # the first chunk only
+    np.testing.assert_allclose(h.arm_targets(), h.arm_pose(), atol=0.01)
+    assert h.last_base_command() == (0.0, 0.0)
+
+
+# -- signals: the CLI in a process of its own -------------------------------------------------------
+class Child:
+    """``sim_child.py`` (the CLI plus a driving base and STATUS lines) as a subprocess."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, str(CHILD), *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def wait_status(self, min_vx: float, min_ticks: int, timeout: float = 60.0) -> int:
+        """Read STATUS lines until the base drives at ``min_vx`` and ``min_ticks`` are done; return ticks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([self.proc.stdout], [], [], 0.5)[0]:
+                assert self.proc.poll() is None, f"child exited early: {self.proc.stderr.read()[-3000:]}"
+                continue
+            line = self.proc.stdout.readline()
+            assert line, f"child exited early: {self.proc.stderr.read()[-3000:]}"
+            self.lines.append(line)
+            if line.startswith("STATUS "):
+                _, vx, n = line.split()
+                if float(vx) >= min_vx and int(n) >= min_ticks:
+                    return int(n)
+        raise AssertionError("child never got going")
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.lines) + out, err
+
+
+def test_sigterm_stops_safely_with_exit_code_and_message(int8_bundle):
+    child = Child("run", "--bundle", str(int8_bundle))
+    try:
+        child.wait_status(min_vx=0.1, min_ticks=10)
+        child.proc.send_signal(signal.SIGTERM)
+        rc, out, err = child.finish()
+    finally:
+        child.proc.kill()
+    assert rc == 3, err[-3000:]
+    assert "vla-edge run: stopped safely: stopped by SIGTERM" in err.splitlines()
+    [last] = [line.split() for line in out.splitlines() if line.startswith("BASE_LAST")]
+    assert (float(last[1]), float(last[2])) == (0.0, 0.0)  # the base's last command was zero
+
+
+def test_sigkill_mid_episode_leaves_a_readable_recording(int8_bundle, tmp_path):
+    child = Child("run", "--bundle", str(int8_bundle), "--record", str(tmp_path))
+    try:
+        reported = child.wait_status(min_vx=0.0, min_ticks=20)
+        child.proc.kill()
+        child.proc.wait(10)
+    finally:
+        child.proc.kill()
+    [path] = tmp_path.glob("episode_*.hdf5")
+    with h5py.File(path, "r", swmr=True) as f:
+        n = f["vla_edge/tick_t"].shape[0]
+        assert n >= reported
+        assert f["observations/qpos"].shape[0] >= reported
+        assert f["observations/images/cam_high"].shape[0] >= reported
+        assert np.isfinite(f["observations/qpos"][:reported]).all()
+    assert recover_episode(path) >= reported
+    with h5py.File(path, "r") as f:  # an ordinary file now, every per-tick dataset the same length
+        lengths = {f[name].shape[0] for name in ("action", "base_action", "observations/qpos", "vla_edge/tick_t")}
+        assert len(lengths) == 1 and lengths.pop() >= reported
+
+
+# -- the command line -------------------------------------------------------------------------------
+def test_cli_run_writes_the_json_summary(int8_bundle, tmp_path):
+    out = tmp_path / "summary.json"
+    r = run_cli("run", "--robot", "sim", "--bundle", str(int8_bundle), "--seconds", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert 25 <= s["ticks"] <= 30 and s["inferences"] >= 1
+    assert s["period_ms"] == pytest.approx(1000 / RATE_HZ)
+    assert {"jitter_ms", "frame_age_ms", "inference_ms", "stage_ms", "overruns", "clamps"} <= set(s)
+
+
+def test_demo_from_a_fresh_workdir(tmp_path):
+    """The README's first command: tiny checkpoint, INT8 export, 3 s on the simulated robot, summary."""
+    work = tmp_path / "demo"
+    r = run_cli("demo", "--seconds", "3", "--workdir", str(work))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "tiny.pt").exists() and (work / "bundle" / "manifest.json").exists()
+    assert "run: " in r.stderr and "ticks in 3.0 s" in r.stderr
