@@ -582,7 +582,7 @@ class Resize {
 #ifdef VLA_EDGE_X86
     if (g_use_avx2) {
       for (; r + kBlockRows <= row1_; r += kBlockRows) {
-        transpose_in(src + r * stride, stride, kBlockRows, in_w_, cols_in_.data());
+        transpose_in_avx2(src + r * stride, stride, in_w_, cols_in_.data());
         hconv_cols_avx2(cols_in_.data(), h_, hpairs_, cols_out_.data());
         transpose_out(cols_out_.data(), kBlockRows, out_w_, tmp + (r - row0_) * row_step, row_step, o);
       }
