@@ -14,7 +14,9 @@
 // Speed: the taps are computed once per (input size, output size) by Composer. The hot loops come
 // in two flavours computing the same integers: portable scalar code, and AVX2 code (chosen at run
 // time, so the wheel still runs on any x86-64) that splits each 22-bit weight into 11-bit halves
-// so that the products fit 16-bit multiply-adds (pmaddwd) exactly.
+// so that the products fit 16-bit multiply-adds (pmaddwd) exactly. The AVX2 horizontal pass works on
+// blocks of 16 rows transposed into 48-byte columns, so it has the vertical pass's vector layout
+// (broadcast weights, whole columns per multiply-add); leftover rows use a per-row kernel.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
