@@ -14,7 +14,9 @@
 // Speed: the taps are computed once per (input size, output size) by Composer. The hot loops come
 // in two flavours computing the same integers: portable scalar code, and AVX2 code (chosen at run
 // time, so the wheel still runs on any x86-64) that splits each 22-bit weight into 11-bit halves
-// so that the products fit 16-bit multiply-adds (pmaddwd) exactly.
+// so that the products fit 16-bit multiply-adds (pmaddwd) exactly. The AVX2 horizontal pass works on
+// blocks of 16 rows transposed into 48-byte columns, so it has the vertical pass's vector layout
+// (broadcast weights, whole columns per multiply-add); leftover rows use a per-row kernel.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -377,10 +379,149 @@ __attribute__((target("avx2,f16c"))) void convert_row_avx2(const uint8_t* src, i
   }
   convert_row_scalar(src + i, n - i, dst + i);
 }
+
+// Column-blocked horizontal pass (AVX2). A block of kBlockRows rows is transposed so that each input
+// column is kColBytes contiguous bytes (row r, channel c at r * 3 + c); output pixel xx of all the
+// block's rows is then a weighted sum of whole columns with the same (broadcast) weights: the
+// vertical pass's vector layout, with no per-pixel shuffles or horizontal sums. The sums are the
+// same integers as the scalar pass (same taps, same 2^21 start, same clamp).
+constexpr int kBlockRows = 16;
+constexpr int kColBytes = kBlockRows * 3;
+
+// Per output pixel: tap pairs (k[2q], k[2q+1] or 0) as int16 pairs packed in int32, hi then lo.
+struct HPairs {
+  std::vector<int32_t> w;   // per output pixel: pairs * 2 int32 (hi, lo per pair)
+  std::vector<int> offset;  // index into w of each output pixel's first pair
+};
+
+inline int32_t pack_pair(int16_t a, int16_t b) {
+  return static_cast<int32_t>(static_cast<uint16_t>(a) | (static_cast<uint32_t>(static_cast<uint16_t>(b)) << 16));
+}
+
+HPairs pack_hpairs(const Axis& ax) {
+  HPairs t;
+  t.offset.resize(ax.out_size);
+  for (int xx = 0; xx < ax.out_size; ++xx) {
+    const int n = ax.count[xx];
+    const int32_t* k = &ax.k[static_cast<size_t>(xx) * ax.ksize];
+    t.offset[xx] = static_cast<int>(t.w.size());
+    for (int q = 0; q < (n + 1) / 2; ++q) {
+      const int32_t k0 = k[2 * q], k1 = (2 * q + 1 < n) ? k[2 * q + 1] : 0;
+      t.w.push_back(pack_pair(split_hi(k0), split_hi(k1)));
+      t.w.push_back(pack_pair(split_lo(k0), split_lo(k1)));
+    }
+  }
+  return t;
+}
+
+// `rows` source rows (stride bytes apart, in_w RGB pixels each) -> cols: column x at x * kColBytes.
+// Column in_w (the odd last tap's partner, weight 0) is left as is: any bytes will do.
+void transpose_in(const uint8_t* src, ptrdiff_t stride, int rows, int in_w, uint8_t* cols, int x0 = 0) {
+  for (int x = x0; x < in_w; ++x) {
+    const uint8_t* p = src + static_cast<ptrdiff_t>(x) * 3;
+    uint8_t* d = cols + static_cast<ptrdiff_t>(x) * kColBytes;
+    if (x + 1 < in_w) {
+      // 4-byte copies; the extra byte lands on the next slot, written right after (or the next column's).
+      for (int r = 0; r < rows; ++r) std::memcpy(d + r * 3, p + r * stride, 4);
+    } else {
+      for (int r = 0; r < rows; ++r) std::memcpy(d + r * 3, p + r * stride, 3);
+    }
+  }
+}
+
+// transpose_in for kBlockRows rows, 4 pixels x 16 rows at a time: each row's 4 pixels are spread to
+// 4 bytes, 4x4 blocks of those are transposed, and each column's 4-row pieces are packed back to 12
+// bytes and stored in increasing address order (a store's 4 spare bytes are overwritten next).
+__attribute__((target("avx2,f16c"))) void transpose_in_avx2(const uint8_t* src, ptrdiff_t stride, int in_w,
+                                                             uint8_t* cols) {
+  static_assert(kBlockRows == 16, "transpose_in_avx2 handles 16 rows");
+  const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const __m128i pack = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+  int x = 0;
+  for (; x * 3 + 16 <= in_w * 3; x += 4) {  // the 16-byte loads stay inside the row
+    __m128i seg[4][4];                       // [pixel][row group]
+    for (int g = 0; g < 4; ++g) {
+      __m128i a[4];
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* p = src + (4 * g + j) * stride + x * 3;
+        a[j] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), spread);
+      }
+      const __m128i t0 = _mm_unpacklo_epi32(a[0], a[1]), t1 = _mm_unpacklo_epi32(a[2], a[3]);
+      const __m128i t2 = _mm_unpackhi_epi32(a[0], a[1]), t3 = _mm_unpackhi_epi32(a[2], a[3]);
+      seg[0][g] = _mm_shuffle_epi8(_mm_unpacklo_epi64(t0, t1), pack);
+      seg[1][g] = _mm_shuffle_epi8(_mm_unpackhi_epi64(t0, t1), pack);
+      seg[2][g] = _mm_shuffle_epi8(_mm_unpacklo_epi64(t2, t3), pack);
+      seg[3][g] = _mm_shuffle_epi8(_mm_unpackhi_epi64(t2, t3), pack);
+    }
+    for (int px = 0; px < 4; ++px)
+      for (int g = 0; g < 4; ++g)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(cols + (x + px) * kColBytes + g * 12), seg[px][g]);
+  }
+  transpose_in(src, stride, kBlockRows, in_w, cols, x);
+}
+
+// cols of out_w output pixels -> `rows` rows of dst (row_step bytes apart) with layout o.
+void transpose_out(const uint8_t* cols, int rows, int out_w, uint8_t* dst, ptrdiff_t row_step, PixelLayout o) {
+  if (o.pixel_step == 3 && o.channel_step == 1) {
+    for (int r = 0; r < rows; ++r) {
+      uint8_t* d = dst + r * row_step;
+      const uint8_t* s = cols + r * 3;
+      int xx = 0;
+      for (; xx + 1 < out_w; ++xx) std::memcpy(d + xx * 3, s + xx * kColBytes, 4);
+      std::memcpy(d + xx * 3, s + xx * kColBytes, 3);
+    }
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    uint8_t* d = dst + r * row_step;
+    const uint8_t* s = cols + r * 3;
+    for (int xx = 0; xx < out_w; ++xx) {
+      uint8_t* dd = d + xx * o.pixel_step;
+      dd[0] = s[xx * kColBytes];
+      dd[o.channel_step] = s[xx * kColBytes + 1];
+      dd[2 * o.channel_step] = s[xx * kColBytes + 2];
+    }
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void hconv_cols_avx2(const uint8_t* cols, const Axis& ax, const HPairs& hp,
+                                                           uint8_t* out) {
+  const __m256i round = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+  for (int xx = 0; xx < ax.out_size; ++xx) {
+    const uint8_t* c0 = cols + static_cast<ptrdiff_t>(ax.first[xx]) * kColBytes;
+    const int pairs = (ax.count[xx] + 1) / 2;
+    const int32_t* w = &hp.w[hp.offset[xx]];
+    for (int i = 0; i < kColBytes; i += 16) {
+      __m256i h0 = _mm256_setzero_si256(), h1 = h0, l0 = h0, l1 = h0;
+      for (int q = 0; q < pairs; ++q) {
+        const uint8_t* r0 = c0 + (2 * q) * kColBytes + i;
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + kColBytes));
+        const __m256i whi = _mm256_set1_epi32(w[2 * q]), wlo = _mm256_set1_epi32(w[2 * q + 1]);
+        const __m256i lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b));
+        const __m256i hi = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b));
+        h0 = _mm256_add_epi32(h0, _mm256_madd_epi16(lo, whi));
+        h1 = _mm256_add_epi32(h1, _mm256_madd_epi16(hi, whi));
+        l0 = _mm256_add_epi32(l0, _mm256_madd_epi16(lo, wlo));
+        l1 = _mm256_add_epi32(l1, _mm256_madd_epi16(hi, wlo));
+      }
+      const __m256i s0 = _mm256_srai_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(h0, kSplitBits), l0), round), kPrecisionBits);
+      const __m256i s1 = _mm256_srai_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(h1, kSplitBits), l1), round), kPrecisionBits);
+      const __m128i p0 = _mm_packs_epi32(_mm256_castsi256_si128(s0), _mm256_extracti128_si256(s0, 1));
+      const __m128i p1 = _mm_packs_epi32(_mm256_castsi256_si128(s1), _mm256_extracti128_si256(s1, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + static_cast<ptrdiff_t>(xx) * kColBytes + i),
+                       _mm_packus_epi16(p0, p1));
+    }
+  }
+}
 #else
 bool cpu_has_avx2() { return false; }
 struct HTaps {};
 HTaps pack_htaps(const Axis&) { return {}; }
+struct HPairs {};
+HPairs pack_hpairs(const Axis&) { return {}; }
 #endif
 
 bool g_cpu_avx2 = false;  // what the CPU supports
@@ -403,6 +544,11 @@ class Resize {
     if (need_h_) {
       h_ = pil_axis(in_w, out_w, filter);
       htaps_ = pack_htaps(h_);
+      hpairs_ = pack_hpairs(h_);
+#ifdef VLA_EDGE_X86
+      cols_in_.assign(static_cast<size_t>(in_w + 1) * kColBytes + 16, 0);
+      cols_out_.assign(static_cast<size_t>(out_w) * kColBytes + 16, 0);
+#endif
       if (need_v_ && !vertical_first_) {
         // Like PIL: the horizontal pass only covers the rows the vertical pass reads.
         row0_ = v_.first[0];
@@ -434,7 +580,17 @@ class Resize {
   // tmp row r = source row row0 + r, written with layout `o` and `row_step` bytes per row.
   void horizontal(const uint8_t* src, size_t src_len, uint8_t* tmp, ptrdiff_t row_step, PixelLayout o) const {
     const ptrdiff_t stride = static_cast<ptrdiff_t>(in_w_) * 3;
-    for (int r = row0_; r < row1_; ++r) horizontal_row(src + r * stride, src + src_len, tmp + (r - row0_) * row_step, o);
+    int r = row0_;
+#ifdef VLA_EDGE_X86
+    if (g_use_avx2) {
+      for (; r + kBlockRows <= row1_; r += kBlockRows) {
+        transpose_in_avx2(src + r * stride, stride, in_w_, cols_in_.data());
+        hconv_cols_avx2(cols_in_.data(), h_, hpairs_, cols_out_.data());
+        transpose_out(cols_out_.data(), kBlockRows, out_w_, tmp + (r - row0_) * row_step, row_step, o);
+      }
+    }
+#endif
+    for (; r < row1_; ++r) horizontal_row(src + r * stride, src + src_len, tmp + (r - row0_) * row_step, o);
   }
 
   // Output row yy of the vertical pass over `src` (rows of row_bytes, `stride` apart, first row =
@@ -454,6 +610,8 @@ class Resize {
   int row0_ = 0, row1_ = 0;
   Axis h_, v_;
   HTaps htaps_;
+  HPairs hpairs_;
+  mutable std::vector<uint8_t> cols_in_, cols_out_;  // column-blocked pass scratch (AVX2)
 };
 
 template <typename T>
