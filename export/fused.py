@@ -170,7 +170,7 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
     # ONNX shape inference stops at contrib ops; declaring every intermediate's element type keeps
     # the graph self-describing for tools that need it (the quantisers do).
     declared = {v.name for v in inputs + outputs}
-    value_info = [helper.make_tensor_value_info(name, elem, None)
+    value_info = [helper.make_tensor_value_info(name, TensorProto.FLOAT if n.op_type == "Cast" else elem, None)
                   for n in g.nodes for name in n.output if name and name not in declared]
     graph = helper.make_graph(g.nodes, "vla_edge_fused_decoder", inputs, outputs, g.inits, value_info=value_info)
     model = helper.make_model(

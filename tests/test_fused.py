@@ -154,3 +154,23 @@ def test_bench_names_the_decoder_kind(fused_int8_bundle):
     r = run_cli("bench", "--bundle", str(fused_int8_bundle), "--steps", "1", "--warmup", "0", "--provider", "cpu")
     assert r.returncode == 0, r.stderr
     assert "fused decoder" in r.stdout
+
+
+def test_float16_graph_for_cuda_matches_pytorch_loosely(tiny, tmp_path):
+    """The half-precision variant (what CUDA's GroupQueryAttention needs) builds and runs; float32 logits."""
+    import onnxruntime as ort
+    from vla_edge.export.fused import export_fused_decoder
+
+    ck, model = tiny
+    t, head = ck.model.text, ck.tokens.head_ids
+    export_fused_decoder(model, head, tmp_path / "f16.onnx", max_len=MAX_LEN, dtype="float16")
+    sess = ort.InferenceSession(str(tmp_path / "f16.onnx"), providers=["CPUExecutionProvider"])
+    emb = torch.randn(1, 10, t.hidden, generator=torch.Generator().manual_seed(2)) * 0.5
+    with torch.no_grad():
+        full = model.lm(inputs_embeds=emb).logits[0][:, torch.as_tensor(head)].numpy()
+    kv = [np.zeros((1, t.kv_heads, MAX_LEN, t.head_dim), np.float16)] * (2 * t.layers)
+    pre, kv = _run(sess, t, emb[:, :7].numpy().astype(np.float16), 0, kv)
+    blk, _ = _run(sess, t, emb[:, 7:].numpy().astype(np.float16), 7, kv)
+    got = np.concatenate([pre, blk])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, full, atol=1e-2, rtol=0)
