@@ -47,7 +47,7 @@ def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
-    out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}"
+    out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
     ckpt = None
     if not (out / "manifest.json").exists():
         log.info("exporting %s (random weights) into %s: several minutes on a CPU, once", shape, out)

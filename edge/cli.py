@@ -52,9 +52,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--decoder",
         choices=["plain", "fused"],
-        default="plain",
-        help="plain (default): TorchScript export of transformers' Qwen2, KV cache grows every step; "
-        "fused: GroupQueryAttention graph with fused rotary and one preallocated KV buffer per layer",
+        help="fused (default): GroupQueryAttention graph with fused rotary and one preallocated KV buffer "
+        "per layer; plain: TorchScript export of transformers' Qwen2, KV cache grows every step",
     )
     p.add_argument("--max-len", type=int,
                    help="fused decoder only: KV buffer length in positions (prompt + chunk; default 1024)")

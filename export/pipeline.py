@@ -46,7 +46,7 @@ class ExportOptions:
     parity_samples: int = 2
     force: bool = False
     quant_scheme: str | None = None  # default: quantize.SCHEMES[target]
-    decoder: str = "plain"  # "plain" (graphs.export_decoder) or "fused" (fused.export_fused_decoder)
+    decoder: str = "fused"  # DECODER_KINDS: "fused" (fused.export_fused_decoder) or "plain" (graphs.export_decoder)
     max_len: int = DEFAULT_MAX_LEN  # fused only: KV buffer length in positions
 
 
@@ -337,7 +337,7 @@ def main(args) -> int:
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
     opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
-                         parity_samples=args.parity_samples, force=args.force, decoder=args.decoder,
+                         parity_samples=args.parity_samples, force=args.force, decoder=args.decoder or "fused",
                          max_len=args.max_len or DEFAULT_MAX_LEN)
     if opts.precision == "fp16":
         raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")
