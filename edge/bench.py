@@ -47,7 +47,7 @@ def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
-    out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}"
+    out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
     ckpt = None
     if not (out / "manifest.json").exists():
         log.info("exporting %s (random weights) into %s: several minutes on a CPU, once", shape, out)
@@ -123,6 +123,7 @@ def main(args) -> int:
     report: dict = {
         "bundle": str(root),
         "precision": bundle.precision,
+        "decoder_kind": engine.kind,
         "provider": engine.provider,
         "parallel_decoding": args.parallel,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
@@ -132,7 +133,8 @@ def main(args) -> int:
         "tokens_per_step": int(np.median(n_tokens)),
         "tokens_per_s": float(np.median(n_tokens) / (np.median(stages["decode"]) + np.median(stages["prefill"])) * 1e3),
     }
-    table = Table(title=f"vla-edge step latency (ms): {root.name}, {bundle.precision}, {engine.provider}"
+    table = Table(title=f"vla-edge step latency (ms): {root.name}, {bundle.precision}, {engine.kind} decoder, "
+                  f"{engine.provider}"
                   + (", parallel decoding" if args.parallel else ""))
     table.add_column("stage")
     for q in ("p50", "p95", "p99"):

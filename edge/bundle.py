@@ -6,7 +6,8 @@ Layout (``vla-edge export`` writes it)::
       manifest.json     format version, source hash, every file's sha256, graph IO, token ids,
                         policy statistics, image layout, prompt template ids, versions used
       vision.onnx       pixels -> image_embeds (see vla_edge.export.graphs)
-      decoder.onnx      inputs_embeds + KV cache -> cut-head logits + KV cache
+      decoder.onnx      inputs_embeds + KV cache -> cut-head logits + KV cache (manifest
+                        ``decoder_kind``: plain or fused; ``max_len``: fused KV buffer rows)
       embeddings.npy    token embedding table (rows, hidden), for assembling prompts on the host
       tokenizer.json    for the instruction (tokenised once per episode)
       parity.json       PyTorch vs exported fp32 vs quantised, on fixed inputs
@@ -44,13 +45,20 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class DecoderDims:
-    """What the host needs to drive the decoder: cache shape and embedding width."""
+    """What the host needs to drive the decoder: cache shape, embedding width and graph kind.
+
+    ``kind`` is ``"plain"`` (the cache grows by T rows per call) or ``"fused"`` (one preallocated
+    buffer of ``max_len`` rows per tensor, shared by past and present; see vla_edge.export.fused).
+    Bundles written before the fused graph existed have no ``decoder_kind``: they are plain.
+    """
 
     layers: int
     kv_heads: int
     head_dim: int
     hidden: int
     image_tokens: int
+    kind: str = "plain"
+    max_len: int | None = None
 
 
 @dataclass
@@ -96,7 +104,11 @@ class Bundle:
             head_dim=text["hidden"] // text["heads"],
             hidden=text["hidden"],
             image_tokens=(model["vision"]["image_size"] // model["vision"]["patch"]) ** 2 + 1,
+            kind=m.get("decoder_kind", "plain"),
+            max_len=m.get("max_len"),
         )
+        if dims.kind not in ("plain", "fused") or (dims.kind == "fused" and not dims.max_len):
+            raise BundleError(f"{mpath}: unknown decoder kind {dims.kind!r} or fused decoder without max_len")
         return cls(
             root=root,
             manifest=m,

@@ -49,6 +49,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="int8 (default): weight-only 8-bit MatMulNBits for cuda, dynamic QInt8 for cpu; "
         "fp32/fp16 for parity work",
     )
+    p.add_argument(
+        "--decoder",
+        choices=["plain", "fused"],
+        help="fused (default): GroupQueryAttention graph with fused rotary and one preallocated KV buffer "
+        "per layer; plain: TorchScript export of transformers' Qwen2, KV cache grows every step",
+    )
+    p.add_argument("--max-len", type=int,
+                   help="fused decoder only: KV buffer length in positions (prompt + chunk; default 1024)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--parity-samples", type=int, default=2, help="fixed inputs used for the parity report")

@@ -9,8 +9,17 @@ One :meth:`Engine.step` runs the stages that ``vla-edge bench`` times::
     decode      one token at a time (or Jacobi-parallel), grammar-constrained over the cut head
     detokenize  bin tokens -> joint targets (rad, m); navigation tokens -> (direction, m | deg)
 
-The cache never leaves the device between decode calls: ``present.*`` outputs are bound as
-OrtValues and fed back as the next ``past.*`` (IO binding). No torch here.
+The cache never leaves the device between decode calls (IO binding). Two decoder graphs exist
+(manifest ``decoder_kind``):
+
+* ``plain``: ``present.*`` outputs are bound as OrtValues and fed back as the next ``past.*``; the
+  cache grows by T rows per call (:class:`GrowingKV`).
+* ``fused``: one buffer of ``max_len`` rows per tensor is allocated once per engine and bound as both
+  ``past.*`` and ``present.*``; the host only tracks how many rows are valid (:class:`SharedKV`).
+  Rolling back (Jacobi decoding) lowers that count; nothing is copied. On CUDA, ``cuda_graph=True``
+  adds a second session that replays the fixed-shape one-token step as a CUDA graph.
+
+The system-prompt prefix is run once at start-up; every step's cache starts from it. No torch here.
 """
 
 from __future__ import annotations
@@ -50,6 +59,19 @@ class ActionChunk:
     decode_calls: int = 0
 
 
+def gqa_lengths(past_len: int, new_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """GroupQueryAttention's length inputs for ``new_len`` positions after ``past_len`` cached ones.
+
+    ``seqlens_k`` (1,) int32 = past_len + new_len - 1 (GQA's convention: the index of the last
+    position, not a count); ``total_sequence_length`` () int32 = past_len + new_len.
+    """
+    total = past_len + new_len
+    return np.array([total - 1], np.int32), np.array(total, np.int32)
+
+
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -78,7 +100,10 @@ def pick_providers(provider: str) -> list[str]:
 class Engine:
     """Runs a bundle. Create once; call :meth:`start_episode` per instruction, :meth:`step` per chunk."""
 
-    def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, parallel: bool = False):
+    def __init__(self, bundle: Bundle, provider: str = "auto", threads: int | None = None, parallel: bool = False,
+                 cuda_graph: bool = False):
+        """``cuda_graph``: fused decoder on CUDA only; replay the one-token decode step as a CUDA graph
+        (not yet measured on a GPU: see :meth:`_init_cuda_graph`). Ignored elsewhere, with a log line."""
         import onnxruntime as ort
         from vla_edge import kernels
 
@@ -114,13 +139,91 @@ class Engine:
         self.hi = np.asarray(self.policy.action_hi, np.float64)
         self.mean = np.asarray(self.policy.proprio_mean, np.float64)
         self.std = np.asarray(self.policy.proprio_std, np.float64)
-        self._empty_past = np.zeros((1, d.kv_heads, 0, d.head_dim), np.float32)
         self.past_names = [f"past.{i}.{kv}" for i in range(d.layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(d.layers) for kv in ("key", "value")]
+        types = {i.name: i.type for i in self.decoder.get_inputs()}
+        self.act_dtype = _ORT_FLOAT[types["inputs_embeds"]]  # float16 for a half-precision fused graph
+        self.kv_dtype = _ORT_FLOAT[types[self.past_names[0]]]
+        self.kind = d.kind
+        self.kv_buffers: list = []  # fused: the preallocated per-tensor buffers (OrtValues)
+        self._graph_session = None
+        if self.kind == "fused":
+            self._init_shared_kv(ort)
+            if cuda_graph:
+                self._init_cuda_graph(ort, so)
+        elif cuda_graph:
+            log.warning("engine: cuda_graph needs the fused decoder (this bundle's is %s): ignored", self.kind)
         # The system-prompt prefix never changes: its KV cache is computed once, here, not every step.
-        _, self.prefix_past = self._run_decoder(
-            prefix_embeds[None], np.zeros(1, np.int64), [self._empty_past] * len(self.past_names)
-        )
+        self.prefix_len = 0
+        self.prefix_past: list = [np.zeros((1, d.kv_heads, 0, d.head_dim), self.kv_dtype)] * len(self.past_names)
+        cache = self._new_cache()
+        cache.run(prefix_embeds[None], np.zeros(1, np.int64))
+        self.prefix_len = cache.length
+        self.prefix_past = cache.past if isinstance(cache, GrowingKV) else []
+
+    def _init_shared_kv(self, ort) -> None:
+        """Allocate the fused graph's KV buffers once, on the session's device, and bind them.
+
+        Each buffer is bound as ``past.*`` input *and* ``present.*`` output of one IO binding that
+        lives as long as the engine: GroupQueryAttention sees the same address for both and appends
+        the new rows in place. Only the small inputs are re-bound per call.
+        """
+        d = self.dims
+        shape = (1, d.kv_heads, d.max_len, d.head_dim)
+        zeros = np.zeros(shape, self.kv_dtype)
+        for _ in self.past_names:
+            v = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device, 0)
+            v.update_inplace(zeros)  # rows past the valid length are never read; zeros keep runs reproducible
+            self.kv_buffers.append(v)
+        self._kv_binding = self.decoder.io_binding()
+        self._kv_binding.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
+        for past, present, v in zip(self.past_names, self.present_names, self.kv_buffers, strict=True):
+            self._kv_binding.bind_ortvalue_input(past, v)
+            self._kv_binding.bind_ortvalue_output(present, v)
+
+    def _init_cuda_graph(self, ort, so) -> None:
+        """A second session over the same graph, with ``enable_cuda_graph=1``, for the T=1 decode step.
+
+        NOT YET MEASURED: written for onnxruntime-gpu 1.31 and untested here (no GPU). What a CUDA
+        graph needs, and how this provides it:
+
+        * every input and output at a fixed device address for the graph's lifetime: the embedding
+          (1,1,H), ``logit_index`` [0], ``seqlens_k`` and the logits (1,1,n_head) are preallocated
+          here and refreshed with ``update_inplace``; the KV buffers are the engine's shared ones;
+        * no host-side value may change between replays: ``total_sequence_length`` (a CPU input of
+          the CUDA GQA kernel) is pinned to ``max_len``; for one-token steps the kernel reads each
+          step's real length from ``seqlens_k`` on the device, and the present shape is ``max_len``
+          either way since past and present share the buffer;
+        * every node on the CUDA provider: CUDA GroupQueryAttention has float16/bfloat16 kernels
+          only, so this needs a float16 fused graph (``build_fused_decoder(dtype="float16")``); with
+          a float32 graph, GQA would fall back to the CPU and ONNX Runtime refuses the capture.
+
+        The weights are loaded a second time on the device (one copy per session).
+        """
+        if self.device != "cuda":
+            log.warning("engine: cuda_graph requested on %s: ignored (CUDA only)", self.provider)
+            return
+        d = self.dims
+        providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+        self._graph_session = ort.InferenceSession(str(self.bundle.path("decoder")), so, providers=providers)
+        new = ort.OrtValue.ortvalue_from_numpy
+        n_head = len(self.head_ids)
+        self._g_embeds = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, d.hidden), self.act_dtype, "cuda", 0)
+        self._g_index = new(np.zeros(1, np.int64), "cuda", 0)
+        self._g_seqlens = new(np.zeros(1, np.int32), "cuda", 0)
+        self._g_total = new(np.array(d.max_len, np.int32))  # host memory, never changes (see above)
+        self._g_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, n_head), np.float32, "cuda", 0)
+        b = self._graph_session.io_binding()
+        b.bind_ortvalue_input("inputs_embeds", self._g_embeds)
+        b.bind_ortvalue_input("logit_index", self._g_index)
+        b.bind_ortvalue_input("seqlens_k", self._g_seqlens)
+        b.bind_ortvalue_input("total_sequence_length", self._g_total)
+        b.bind_ortvalue_output("logits", self._g_logits)
+        for past, present, v in zip(self.past_names, self.present_names, self.kv_buffers, strict=True):
+            b.bind_ortvalue_input(past, v)
+            b.bind_ortvalue_output(present, v)
+        self._g_binding = b
+        log.info("engine: CUDA graph session for one-token decode steps (unmeasured)")
 
     # -- episode -------------------------------------------------------------------------------------
     def start_episode(self, instruction: str, navigation: bool = False) -> None:
@@ -187,8 +290,7 @@ class Engine:
         embeds = np.concatenate([prompt, fed], axis=1)
         k = len(head_idx)
         index = np.arange(embeds.shape[1] - k, embeds.shape[1], dtype=np.int64)
-        logits, _ = self._run_decoder(embeds, index, self.prefix_past)
-        return logits
+        return self._new_cache().run(embeds, index)
 
     def detokenize(self, head_idx: np.ndarray) -> ActionChunk:
         ids = self.head_ids[head_idx]
@@ -207,8 +309,14 @@ class Engine:
     def _grammar(self):
         return self.kernels.ChunkGrammar(self.tokens.n_bins, self.policy.chunk_tokens, self.navigation)
 
-    def _run_decoder(self, embeds: np.ndarray, logit_index: np.ndarray, past: list) -> tuple[np.ndarray, list]:
-        """One decoder call with IO binding; ``past`` and the returned cache are OrtValues (or arrays)."""
+    def _new_cache(self) -> GrowingKV | SharedKV:
+        """A cache holding the system-prompt prefix (``prefix_len`` rows), ready for the next prompt."""
+        if self.kind == "fused":
+            return SharedKV(self, self.prefix_len)
+        return GrowingKV(self, self.prefix_past, self.prefix_len)
+
+    def _run_plain(self, embeds: np.ndarray, logit_index: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        """One plain-graph call with IO binding; ``past`` and the returned cache are OrtValues (or arrays)."""
         b = self.decoder.io_binding()
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
         b.bind_cpu_input("logit_index", logit_index)
@@ -224,37 +332,61 @@ class Engine:
         outs = b.get_outputs()
         return outs[0].numpy()[0], list(outs[1:])
 
+    def _run_fused(self, embeds: np.ndarray, logit_index: np.ndarray, past_len: int) -> np.ndarray:
+        """One fused-graph call: positions ``past_len .. past_len+T-1`` written into the shared buffers.
+
+        Returns the (K, n_head) logits. One-token steps go to the CUDA graph session when there is one.
+        """
+        t = embeds.shape[1]
+        if past_len + t > self.dims.max_len:
+            raise EngineError(f"prompt + chunk needs {past_len + t} KV rows; this bundle's decoder has "
+                              f"max_len {self.dims.max_len} (re-export with a larger --max-len)")
+        if self._graph_session is not None and t == 1 and logit_index.shape == (1,) and logit_index[0] == 0:
+            self._g_embeds.update_inplace(np.ascontiguousarray(embeds, self.act_dtype))
+            self._g_seqlens.update_inplace(gqa_lengths(past_len, 1)[0])
+            self._graph_session.run_with_iobinding(self._g_binding)
+            return self._g_logits.numpy()[0]
+        b = self._kv_binding
+        seqlens_k, total = gqa_lengths(past_len, t)
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.act_dtype))
+        b.bind_cpu_input("logit_index", np.ascontiguousarray(logit_index, np.int64))
+        b.bind_cpu_input("seqlens_k", seqlens_k)
+        b.bind_cpu_input("total_sequence_length", total)
+        b.bind_output("logits", "cpu")
+        self.decoder.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()[0]
+
     def _generate(self, embeds: np.ndarray) -> tuple[np.ndarray, int, float]:
         t0 = time.perf_counter()
-        past = self.prefix_past
-        logits, past = self._run_decoder(embeds, np.array([embeds.shape[1] - 1], np.int64), past)
+        cache = self._new_cache()
+        logits = cache.run(embeds, np.array([embeds.shape[1] - 1], np.int64))
         t_prefill = time.perf_counter() - t0
         grammar = self._grammar()
         first = grammar.step(logits[0])
         if self.parallel and not grammar.done:
-            out, calls = self._decode_jacobi(grammar, first, past)
+            out, calls = self._decode_jacobi(grammar, first, cache)
         else:
-            out, calls = self._decode_sequential(grammar, first, past)
+            out, calls = self._decode_sequential(grammar, first, cache)
         return np.asarray(out, np.int64), calls, t_prefill
 
-    def _decode_sequential(self, grammar, first: int, past: list) -> tuple[list[int], int]:
+    def _decode_sequential(self, grammar, first: int, cache) -> tuple[list[int], int]:
         out = [first]
         one = np.zeros(1, np.int64)
         calls = 0
         while not grammar.done:
-            emb = self._embed([self.head_ids[out[-1]]])[None]
-            logits, past = self._run_decoder(emb, one, past)
+            logits = cache.run(self._embed([self.head_ids[out[-1]]])[None], one)
             calls += 1
             out.append(grammar.step(logits[0]))
         return out, calls
 
-    def _decode_jacobi(self, grammar, first: int, past: list) -> tuple[list[int], int]:
+    def _decode_jacobi(self, grammar, first: int, cache) -> tuple[list[int], int]:
         """Exact parallel decoding: iterate the rest of the chunk to its greedy fixed point.
 
         Each call feeds ``[last accepted token, guesses...]`` and takes the constrained argmax at
         every position. Prediction ``i`` is exact when the inputs before it were all right, so the
         longest such prefix is accepted (at least one token per call) and the result equals
-        sequential greedy decoding token for token. The cache keeps the rows of accepted inputs.
+        sequential greedy decoding token for token. The cache keeps the rows of accepted inputs
+        (``cache.truncate``: a slice for the plain graph, a lower row count for the fused one).
         """
         accepted = [first]
         max_tokens = self.policy.chunk_tokens + (3 if self.navigation else 1)
@@ -264,9 +396,8 @@ class Engine:
             left = max_tokens - len(accepted)  # predictions still needed (upper bound)
             guess = (guess + [accepted[-1]] * left)[: left - 1]
             block = np.asarray([accepted[-1]] + guess, np.int64)
-            logits, present = self._run_decoder(
-                self._embed(self.head_ids[block])[None], np.arange(len(block), dtype=np.int64), past
-            )
+            past_len = cache.length
+            logits = cache.run(self._embed(self.head_ids[block])[None], np.arange(len(block), dtype=np.int64))
             calls += 1
             pred = grammar.argmax_rows(logits)  # -1 once the grammar is done
             n = 1
@@ -277,17 +408,43 @@ class Engine:
                     break
                 grammar.advance(int(tok))
                 accepted.append(int(tok))
-            past_len = self._cache_len(past)
-            past = [self._cache_prefix(v, past_len + n) for v in present]
+            cache.truncate(past_len + n)
             guess = [int(x) for x in pred[n:] if x >= 0]
         return accepted, calls
 
-    @staticmethod
-    def _cache_len(past: list) -> int:
-        v = past[0]
-        return v.shape[2] if isinstance(v, np.ndarray) else v.shape()[2]
 
-    @staticmethod
-    def _cache_prefix(v, rows: int) -> np.ndarray:
-        arr = v if isinstance(v, np.ndarray) else v.numpy()
-        return np.ascontiguousarray(arr[:, :, :rows])
+class GrowingKV:
+    """Plain-graph cache: each call returns a cache T rows longer (the ``present`` OrtValues)."""
+
+    def __init__(self, engine: Engine, past: list, length: int):
+        self.engine, self.past, self.length = engine, past, length
+
+    def run(self, embeds: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
+        """(1,T,H) embeddings at positions ``length .. length+T-1`` -> (K, n_head) logits."""
+        logits, self.past = self.engine._run_plain(embeds, logit_index, self.past)
+        self.length += embeds.shape[1]
+        return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` rows (copies them to the host: the plain graph's rollback)."""
+        if length < self.length:
+            self.past = [np.ascontiguousarray((v if isinstance(v, np.ndarray) else v.numpy())[:, :, :length])
+                         for v in self.past]
+            self.length = length
+
+
+class SharedKV:
+    """Fused-graph cache: the engine's preallocated buffers; only the first ``length`` rows are valid."""
+
+    def __init__(self, engine: Engine, length: int):
+        self.engine, self.length = engine, length
+
+    def run(self, embeds: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
+        """(1,T,H) embeddings at positions ``length .. length+T-1`` -> (K, n_head) logits."""
+        logits = self.engine._run_fused(embeds, logit_index, self.length)
+        self.length += embeds.shape[1]
+        return logits
+
+    def truncate(self, length: int) -> None:
+        """Forget rows >= ``length``: the next call overwrites them. Nothing is copied."""
+        self.length = min(self.length, length)

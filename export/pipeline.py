@@ -4,7 +4,8 @@ Steps (each verifies its own output before the next runs):
 
 1. load      read and validate the checkpoint (weights_only, names, shapes)
 2. vision    export vision.onnx (fp32); ORT output must match PyTorch
-3. decoder   export decoder.onnx (fp32, cut head, KV cache); prefill + decode must match a full forward
+3. decoder   export decoder.onnx (fp32, cut head, KV cache; ``--decoder plain`` TorchScript export or
+            ``--decoder fused`` GroupQueryAttention graph); prefill + decode must match a full forward
 4. assets    embeddings.npy, tokenizer.json, prompt template ids
 5. quantize  INT8 copies of both graphs (skipped for --precision fp32)
 6. parity    PyTorch vs fp32 vs INT8 on fixed inputs -> parity.json; fails if fp32 greedy tokens differ
@@ -27,6 +28,7 @@ import numpy as np
 from vla_edge.edge.bundle import Bundle, write_manifest
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+from vla_edge.export.fused import DEFAULT_MAX_LEN
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class ExportOptions:
     parity_samples: int = 2
     force: bool = False
     quant_scheme: str | None = None  # default: quantize.SCHEMES[target]
+    decoder: str = "fused"  # DECODER_KINDS: "fused" (fused.export_fused_decoder) or "plain" (graphs.export_decoder)
+    max_len: int = DEFAULT_MAX_LEN  # fused only: KV buffer length in positions
 
 
 @dataclass
@@ -58,12 +62,14 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     """Export a loaded :class:`~vla_edge.export.checkpoint.Checkpoint` to ``opts.out``."""
     import onnxruntime as ort
     import torch
-    from vla_edge.export import graphs, quantize
+    from vla_edge.export import fused, graphs, quantize
     from vla_edge.export.model import LlavaVLA
     from vla_edge.export.parity import compare, fixed_inputs
     from vla_edge.export.reference import TorchReference
 
     out = Path(opts.out)
+    if opts.decoder not in DECODER_KINDS:
+        raise ExportError(f"unknown decoder kind {opts.decoder!r} ({', '.join(DECODER_KINDS)})")
     if out.exists() and not opts.force:
         raise ExportError(f"{out} already exists (use --force to replace it)")
     if ckpt.tokenizer_json is None:
@@ -81,9 +87,12 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
         with step("export vision graph"):
             graphs.export_vision(model, fp32_vision, opts.opset)
             _check_vision(model, fp32_vision)
-        with step("export decoder graph"):
-            graphs.export_decoder(model, ckpt.tokens.head_ids, fp32_decoder, opts.opset)
-            _check_decoder(model, ckpt.tokens.head_ids, fp32_decoder)
+        with step(f"export decoder graph ({opts.decoder})"):
+            if opts.decoder == "fused":
+                fused.export_fused_decoder(model, ckpt.tokens.head_ids, fp32_decoder, max_len=opts.max_len)
+            else:
+                graphs.export_decoder(model, ckpt.tokens.head_ids, fp32_decoder, opts.opset)
+            _check_decoder(model, ckpt.tokens.head_ids, fp32_decoder, opts.decoder, opts.max_len)
         encode = tokenizer_encoder(ckpt.tokenizer_json)
         prompt = PromptTemplate.build(encode, ckpt.tokens)
         emb = model.lm.model.embed_tokens.weight.detach().float().numpy()
@@ -168,19 +177,29 @@ def _manifest(ckpt, opts: ExportOptions, prompt: PromptTemplate, ort_version: st
         "prompt": prompt.to_dict(),
         "roles": {"vision": "vision.onnx", "decoder": "decoder.onnx", "embeddings": "embeddings.npy",
                   "tokenizer": "tokenizer.json"},
-        "graphs": _graph_io(ckpt.model),
+        "decoder_kind": opts.decoder,
+        "max_len": opts.max_len if opts.decoder == "fused" else None,
+        "graphs": _graph_io(ckpt.model, opts.decoder, opts.max_len),
     }
 
 
-def _graph_io(m) -> dict:
+DECODER_KINDS = ("plain", "fused")
+
+
+def _graph_io(m, decoder: str = "plain", max_len: int = 0) -> dict:
     t = m.text
-    kv = [1, t.kv_heads, "past_len", t.head_dim]
     dec_in = {"inputs_embeds": [1, "new_len", t.hidden], "logit_index": ["n_logits"]}
     dec_out = {"logits": [1, "n_logits", "n_head"]}
+    if decoder == "fused":
+        dec_in.update(seqlens_k=[1], total_sequence_length=[])
+        past = present = [1, t.kv_heads, max_len, t.head_dim]  # one shared buffer per tensor
+    else:
+        past = [1, t.kv_heads, "past_len", t.head_dim]
+        present = [1, t.kv_heads, "past_len + new_len", t.head_dim]
     for i in range(t.layers):
         for k in ("key", "value"):
-            dec_in[f"past.{i}.{k}"] = kv
-            dec_out[f"present.{i}.{k}"] = [1, t.kv_heads, "past_len + new_len", t.head_dim]
+            dec_in[f"past.{i}.{k}"] = past
+            dec_out[f"present.{i}.{k}"] = present
     s = m.vision.image_size
     return {
         "vision": {"inputs": {"pixels": [1, 3, s, s]}, "outputs": {"image_embeds": [1, m.image_tokens, t.hidden]}},
@@ -210,9 +229,10 @@ def _check_vision(model, path: Path, tol: float = 1e-3) -> None:
         raise ExportError(f"vision graph does not match PyTorch (shape {got.shape} vs {ref.shape}, max err {err:.2e})")
 
 
-def _check_decoder(model, head_ids, path: Path, tol: float = 1e-3) -> None:
-    """Prefill of the first part + a multi-token decode of the rest must equal one full forward."""
+def _check_decoder(model, head_ids, path: Path, kind: str = "plain", max_len: int = 0, tol: float = 1e-3) -> None:
+    """Prefill of the first part, a one-token decode and a multi-token block must equal one full forward."""
     import torch
+    from vla_edge.edge.engine import gqa_lengths
 
     t = model.cfg.text
     g = torch.Generator().manual_seed(0)
@@ -220,11 +240,13 @@ def _check_decoder(model, head_ids, path: Path, tol: float = 1e-3) -> None:
     with torch.no_grad():
         full = model.lm(inputs_embeds=emb).logits[0][:, torch.as_tensor(head_ids)].numpy()
     sess = _session(path)
-    empty = np.zeros((1, t.kv_heads, 0, t.head_dim), np.float32)
-    past = [empty] * (2 * t.layers)
+    rows = max_len if kind == "fused" else 0  # fused: fixed-length buffers; plain: the cache grows
+    past = [np.zeros((1, t.kv_heads, rows, t.head_dim), np.float32)] * (2 * t.layers)
     got = []
     for lo, hi in ((0, 8), (8, 9), (9, 12)):
         feed = {"inputs_embeds": emb[:, lo:hi].numpy(), "logit_index": np.arange(hi - lo, dtype=np.int64)}
+        if kind == "fused":
+            feed["seqlens_k"], feed["total_sequence_length"] = gqa_lengths(lo, hi - lo)
         for i in range(t.layers):
             feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
         outs = sess.run(None, feed)
@@ -315,7 +337,8 @@ def main(args) -> int:
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
     opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
-                         parity_samples=args.parity_samples, force=args.force)
+                         parity_samples=args.parity_samples, force=args.force, decoder=args.decoder or "fused",
+                         max_len=args.max_len or DEFAULT_MAX_LEN)
     if opts.precision == "fp16":
         raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")
     t0 = time.perf_counter()

@@ -24,11 +24,11 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
 
 
-def _export(ckpt: Path, out: Path, precision: str) -> Path:
+def _export(ckpt: Path, out: Path, precision: str, decoder: str = "plain") -> Path:
     from vla_edge.export.checkpoint import load_checkpoint
     from vla_edge.export.pipeline import ExportOptions, export_bundle
 
-    export_bundle(load_checkpoint(ckpt), ExportOptions(out=out, precision=precision))
+    export_bundle(load_checkpoint(ckpt), ExportOptions(out=out, precision=precision, decoder=decoder))
     return out
 
 
@@ -40,3 +40,13 @@ def fp32_bundle(tiny_ckpt, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def int8_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     return _export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "int8", "int8")
+
+
+@pytest.fixture(scope="session")
+def fused_fp32_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "fused-fp32", "fp32", decoder="fused")
+
+
+@pytest.fixture(scope="session")
+def fused_int8_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    return _export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "fused-int8", "int8", decoder="fused")

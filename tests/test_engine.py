@@ -28,9 +28,20 @@ def reference(tiny_ckpt):
                           PromptTemplate.build(enc, ck.tokens), enc)
 
 
+@pytest.fixture(params=["plain", "fused"])
+def any_fp32_bundle(request):
+    """The fp32 bundle of each decoder kind (plain TorchScript graph, fused GQA graph)."""
+    return request.getfixturevalue("fp32_bundle" if request.param == "plain" else "fused_fp32_bundle")
+
+
+@pytest.fixture(params=["plain", "fused"])
+def any_int8_bundle(request):
+    return request.getfixturevalue("int8_bundle" if request.param == "plain" else "fused_int8_bundle")
+
+
 @pytest.mark.parametrize("navigation", [False, True])
-def test_engine_chunks_equal_pytorch(fp32_bundle, reference, navigation):
-    engine = Engine(Bundle.load(fp32_bundle), provider="cpu")
+def test_engine_chunks_equal_pytorch(any_fp32_bundle, reference, navigation):
+    engine = Engine(Bundle.load(any_fp32_bundle), provider="cpu")
     rng = np.random.default_rng(7)
     for trial in range(3):
         frames, state = synthetic_inputs(engine.bundle.layout, 14, seed=trial)
@@ -50,8 +61,8 @@ def test_engine_chunks_equal_pytorch(fp32_bundle, reference, navigation):
 
 
 @pytest.mark.parametrize("navigation", [False, True])
-def test_parallel_decoding_equals_sequential(int8_bundle, navigation):
-    b = Bundle.load(int8_bundle)
+def test_parallel_decoding_equals_sequential(any_int8_bundle, navigation):
+    b = Bundle.load(any_int8_bundle)
     seq, par = Engine(b, provider="cpu"), Engine(b, provider="cpu", parallel=True)
     for seed in range(3):
         frames, state = synthetic_inputs(b.layout, 14, seed=10 + seed)
