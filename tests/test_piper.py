@@ -82,7 +82,11 @@ def test_connect_enables_and_holds(arm, sim):
 def test_move_and_read_back(arm, sim):
     target = np.array([0.3, 1.2, -1.5, 0.4, -0.3, 1.0])
     arm.send_targets(target, 0.035)
-    assert wait_until(lambda: np.allclose(arm.read_state().qpos, np.append(target, 0.035), atol=1e-4))
+    def arrived():
+        q = arm.read_state().qpos
+        return np.allclose(q[:6], target, atol=1e-4) and abs(q[6] - 0.035) <= 1e-5
+
+    assert wait_until(arrived)
     s = arm.read_state()
     assert s.gripper_m == pytest.approx(0.035, abs=1e-5)
     np.testing.assert_allclose(sim.joint_state(), np.append(target, 0.035), atol=1e-4)
@@ -90,7 +94,8 @@ def test_move_and_read_back(arm, sim):
 
 def test_targets_clamped_to_limits(arm, sim):
     arm.send_targets([5.0, -1.0, 1.0, 0.0, 0.0, 0.0], 0.5)
-    assert wait_until(lambda: abs(sim.joint_state()[0] - 2.6179) < 1e-4, timeout_s=5.0)
+    assert wait_until(lambda: abs(sim.joint_state()[0] - 2.6179) < 1e-4 and abs(sim.joint_state()[6] - 0.07) <= 1e-5,
+                      timeout_s=5.0)
     assert sim.status == 0 and arm.faults() == []
     assert sim.joint_state()[6] == pytest.approx(0.07, abs=1e-5)
 
