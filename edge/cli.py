@@ -98,7 +98,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--navigation", action="store_true", help="ask for mobile manipulation (<Navigation>)")
     p.add_argument("--mode", choices=["sync", "async"], default="sync", help="chunk execution mode")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until e-stop/Ctrl+C)")
-    p.add_argument("--rate", type=float, default=30.0, help="control rate in Hz (default 30)")
+    p.add_argument("--rate", type=float, help="control rate in Hz (default: the robot profile's, 30)")
+    p.add_argument("--max-ticks", type=int, default=0, help="stop after this many control ticks (0: no limit)")
+    p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
+                   help="e-stop keyboard: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
+    p.add_argument("--firmware-estop", action="store_true",
+                   help="e-stop also sends the Piper firmware e-stop (0x150: arms sink slowly, damped)")
     p.add_argument("--record", help="write each episode as HDF5 into this directory")
     p.add_argument("--json", help="write the end-of-run summary as JSON")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")

@@ -162,7 +162,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
 
 def main(args) -> int:
     return run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
-               navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider)
+               navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
+               max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop)
 
 
 def demo(args) -> int:
