@@ -19,28 +19,43 @@ def demo_dir(workdir: str | None = None) -> Path:
 
 
 def ensure_demo_bundle(workdir: str | None = None) -> Path:
-    """The demo's tiny checkpoint and its INT8 bundle, made on first use (needs the [export] extra)."""
+    """The demo's INT8 bundle of the trained tiny reach policy, made on first use (needs the [export] extra).
+
+    The policy is the checkpoint shipped in ``vla_edge/tools/data/tiny_policy.pt``; without it (a
+    source tree that lost it), the scripted expert records episodes and ``train-tiny`` trains one here.
+    """
+    import json
+
     d = demo_dir(workdir)
     bundle = d / "bundle"
     if (bundle / "manifest.json").exists():
-        return bundle
+        source = json.loads((bundle / "manifest.json").read_text()).get("source", {}).get("name")
+        if source == "tiny_policy.pt":  # a bundle of the reach policy (older demos exported a random model)
+            return bundle
     try:
         from vla_edge.export.checkpoint import load_checkpoint
         from vla_edge.export.pipeline import ExportOptions, export_bundle
-        from vla_edge.export.tiny import write_tiny_checkpoint
+        from vla_edge.tools.train_tiny import SHIPPED_POLICY, train
     except ImportError as e:
         raise VlaEdgeError(
             f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
             "pip install 'vla-edge[export]' or pass --bundle"
         ) from None
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    ckpt = d / "tiny.pt"
+    ckpt = SHIPPED_POLICY
     if not ckpt.exists():
-        log.info("making the tiny demo checkpoint %s", ckpt)
-        write_tiny_checkpoint(ckpt, seed=0)
+        from vla_edge.edge.evaluate import record_expert_episodes
+
+        ckpt = d / "tiny_policy.pt"
+        if not ckpt.exists():
+            log.info("no shipped tiny policy: recording expert episodes and training one (a few minutes)")
+            record_expert_episodes(d / "episodes", 36, first_seed=0)
+            train(d / "episodes", ckpt)
     log.info("exporting %s -> %s", ckpt, bundle)
+    from rich.progress import Progress
+
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
         export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
@@ -165,6 +180,26 @@ def main(args) -> int:
 
 
 def demo(args) -> int:
-    """Tiny checkpoint -> INT8 bundle -> the simulated robot for a while -> summary."""
+    """Trained tiny reach policy -> INT8 bundle -> the simulated robot touches a red target -> summary."""
+    import random
+
+    from vla_edge.edge.task import INSTRUCTION, ReachTask
+
     ensure_demo_bundle(args.workdir)
-    return run("sim", str(demo_dir(args.workdir) / "bundle"), "pick up the red cube", seconds=args.seconds)
+    task = ReachTask()
+    episode = task.sample(random.randrange(1_000_000))
+    seen = {}
+
+    def place_target(robot, loop, estop) -> None:
+        robot.sim.scene.target_radius_m = task.target_radius_m
+        robot.sim.set_target(*episode.target_xy_m)
+        seen["sim"] = robot.sim
+
+    code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
+               on_connected=place_target)
+    if "sim" in seen:  # the simulators keep their last state after the robot disconnected
+        err_m, _ = task.tip_error(seen["sim"].joint_state(), episode.target_xy_m)
+        print(f"demo: target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
+              f"{episode.side} arm; the fingertip ended {100 * err_m:.1f} cm from it "
+              f"({'reached' if err_m <= task.tolerance_m else 'not reached'})", file=sys.stderr)
+    return code

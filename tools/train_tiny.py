@@ -223,12 +223,19 @@ class TrainResult:
     episodes: int
 
 
-def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: int = 8, lr: float = 1e-3,
+def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: int = 8, lr: float = 2e-3,
           seed: int = 0, max_episodes: int = 0, threads: int = 0, progress: bool = True) -> TrainResult:
     """Train on the episodes in ``data_dir`` and write the wrapper checkpoint to ``out``."""
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT
     from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
 
