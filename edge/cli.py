@@ -156,6 +156,7 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0: all)")
+    p.add_argument("--init", help="continue from this checkpoint's weights (one train-tiny wrote)")
     p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
 
 

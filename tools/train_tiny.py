@@ -224,8 +224,12 @@ class TrainResult:
 
 
 def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: int = 8, lr: float = 2e-3,
-          seed: int = 0, max_episodes: int = 0, threads: int = 0, progress: bool = True) -> TrainResult:
-    """Train on the episodes in ``data_dir`` and write the wrapper checkpoint to ``out``."""
+          seed: int = 0, max_episodes: int = 0, threads: int = 0, progress: bool = True,
+          init: str | Path | None = None) -> TrainResult:
+    """Train on the episodes in ``data_dir`` and write the wrapper checkpoint to ``out``.
+
+    ``init``: start from this checkpoint's weights (one written by this function) instead of a fresh model.
+    """
     import torch
     from rich.console import Console
     from rich.progress import (
@@ -254,6 +258,13 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
         ds = load_dataset(data_dir, layout, max_episodes, progress=lambda: bar.advance(job))
     policy = statistics(ds)
     model = build_model(tokens, seed)
+    if init is not None:
+        from vla_edge.export.checkpoint import load_checkpoint
+        from vla_edge.export.model import to_module_keys
+
+        ck = load_checkpoint(init)
+        model.load_state_dict(to_module_keys(ck.state_dict, ck.model), strict=True)
+        model.lm.tie_weights()
     model.train()
     batcher = Batcher(model, ds, policy, tokens, tokenizer_json)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -290,6 +301,8 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
             opt.step()
             losses.append(loss.item())
             bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
+            if (step + 1) % 50 == 0:
+                log.info("step %d/%d loss %.3f (%.0f s)", step + 1, steps, np.mean(losses[-50:]), time.monotonic() - t0)
     path = write_checkpoint(model, policy, tokens, tokenizer_json, layout, out,
                             meta={"data": str(data_dir), "episodes": ds.episodes, "samples": n, "steps": steps,
                                   "batch": batch, "lr": lr, "seed": seed, "final_loss": float(np.mean(losses[-20:]))})
@@ -331,7 +344,7 @@ def main(args) -> int:
         ok = sum(r.success for r in results)
         console.print(f"recorded {len(results)} expert episodes into {args.data} ({ok} successful)")
     res = train(args.data, args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                max_episodes=args.max_episodes)
+                max_episodes=args.max_episodes, init=args.init)
     console.print(f"[green]wrote[/] {res.path} ({res.path.stat().st_size / 1e6:.2f} MB) after {res.seconds:.0f} s; "
                   f"loss {np.mean(res.losses[:20]):.3f} -> {np.mean(res.losses[-20:]):.3f}. "
                   f"Next: vla-edge export --ckpt {res.path} --out bundle/")
