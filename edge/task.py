@@ -13,9 +13,8 @@ success test evaluates that same model on the simulator's measured joints.
 
 The expert (:class:`ExpertPolicy`) implements the policy interface of the control loop
 (``start_episode(instruction, navigation)``, ``step(frames, state) -> ActionChunk``). It reads the
-target from the simulator (``robot.sim``), not from the images, and moves every joint of the reaching
-arm in a straight line in joint space toward the reach pose at ``step_rad`` per tick (the largest
-joint sets the pace). It is Markov: its chunk depends only on the measured state, so any recorded
+target from the simulator (``robot.sim``), not from the images, and moves each joint of the reaching
+arm toward the reach pose at ``step_rad`` per tick until it gets there. It is Markov: its chunk depends only on the measured state, so any recorded
 tick with the next five actions is a valid training sample.
 
 Runtime-safe: numpy only, no torch.
@@ -159,17 +158,16 @@ def _reach_pose_tilted(dx_m, dy_m, hover_m, tilt_rad, gripper_m) -> np.ndarray |
 
 
 def expert_chunk(q14, goal_q14, step_rad: float, chunk_size: int = 5) -> np.ndarray:
-    """(chunk_size, 14) targets: a straight joint-space line from ``q14`` toward ``goal_q14``.
+    """(chunk_size, 14) targets from ``q14`` toward ``goal_q14``: each joint moves ``step_rad`` per step
+    toward its goal (less on the last step) and then stays there.
 
-    The joint farthest from its goal moves ``step_rad`` per step; the others move in proportion so
-    all arrive together; once there, the goal is repeated.
+    Far from the goal a chunk is the state shifted by a fixed amount per step, so a small model learns it
+    as "copy the proprio token, shift it"; the image only has to tell which way and where to stop.
     """
     q = np.asarray(q14, dtype=np.float64)
     delta = np.asarray(goal_q14, dtype=np.float64) - q
-    far = float(np.max(np.abs(delta)))
-    steps = np.arange(1, chunk_size + 1, dtype=np.float64)
-    frac = np.ones(chunk_size) if far < 1e-9 else np.minimum(1.0, steps * step_rad / far)
-    return q[None, :] + frac[:, None] * delta[None, :]
+    reach = np.arange(1, chunk_size + 1, dtype=np.float64)[:, None] * step_rad
+    return q[None, :] + np.clip(delta[None, :], -reach, reach)
 
 
 class ExpertPolicy:

@@ -29,13 +29,14 @@ def test_reach_pose_touches_every_spot_and_ready_pose_does_not():
         reach_pose(0.0, 0.9, 0.05)  # out of reach
 
 
-def test_expert_chunk_is_a_speed_limited_line():
+def test_expert_chunk_moves_each_joint_at_the_step_then_stops():
     q0, goal = np.zeros(14), np.zeros(14)
     goal[2], goal[4] = 0.5, -0.1
     c = expert_chunk(q0, goal, 0.04)
     assert c.shape == (5, 14)
-    assert np.allclose(np.diff(c[:, 2], prepend=0.0), 0.04)  # the farthest joint sets the pace
-    assert np.allclose(c[:, 4] / c[:, 2], -0.2)  # the others move in proportion
+    assert np.allclose(c[:, 2], 0.04 * np.arange(1, 6))
+    assert np.allclose(c[:, 4], [-0.04, -0.08, -0.1, -0.1, -0.1])  # arrived: stays at its goal
+    assert np.allclose(c[:, [0, 1, 3]], 0.0)
     assert np.allclose(expert_chunk(goal, goal, 0.04), goal)
 
 

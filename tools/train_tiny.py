@@ -13,8 +13,9 @@ suffix), then the 70 action tokens of ``action[t : t + 5]`` and ``<|im_end|>``. 
 cross-entropy of those 71 tokens (teacher forcing); nothing else is supervised.
 
 Normalisation statistics come from the data: action bounds are the per-dimension min/max of ``action``
-(widened by 5 % of the range, at least 0.01, within the Piper's limits), proprio statistics are the
-mean/std of ``observations/qpos`` (std at least 0.01). The model is the tiny shape of
+(widened by 5 % of the range, at least 0.01, within the Piper's limits); the proprio statistics are
+derived from the same range (mean = mid-range, std = range / 6) so that a state and an action of the
+same value fall in the same bin. The model is the tiny shape of
 :mod:`vla_edge.export.tiny` made a little wider (:data:`POLICY_MODEL`); the bin rows of the (tied)
 token table start as smooth Fourier features of the bin value, so neighbouring bins start close and
 the output head is ordinal from the first step. AdamW, warm-up then cosine decay.
@@ -124,11 +125,16 @@ def statistics(ds: Dataset):
     """PolicySpec with bounds and proprio statistics computed from the data."""
     from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
 
-    lo, hi = ds.all_actions.min(0), ds.all_actions.max(0)
+    lo = np.minimum(ds.all_actions.min(0), ds.all_qpos.min(0))
+    hi = np.maximum(ds.all_actions.max(0), ds.all_qpos.max(0))
     margin = np.maximum(0.05 * (hi - lo), 0.01)
     lim_lo, lim_hi = np.array(PIPER_JOINT_LO * 2), np.array(PIPER_JOINT_HI * 2)
     lo, hi = np.maximum(lo - margin, lim_lo), np.minimum(hi + margin, lim_hi)
-    mean, std = ds.all_qpos.mean(0), np.maximum(ds.all_qpos.std(0), 0.01)
+    # Proprio statistics put a joint value in the same bin as an action of that value:
+    # x = (s - mean) / (std + 1e-5) / 3 equals (a - lo) / (hi - lo) * 2 - 1 for mean = mid-range and
+    # std = range / 6 - 1e-5. Then "the next target is near the current state" is "the next token is
+    # near the proprio token", which a small model learns in minutes.
+    mean, std = (lo + hi) / 2, (hi - lo) / 6 - 1e-5
     return PolicySpec(chunk_size=CHUNK, action_dim=ACTION_DIM, state_dim=ACTION_DIM, action_lo=lo.tolist(),
                       action_hi=hi.tolist(), proprio_mean=mean.tolist(), proprio_std=std.tolist())
 
