@@ -296,8 +296,9 @@ class TorchPolicy:
         return ActionChunk(joints=joints, token_ids=ids, timings_ms={"total": (time.perf_counter() - t0) * 1e3})
 
 
-def token_agreement(torch_policy: TorchPolicy, steps) -> tuple[int, int, int, int]:
+def token_agreement(torch_policy: TorchPolicy, steps, instruction: str = INSTRUCTION) -> tuple[int, int, int, int]:
     """(equal tokens, tokens, identical chunks, chunks) of PyTorch vs the bundle on the bundle's observations."""
+    torch_policy.start_episode(instruction)
     same = total = same_chunks = 0
     for frames, state, ids in steps:
         ref = torch_policy.tokens.head_ids[torch_policy.head_indices(frames, state)]
@@ -311,7 +312,7 @@ def token_agreement(torch_policy: TorchPolicy, steps) -> tuple[int, int, int, in
 
 def _default_ckpt_for(bundle) -> str | None:
     """The shipped tiny policy, when the bundle was exported from it."""
-    from vla_edge.tools.train_tiny import SHIPPED_POLICY
+    from vla_edge.tools.package_data import SHIPPED_POLICY
 
     if SHIPPED_POLICY.exists():
         from vla_edge.export.checkpoint import file_sha256

@@ -19,43 +19,41 @@ def demo_dir(workdir: str | None = None) -> Path:
 
 
 def ensure_demo_bundle(workdir: str | None = None) -> Path:
-    """The demo's INT8 bundle of the trained tiny reach policy, made on first use (needs the [export] extra).
+    """The demo's INT8 bundle, made on first use (needs the [export] extra).
 
-    The policy is the checkpoint shipped in ``vla_edge/tools/data/tiny_policy.pt``; without it (a
-    source tree that lost it), the scripted expert records episodes and ``train-tiny`` trains one here.
+    It is the trained tiny reach policy shipped as ``vla_edge/tools/data/tiny_policy.pt`` when that file
+    exists (README, "A policy that does something"), else a tiny checkpoint with random weights.
     """
     import json
 
+    from vla_edge.tools.package_data import shipped_policy
+
+    policy = shipped_policy()
     d = demo_dir(workdir)
     bundle = d / "bundle"
+    wanted = policy.name if policy is not None else "tiny.pt"
     if (bundle / "manifest.json").exists():
-        source = json.loads((bundle / "manifest.json").read_text()).get("source", {}).get("name")
-        if source == "tiny_policy.pt":  # a bundle of the reach policy (older demos exported a random model)
+        if json.loads((bundle / "manifest.json").read_text()).get("source", {}).get("name") == wanted:
             return bundle
     try:
         from vla_edge.export.checkpoint import load_checkpoint
         from vla_edge.export.pipeline import ExportOptions, export_bundle
-        from vla_edge.tools.train_tiny import SHIPPED_POLICY, train
+        from vla_edge.export.tiny import write_tiny_checkpoint
     except ImportError as e:
         raise VlaEdgeError(
             f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
             "pip install 'vla-edge[export]' or pass --bundle"
         ) from None
     from rich.console import Console
-    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    ckpt = SHIPPED_POLICY
-    if not ckpt.exists():
-        from vla_edge.edge.evaluate import record_expert_episodes
-
-        ckpt = d / "tiny_policy.pt"
+    ckpt = policy
+    if ckpt is None:
+        ckpt = d / "tiny.pt"
         if not ckpt.exists():
-            log.info("no shipped tiny policy: recording expert episodes and training one (a few minutes)")
-            record_expert_episodes(d / "episodes", 36, first_seed=0)
-            train(d / "episodes", ckpt)
+            log.info("making the tiny demo checkpoint %s", ckpt)
+            write_tiny_checkpoint(ckpt, seed=0)
     log.info("exporting %s -> %s", ckpt, bundle)
-    from rich.progress import Progress
-
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
         export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)

@@ -38,8 +38,7 @@ from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
-SHIPPED_POLICY = Path(__file__).parent / "data" / "tiny_policy.pt"
-"""The trained reach policy shipped with vla-edge (README, "A policy that does something")."""
+from vla_edge.tools.package_data import SHIPPED_POLICY  # noqa: E402,F401  (re-exported)
 
 CHUNK = 5
 ACTION_DIM = 14
