@@ -130,6 +130,49 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _call("vla_edge.edge.check", "main", a))
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="success rate of a bundle on the simulated reach task (optionally vs PyTorch)",
+        description="Run N seeded episodes of the simulated reach task (a red target on the table; the "
+        "arm on its side must touch it) through the normal control loop and report the success rate "
+        "with a 95%% Wilson interval and the mean time to success. --baseline torch also runs the "
+        "checkpoint's PyTorch model on the same seeds and reports per-step token agreement.",
+    )
+    p.add_argument("--bundle", help="bundle directory (default: the demo bundle)")
+    p.add_argument("--robot", default="sim", help="a simulated robot profile (default sim)")
+    p.add_argument("--episodes", type=int, default=20, help="number of seeded episodes (default 20)")
+    p.add_argument("--seed", type=int, default=1000, help="first episode seed (default 1000; training uses < 1000)")
+    p.add_argument("--max-seconds", type=float, default=8.0, help="an episode fails after this long (default 8)")
+    p.add_argument("--baseline", choices=["torch"], help="also evaluate the PyTorch model of the checkpoint")
+    p.add_argument("--ckpt", help="checkpoint for --baseline torch (default: the shipped tiny policy if it matches)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.evaluate", "main", a))
+
+
+def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-tiny",
+        help="fit a tiny LLaVA-VLA-shaped policy to recorded episodes on a CPU",
+        description="Train the tiny model on HDF5 episodes (Cobot Magic layout) with cross-entropy on the "
+        "action tokens, the contract's prompt, proprio tokens and image layout; normalisation statistics "
+        "come from the data. --record N first records N scripted-expert episodes of the simulated reach "
+        "task into --data. Writes a best.pt that vla-edge export takes. Needs the [export] extra.",
+    )
+    p.add_argument("--data", required=True, help="directory of episode_*.hdf5 files")
+    p.add_argument("--out", required=True, help="checkpoint to write (best.pt)")
+    p.add_argument("--record", type=int, default=0, help="first record this many expert episodes into --data")
+    p.add_argument("--record-seed", type=int, default=0, help="seed of the first recorded episode (default 0)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500)")
+    p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
+    p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0: all)")
+    p.add_argument("--init", help="continue from this checkpoint's weights (one train-tiny wrote)")
+    p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
+
+
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
     import importlib
 
@@ -143,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check):
+    for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
+                _add_train_tiny):
         add(sub)
     return parser
 

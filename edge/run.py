@@ -19,11 +19,22 @@ def demo_dir(workdir: str | None = None) -> Path:
 
 
 def ensure_demo_bundle(workdir: str | None = None) -> Path:
-    """The demo's tiny checkpoint and its INT8 bundle, made on first use (needs the [export] extra)."""
+    """The demo's INT8 bundle, made on first use (needs the [export] extra).
+
+    It is the trained tiny reach policy shipped as ``vla_edge/tools/data/tiny_policy.pt`` when that file
+    exists (README, "A policy that does something"), else a tiny checkpoint with random weights.
+    """
+    import json
+
+    from vla_edge.tools.package_data import shipped_policy
+
+    policy = shipped_policy()
     d = demo_dir(workdir)
     bundle = d / "bundle"
+    wanted = policy.name if policy is not None else "tiny.pt"
     if (bundle / "manifest.json").exists():
-        return bundle
+        if json.loads((bundle / "manifest.json").read_text()).get("source", {}).get("name") == wanted:
+            return bundle
     try:
         from vla_edge.export.checkpoint import load_checkpoint
         from vla_edge.export.pipeline import ExportOptions, export_bundle
@@ -36,10 +47,12 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    ckpt = d / "tiny.pt"
-    if not ckpt.exists():
-        log.info("making the tiny demo checkpoint %s", ckpt)
-        write_tiny_checkpoint(ckpt, seed=0)
+    ckpt = policy
+    if ckpt is None:
+        ckpt = d / "tiny.pt"
+        if not ckpt.exists():
+            log.info("making the tiny demo checkpoint %s", ckpt)
+            write_tiny_checkpoint(ckpt, seed=0)
     log.info("exporting %s -> %s", ckpt, bundle)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
@@ -167,6 +180,26 @@ def main(args) -> int:
 
 
 def demo(args) -> int:
-    """Tiny checkpoint -> INT8 bundle -> the simulated robot for a while -> summary."""
+    """Trained tiny reach policy -> INT8 bundle -> the simulated robot touches a red target -> summary."""
+    import random
+
+    from vla_edge.edge.task import INSTRUCTION, ReachTask
+
     ensure_demo_bundle(args.workdir)
-    return run("sim", str(demo_dir(args.workdir) / "bundle"), "pick up the red cube", seconds=args.seconds)
+    task = ReachTask()
+    episode = task.sample(random.randrange(1_000_000))
+    seen = {}
+
+    def place_target(robot, loop, estop) -> None:
+        robot.sim.scene.target_radius_m = task.target_radius_m
+        robot.sim.set_target(*episode.target_xy_m)
+        seen["sim"] = robot.sim
+
+    code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
+               on_connected=place_target)
+    if "sim" in seen:  # the simulators keep their last state after the robot disconnected
+        err_m, _ = task.tip_error(seen["sim"].joint_state(), episode.target_xy_m)
+        print(f"demo: target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
+              f"{episode.side} arm; the fingertip ended {100 * err_m:.1f} cm from it "
+              f"({'reached' if err_m <= task.tolerance_m else 'not reached'})", file=sys.stderr)
+    return code

@@ -1,0 +1,432 @@
+"""``vla-edge eval``: success rate of a policy on the simulated reach task (:mod:`vla_edge.edge.task`).
+
+Each episode runs through the normal control loop (:class:`~vla_edge.edge.loop.ControlLoop`: sync
+chunks, safety filter, e-stop latch, optional HDF5 recording) against one connected simulated robot:
+
+1. the target disc is placed at the episode's seeded spot, the arms go back to the ready pose;
+2. the loop runs the policy until the task's success test has held for ``hold_ticks`` ticks, or
+   ``max_seconds`` pass (failure), or a fault stops the robot (failure, reason recorded);
+3. a monitor thread applies the success test every control period to the simulator's measured joints.
+
+The report: success rate with a 95 % Wilson interval, mean time to success (seconds and control ticks,
+over the successful episodes), and with ``--baseline torch`` the PyTorch model's rate on the same
+seeds plus the per-step token agreement of the bundle with PyTorch on the bundle's own observations
+(computed after each episode, so the PyTorch steps never slow the bundle's loop down).
+
+The same runner records the expert's demonstrations for ``vla-edge train-tiny``
+(:func:`record_expert_episodes`). No torch unless ``--baseline torch``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.task import INSTRUCTION, Episode, ExpertPolicy, ReachTask
+
+log = logging.getLogger(__name__)
+
+COBOT_CAMERAS = ["cam_high", "cam_left_wrist", "cam_right_wrist"]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % for ``z = 1.96``); (0, 1) for n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    target_xy_m: tuple[float, float]
+    side: str
+    time_to_success_s: float | None  # loop start -> first tick of the held window
+    ticks_to_success: int | None
+    ticks: int
+    final_error_m: float  # fingertip to target, horizontally, at the end
+    fault: str | None = None
+    steps: int = 0  # policy steps (inferences)
+
+
+@dataclass
+class EvalSummary:
+    policy: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95: tuple[float, float]
+    mean_time_to_success_s: float | None
+    mean_ticks_to_success: float | None
+    results: list[EpisodeResult] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, policy: str, results: list[EpisodeResult]) -> EvalSummary:
+        n, k = len(results), sum(r.success for r in results)
+        ok = [r for r in results if r.success]
+        return cls(
+            policy=policy, episodes=n, successes=k, success_rate=k / n if n else 0.0, ci95=wilson_interval(k, n),
+            mean_time_to_success_s=float(np.mean([r.time_to_success_s for r in ok])) if ok else None,
+            mean_ticks_to_success=float(np.mean([r.ticks_to_success for r in ok])) if ok else None,
+            results=results,
+        )
+
+    def line(self) -> str:
+        t = f"{self.mean_time_to_success_s:.2f} s" if self.mean_time_to_success_s is not None else "-"
+        return (f"{self.policy}: {self.successes}/{self.episodes} = {100 * self.success_rate:.0f} % "
+                f"(95 % CI {100 * self.ci95[0]:.0f}-{100 * self.ci95[1]:.0f} %), mean time to success {t}")
+
+
+class _SuccessMonitor:
+    """Applies the task's test every control period; stops the loop once it held long enough."""
+
+    def __init__(self, task: ReachTask, sim, episode: Episode, loop, period_s: float, linger_ticks: int = 0):
+        self.task, self.sim, self.episode, self.loop = task, sim, episode, loop
+        self.period_s, self.linger_ticks = period_s, linger_ticks
+        self.t0 = time.monotonic()
+        self.success_t: float | None = None
+        self.success_tick: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="success-monitor", daemon=True)
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(1.0)
+
+    def _run(self) -> None:
+        held, first_t, first_tick, linger = 0, 0.0, 0, 0
+        while not self._stop.wait(self.period_s):
+            if self.success_t is not None:  # recording: keep the goal pose in view a little longer
+                linger += 1
+                if linger >= self.linger_ticks:
+                    self.loop.stop_requested.set()
+                    return
+                continue
+            if self.task.at_target(self.sim.joint_state(), self.episode.target_xy_m):
+                if held == 0:
+                    first_t, first_tick = time.monotonic(), self.loop.ticks
+                held += 1
+                if held >= self.task.hold_ticks:
+                    self.success_t, self.success_tick = first_t - self.t0, first_tick
+                    if self.linger_ticks <= 0:
+                        self.loop.stop_requested.set()
+                        return
+            else:
+                held = 0
+
+
+class _CountingPolicy:
+    """Counts steps and (optionally) keeps each step's observation and tokens for the agreement check."""
+
+    def __init__(self, policy, keep: bool = False):
+        self.policy, self.keep = policy, keep
+        self.provider = getattr(policy, "provider", "?")
+        self.steps: list[tuple[list[np.ndarray], np.ndarray, np.ndarray]] = []
+        self.n = 0
+
+    def start_episode(self, instruction: str, navigation: bool = False) -> None:
+        self.policy.start_episode(instruction, navigation=navigation)
+
+    def step(self, frames, state):
+        chunk = self.policy.step(frames, state)
+        self.n += 1
+        if self.keep:
+            self.steps.append(([np.array(f) for f in frames], np.array(state, np.float64), np.array(chunk.token_ids)))
+        return chunk
+
+
+class SimBench:
+    """One connected simulated robot on which episodes run back to back (a context manager)."""
+
+    def __init__(self, task: ReachTask | None = None, robot: str = "sim", rate_hz: float | None = None,
+                 max_seconds: float = 8.0, cameras: list[str] | None = None):
+        from vla_edge.edge.robot import Robot, load_profile
+
+        self.task = task or ReachTask()
+        self.profile = load_profile(robot)
+        if self.profile.sim is None:
+            raise VlaEdgeError(f"robot {self.profile.name}: evaluation needs a simulated robot (a [sim] profile)")
+        self.rate_hz = rate_hz or self.profile.control_rate_hz
+        self.max_seconds = max_seconds
+        self.cameras = list(cameras or COBOT_CAMERAS)
+        self.robot = Robot(self.profile)
+
+    def __enter__(self) -> SimBench:
+        self.robot.connect()
+        missing = [c for c in self.cameras if c not in self.robot.camera_names]
+        if missing:
+            self.robot.disconnect()
+            raise VlaEdgeError(f"policy expects cameras {self.cameras}; robot {self.profile.name} has no {missing[0]}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.robot.disconnect()
+
+    @property
+    def sim(self):
+        return self.robot.sim
+
+    def reset(self, episode: Episode, timeout_s: float = 5.0) -> None:
+        """Target at the episode's spot, arms back at the ready pose (commanded, then waited for)."""
+        scene = self.sim.scene
+        scene.target_radius_m = self.task.target_radius_m
+        self.sim.set_target(*episode.target_xy_m)
+        ready = self.task.ready_q14
+        self.robot.resume()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.robot.send_joint_targets(ready)
+            if np.max(np.abs(self.robot.read_state().qpos - ready)) < 2e-3:
+                break
+            if time.monotonic() > deadline:
+                raise VlaEdgeError("reset: the arms did not reach the ready pose")
+            time.sleep(0.02)
+        time.sleep(0.1)  # let the cameras draw the new scene
+
+    def run_episode(self, policy, seed: int, instruction: str = INSTRUCTION, recorder=None,
+                    linger_ticks: int = 0) -> EpisodeResult:
+        """Reset to ``seed``'s episode and run ``policy`` through the control loop until success or timeout."""
+        from vla_edge.edge.estop import EStop
+        from vla_edge.edge.loop import ControlLoop, LoopConfig
+        from vla_edge.edge.run import safety_limits
+        from vla_edge.edge.safety import SafetyFilter
+        from vla_edge.edge.telemetry import RunStats
+
+        episode = self.task.sample(seed)
+        self.reset(episode)
+        cfg = LoopConfig(rate_hz=self.rate_hz, mode="sync", seconds=self.max_seconds)
+        stats = RunStats(period_s=1.0 / cfg.rate_hz)
+        if recorder is not None:
+            recorder.start_episode({"instruction": instruction, "robot": self.profile.name, "sim": True,
+                                    "seed": seed, "target_xy_m": list(episode.target_xy_m), "side": episode.side,
+                                    "policy": type(getattr(policy, "policy", policy)).__name__})
+        loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(safety_limits(self.profile)), EStop(),
+                           stats, recorder, cameras=self.cameras)
+        try:
+            with _SuccessMonitor(self.task, self.sim, episode, loop, 1.0 / cfg.rate_hz, linger_ticks) as mon:
+                fault = loop.run()
+        finally:
+            if recorder is not None:
+                recorder.close()
+        self.robot.hold()
+        err, _ = self.task.tip_error(self.sim.joint_state(), episode.target_xy_m)
+        ok = mon.success_t is not None
+        return EpisodeResult(seed=seed, success=ok, target_xy_m=episode.target_xy_m, side=episode.side,
+                             time_to_success_s=mon.success_t, ticks_to_success=mon.success_tick, ticks=loop.ticks,
+                             final_error_m=err, fault=fault if not ok else None,
+                             steps=getattr(policy, "n", 0))
+
+
+def episode_seeds(n: int, first_seed: int = 1000) -> list[int]:
+    """The evaluation seeds: ``first_seed .. first_seed + n - 1`` (training data uses seeds below 1000)."""
+    return list(range(first_seed, first_seed + n))
+
+
+def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, task: ReachTask | None = None,
+                           linger_ticks: int = 10, progress=None) -> list[EpisodeResult]:
+    """Record ``n`` scripted-expert episodes as HDF5 files (Cobot Magic layout) through the control loop."""
+    from vla_edge.edge.engine import STAGES
+    from vla_edge.edge.recorder import EpisodeRecorder
+
+    results = []
+    with SimBench(task) as bench:
+        recorder = EpisodeRecorder(out_dir, cameras=bench.cameras, compress="lzf", stage_names=[*STAGES, "total"])
+        expert = ExpertPolicy(bench.task, bench.sim)
+        for seed in range(first_seed, first_seed + n):
+            r = bench.run_episode(_CountingPolicy(expert), seed, recorder=recorder, linger_ticks=linger_ticks)
+            if not r.success:
+                log.warning("expert episode %d did not succeed (%s)", seed, r.fault or "timeout")
+            results.append(r)
+            if progress is not None:
+                progress(r)
+    return results
+
+
+# -- the PyTorch baseline ------------------------------------------------------------------------
+class TorchPolicy:
+    """The checkpoint's PyTorch model (:class:`~vla_edge.export.reference.TorchReference`) as a loop policy."""
+
+    provider = "torch"
+
+    def __init__(self, ckpt):
+        from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+        from vla_edge.export.model import LlavaVLA
+        from vla_edge.export.reference import TorchReference
+
+        encode = tokenizer_encoder(ckpt.tokenizer_json)
+        self.ref = TorchReference(LlavaVLA.from_checkpoint(ckpt), ckpt.tokens, ckpt.policy, ckpt.layout,
+                                  PromptTemplate.build(encode, ckpt.tokens), encode)
+        self.tokens, self.policy = ckpt.tokens, ckpt.policy
+        self.instruction, self.navigation = "", False
+
+    def start_episode(self, instruction: str, navigation: bool = False) -> None:
+        self.instruction, self.navigation = instruction, navigation
+
+    def head_indices(self, frames, state) -> np.ndarray:
+        return self.ref.step(self.ref.pixels(frames), np.asarray(state, np.float64), self.instruction,
+                             self.navigation).head_idx
+
+    def step(self, frames, state):
+        from vla_edge import kernels
+        from vla_edge.edge.engine import ActionChunk
+
+        t0 = time.perf_counter()
+        head_idx = self.head_indices(frames, state)
+        ids = self.tokens.head_ids[head_idx]
+        joints = kernels.detokenize_actions(ids[head_idx < self.tokens.n_bins], self.tokens.vocab_base,
+                                            self.policy.action_lo, self.policy.action_hi)
+        return ActionChunk(joints=joints, token_ids=ids, timings_ms={"total": (time.perf_counter() - t0) * 1e3})
+
+
+def token_agreement(torch_policy: TorchPolicy, steps, instruction: str = INSTRUCTION) -> tuple[int, int, int, int]:
+    """(equal tokens, tokens, identical chunks, chunks) of PyTorch vs the bundle on the bundle's observations."""
+    torch_policy.start_episode(instruction)
+    same = total = same_chunks = 0
+    for frames, state, ids in steps:
+        ref = torch_policy.tokens.head_ids[torch_policy.head_indices(frames, state)]
+        n = min(len(ref), len(ids))
+        eq = int(np.sum(ref[:n] == ids[:n]))
+        same += eq
+        total += max(len(ref), len(ids))
+        same_chunks += int(len(ref) == len(ids) and eq == n)
+    return same, total, same_chunks, len(steps)
+
+
+def _default_ckpt_for(bundle) -> str | None:
+    """The shipped tiny policy, when the bundle was exported from it."""
+    from vla_edge.tools.package_data import SHIPPED_POLICY
+
+    if SHIPPED_POLICY.exists():
+        from vla_edge.export.checkpoint import file_sha256
+
+        if file_sha256(SHIPPED_POLICY) == bundle.manifest.get("source", {}).get("sha256"):
+            return str(SHIPPED_POLICY)
+    return None
+
+
+def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", baseline: str | None = None,
+             ckpt_path: str | None = None, first_seed: int = 1000, max_seconds: float = 8.0,
+             provider: str = "cpu", policy=None, progress: bool = True) -> dict:
+    """Run the evaluation; returns the report dict (see the module docstring). ``policy`` overrides the bundle."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    seeds = episode_seeds(episodes, first_seed)
+    policies: list[tuple[str, object]] = []
+    bundle = None
+    if policy is not None:
+        policies.append((getattr(policy, "provider", type(policy).__name__), policy))
+    else:
+        from vla_edge.edge.bundle import Bundle
+        from vla_edge.edge.engine import Engine
+
+        if bundle_path is None:
+            raise VlaEdgeError("give --bundle (or use the demo bundle: vla-edge demo makes it)")
+        bundle = Bundle.load(bundle_path)
+        threads = max(1, (os.cpu_count() or 2) - 1)
+        policies.append((f"bundle ({bundle.precision})", Engine(bundle, provider=provider, threads=threads)))
+    torch_policy = None
+    if baseline == "torch":
+        if bundle is None:
+            raise VlaEdgeError("--baseline torch compares a bundle with its checkpoint: give --bundle")
+        from vla_edge.export.checkpoint import load_checkpoint
+
+        src = ckpt_path or _default_ckpt_for(bundle)
+        if not src:
+            raise VlaEdgeError("--baseline torch needs --ckpt (the checkpoint the bundle came from)")
+        ck = load_checkpoint(src)
+        if ck.sha256 != bundle.manifest["source"]["sha256"]:
+            raise VlaEdgeError(f"{src} is not the checkpoint {bundle.root} was exported from (sha256 differs)")
+        torch_policy = TorchPolicy(ck)
+        policies.append(("pytorch", torch_policy))
+    elif baseline is not None:
+        raise VlaEdgeError(f"unknown baseline {baseline!r} (torch)")
+    cameras = bundle.layout.cameras if bundle is not None else None
+    summaries: list[EvalSummary] = []
+    agree = [0, 0, 0, 0]
+    with SimBench(robot=robot, max_seconds=max_seconds, cameras=cameras) as bench, Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not progress,
+    ) as bar:
+        for name, pol in policies:
+            job = bar.add_task(f"{name}: 0 successes", total=len(seeds))
+            results = []
+            for seed in seeds:
+                counting = _CountingPolicy(pol, keep=torch_policy is not None and pol is not torch_policy)
+                results.append(bench.run_episode(counting, seed))
+                if counting.keep:
+                    for i, v in enumerate(token_agreement(torch_policy, counting.steps)):
+                        agree[i] += v
+                bar.update(job, advance=1, description=f"{name}: {sum(r.success for r in results)} successes")
+            summaries.append(EvalSummary.of(name, results))
+    report = {
+        "task": asdict(bench.task),
+        "instruction": INSTRUCTION,
+        "seeds": [seeds[0], seeds[-1]] if seeds else [],
+        "max_seconds": max_seconds,
+        "summaries": [asdict(s) for s in summaries],
+    }
+    if torch_policy is not None:
+        report["token_agreement"] = {
+            "tokens": agree[0] / agree[1] if agree[1] else None, "n_tokens": agree[1],
+            "chunks": agree[2] / agree[3] if agree[3] else None, "n_chunks": agree[3],
+        }
+    return report
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"reach task, {report['summaries'][0]['episodes']} seeded episodes "
+                        f"(seeds {report['seeds'][0]}..{report['seeds'][-1]}), max {report['max_seconds']:g} s")
+    for col in ("policy", "success", "rate", "95 % CI (Wilson)", "mean time to success"):
+        table.add_column(col)
+    for s in report["summaries"]:
+        t = s["mean_time_to_success_s"]
+        table.add_row(s["policy"], f"{s['successes']}/{s['episodes']}", f"{100 * s['success_rate']:.0f} %",
+                      f"{100 * s['ci95'][0]:.0f}-{100 * s['ci95'][1]:.0f} %",
+                      f"{t:.2f} s ({s['mean_ticks_to_success']:.0f} ticks)" if t is not None else "-")
+    console.print(table)
+    ta = report.get("token_agreement")
+    if ta and ta["tokens"] is not None:
+        console.print(f"token agreement, bundle vs PyTorch on the bundle's observations: "
+                      f"{100 * ta['tokens']:.2f} % of {ta['n_tokens']} tokens, "
+                      f"{100 * ta['chunks']:.1f} % of {ta['n_chunks']} chunks identical")
+
+
+def main(args) -> int:
+    from vla_edge.edge.run import demo_dir
+
+    bundle = args.bundle
+    if bundle is None:
+        candidate = demo_dir(None) / "bundle"
+        if not (candidate / "manifest.json").exists():
+            raise VlaEdgeError("give --bundle (or run vla-edge demo once to make the demo bundle)")
+        bundle = str(candidate)
+    report = evaluate(bundle, args.episodes, robot=args.robot, baseline=args.baseline, ckpt_path=args.ckpt,
+                      first_seed=args.seed, max_seconds=args.max_seconds, provider=args.provider)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    return 0

@@ -1,0 +1,91 @@
+"""The reach task, its evaluation and tiny-policy training, at a small scale (a few episodes, a few steps)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from vla_edge.edge.evaluate import EvalSummary, SimBench, _CountingPolicy, wilson_interval
+from vla_edge.edge.task import ExpertPolicy, ReachTask, TaskError, expert_chunk, reach_pose
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_reach_pose_touches_every_spot_and_ready_pose_does_not():
+    task = ReachTask()
+    for seed in range(200):
+        ep = task.sample(seed)
+        assert task.at_target(ep.reach_q14, ep.target_xy_m)
+        assert not task.at_target(task.ready_q14, ep.target_xy_m)
+        assert (ep.side == "left") == (ep.target_xy_m[0] < 0)
+    with pytest.raises(TaskError):
+        reach_pose(0.0, 0.9, 0.05)  # out of reach
+
+
+def test_expert_chunk_moves_each_joint_at_the_step_then_stops():
+    q0, goal = np.zeros(14), np.zeros(14)
+    goal[2], goal[4] = 0.5, -0.1
+    c = expert_chunk(q0, goal, 0.04)
+    assert c.shape == (5, 14)
+    assert np.allclose(c[:, 2], 0.04 * np.arange(1, 6))
+    assert np.allclose(c[:, 4], [-0.04, -0.08, -0.1, -0.1, -0.1])  # arrived: stays at its goal
+    assert np.allclose(c[:, [0, 1, 3]], 0.0)
+    assert np.allclose(expert_chunk(goal, goal, 0.04), goal)
+
+
+class _Frozen:
+    """An obviously wrong policy: keeps the arms where they are."""
+
+    def start_episode(self, instruction, navigation=False):
+        pass
+
+    def step(self, frames, state):
+        from vla_edge.edge.engine import ActionChunk
+
+        return ActionChunk(joints=np.repeat(np.asarray(state)[None], 5, axis=0))
+
+
+def test_eval_counts_expert_successes_and_frozen_failures():
+    with SimBench(max_seconds=1.5) as bench:
+        expert = [bench.run_episode(_CountingPolicy(ExpertPolicy(bench.task, bench.sim)), s) for s in (1000, 1001)]
+        frozen = [bench.run_episode(_CountingPolicy(_Frozen()), 1000)]
+    ok = EvalSummary.of("expert", expert)
+    assert ok.successes == 2 and ok.success_rate == 1.0 and ok.ci95 == wilson_interval(2, 2)
+    for r in expert:
+        assert r.success and r.fault is None and r.final_error_m <= bench.task.tolerance_m
+        assert 0 < r.time_to_success_s < 1.5 and 0 < r.ticks_to_success <= r.ticks and r.steps >= 2
+    assert ok.mean_time_to_success_s == pytest.approx(np.mean([r.time_to_success_s for r in expert]))
+    bad = EvalSummary.of("frozen", frozen)
+    assert bad.successes == 0 and bad.mean_time_to_success_s is None
+    assert frozen[0].time_to_success_s is None and frozen[0].ticks >= 30  # ran until the time limit
+
+
+def test_train_tiny_loss_falls_and_checkpoint_loads(tmp_path):
+    pytest.importorskip("torch")
+    from vla_edge.edge.evaluate import record_expert_episodes
+    from vla_edge.export.checkpoint import load_checkpoint
+    from vla_edge.tools.train_tiny import train
+
+    results = record_expert_episodes(tmp_path / "episodes", 2, first_seed=3, linger_ticks=2)
+    assert len(list((tmp_path / "episodes").glob("episode_*.hdf5"))) == 2
+    assert all(r.success for r in results)
+    res = train(tmp_path / "episodes", tmp_path / "best.pt", steps=12, batch=2, lr=3e-3, progress=False)
+    assert res.episodes == 2 and res.samples > 20
+    assert all(math.isfinite(x) for x in res.losses)
+    assert np.mean(res.losses[-3:]) < np.mean(res.losses[:3]) - 0.5
+    ck = load_checkpoint(res.path)  # weights_only=True inside
+    lo, hi = np.array(ck.policy.action_lo), np.array(ck.policy.action_hi)
+    assert (hi > lo).all() and ck.layout.cameras == ["cam_high", "cam_left_wrist", "cam_right_wrist"]
+
+
+@pytest.mark.parametrize("command", ["eval", "train-tiny"])
+def test_cli_help(command):
+    r = run_cli(command, "--help", timeout=60)
+    assert r.returncode == 0 and "usage" in r.stdout

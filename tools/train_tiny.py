@@ -1,0 +1,356 @@
+"""``vla-edge train-tiny``: fit a tiny LLaVA-VLA-shaped model to recorded episodes on a CPU, in minutes.
+
+Data: HDF5 episodes in the Cobot Magic layout (what ``vla-edge run --record`` and
+:func:`vla_edge.edge.evaluate.record_expert_episodes` write): ``observations/images/<cam>``,
+``observations/qpos`` and ``action``, attribute ``instruction``. With ``--record N`` the scripted
+expert of the simulated reach task (:mod:`vla_edge.edge.task`) records N episodes into ``--data`` first.
+
+Every tick ``t`` with five actions after it is one sample, exactly as the runtime will see it
+(CONTRACT section 1): the three camera views composed into one 384 px image
+(:func:`vla_edge.kernels.compose_views` with the checkpoint's image layout), the ChatML prompt
+(:class:`~vla_edge.edge.prompt.PromptTemplate`: prefix, image embeddings, instruction, 14 proprio tokens,
+suffix), then the 70 action tokens of ``action[t : t + 5]`` and ``<|im_end|>``. The loss is the
+cross-entropy of those 71 tokens (teacher forcing); nothing else is supervised.
+
+Normalisation statistics come from the data: action bounds are the per-dimension min/max of ``action``
+(widened by 5 % of the range, at least 0.01, within the Piper's limits); the proprio statistics are
+derived from the same range (mean = mid-range, std = range / 6) so that a state and an action of the
+same value fall in the same bin. The model is the tiny shape of
+:mod:`vla_edge.export.tiny` made a little wider (:data:`POLICY_MODEL`); the bin rows of the (tied)
+token table start as smooth Fourier features of the bin value, so neighbouring bins start close and
+the output head is ordinal from the first step. AdamW, warm-up then cosine decay.
+
+Output: a vla-edge wrapper checkpoint (``best.pt``) that ``vla-edge export`` takes like any other
+(``torch.load(weights_only=True)`` safe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from vla_edge.edge.errors import VlaEdgeError
+
+log = logging.getLogger(__name__)
+
+from vla_edge.tools.package_data import SHIPPED_POLICY  # noqa: E402,F401  (re-exported)
+
+CHUNK = 5
+ACTION_DIM = 14
+
+
+def policy_model_config(vocab_rows: int):
+    from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
+
+    return ModelConfig(
+        vision=VisionConfig(hidden=64, intermediate=128, layers=2, heads=2, patch=14, image_size=384),
+        text=TextConfig(hidden=96, intermediate=192, layers=2, heads=4, kv_heads=2, vocab_rows=vocab_rows,
+                        max_positions=2048),
+    )
+
+
+# -- data --------------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    """Samples of every episode: composed pixels (uint8, S x S x 3), proprio state, 5-step action chunks."""
+
+    images: np.ndarray  # (n, S, S, 3) uint8
+    qpos: np.ndarray  # (n, 14) float64
+    actions: np.ndarray  # (n, 5, 14) float64
+    instructions: list[str]  # per sample
+    episodes: int
+    all_qpos: np.ndarray  # every recorded tick, for the statistics
+    all_actions: np.ndarray
+
+
+def episode_files(data_dir: str | Path) -> list[Path]:
+    files = sorted(Path(data_dir).glob("episode_*.hdf5"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise VlaEdgeError(f"no episode_*.hdf5 files in {data_dir} (record some: vla-edge train-tiny --record N)")
+    return files
+
+
+def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=None) -> Dataset:
+    """Read the episodes and compose each tick's views once (uint8, the model's input before scaling)."""
+    import cv2
+    import h5py
+    from vla_edge import kernels
+
+    files = episode_files(data_dir)
+    if max_episodes:
+        files = files[:max_episodes]
+    images, qpos, actions, instr, all_q, all_a = [], [], [], [], [], []
+    composer = None
+    for path in files:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("observations/qpos", "action") if k not in f]
+            missing += [f"observations/images/{c}" for c in layout.cameras if f"observations/images/{c}" not in f]
+            if missing:
+                raise VlaEdgeError(f"{path}: no dataset {missing[0]}")
+            q = f["observations/qpos"][()].astype(np.float64)
+            a = f["action"][()].astype(np.float64)
+            compressed_jpeg = bool(f.attrs.get("compress", False)) and f[f"observations/images/{layout.cameras[0]}"].ndim == 2
+            cams = [f[f"observations/images/{c}"][()] for c in layout.cameras]
+            text = str(f.attrs.get("instruction", ""))
+        if not text:
+            raise VlaEdgeError(f"{path}: no 'instruction' attribute")
+        all_q.append(q)
+        all_a.append(a)
+        for t in range(len(q) - CHUNK + 1):
+            frames = [cams[i][t] for i in range(len(cams))]
+            if compressed_jpeg:  # the stock recorder's JPEG rows
+                frames = [cv2.cvtColor(cv2.imdecode(fr, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for fr in frames]
+            frames = [np.ascontiguousarray(fr) for fr in frames]
+            if composer is None:
+                composer = kernels.Composer(layout, [fr.shape[:2] for fr in frames])
+            images.append(np.asarray(composer.compose_uint8(frames)))
+            qpos.append(q[t])
+            actions.append(a[t : t + CHUNK])
+            instr.append(text)
+        if progress is not None:
+            progress()
+    if not images:
+        raise VlaEdgeError(f"{data_dir}: episodes too short (need at least {CHUNK} ticks)")
+    return Dataset(np.stack(images), np.stack(qpos), np.stack(actions), instr, len(files),
+                   np.concatenate(all_q), np.concatenate(all_a))
+
+
+def statistics(ds: Dataset):
+    """PolicySpec with bounds and proprio statistics computed from the data."""
+    from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
+
+    lo = np.minimum(ds.all_actions.min(0), ds.all_qpos.min(0))
+    hi = np.maximum(ds.all_actions.max(0), ds.all_qpos.max(0))
+    margin = np.maximum(0.05 * (hi - lo), 0.01)
+    lim_lo, lim_hi = np.array(PIPER_JOINT_LO * 2), np.array(PIPER_JOINT_HI * 2)
+    lo, hi = np.maximum(lo - margin, lim_lo), np.minimum(hi + margin, lim_hi)
+    # Proprio statistics put a joint value in the same bin as an action of that value:
+    # x = (s - mean) / (std + 1e-5) / 3 equals (a - lo) / (hi - lo) * 2 - 1 for mean = mid-range and
+    # std = range / 6 - 1e-5. Then "the next target is near the current state" is "the next token is
+    # near the proprio token", which a small model learns in minutes.
+    mean, std = (lo + hi) / 2, (hi - lo) / 6 - 1e-5
+    return PolicySpec(chunk_size=CHUNK, action_dim=ACTION_DIM, state_dim=ACTION_DIM, action_lo=lo.tolist(),
+                      action_hi=hi.tolist(), proprio_mean=mean.tolist(), proprio_std=std.tolist())
+
+
+def encode_actions(actions: np.ndarray, policy, vocab_base: int) -> np.ndarray:
+    """(..., 5, 14) absolute actions -> (..., 70) token ids, step-major (CONTRACT: min-max, 256 bins)."""
+    from vla_edge.kernels.reference import bin_edges
+
+    lo, hi = np.asarray(policy.action_lo), np.asarray(policy.action_hi)
+    x = np.clip((actions - lo) / (hi - lo) * 2 - 1, -1, 1)
+    i = np.digitize(x, bin_edges())
+    return (vocab_base - i).reshape(*actions.shape[:-2], -1).astype(np.int64)
+
+
+# -- model -------------------------------------------------------------------------------------------
+def build_model(tokens, seed: int):
+    import torch
+    from vla_edge.export.model import LlavaVLA
+
+    torch.manual_seed(seed)
+    model = LlavaVLA(policy_model_config(tokens.embedding_rows), attn="sdpa")
+    with torch.no_grad():
+        emb = model.lm.model.embed_tokens.weight  # tied with the output head
+        hidden = emb.shape[1]
+        value = torch.linspace(1, -1, tokens.n_bins)[:, None]  # row V-256+j holds bin 256-j: descending values
+        freqs = torch.arange(1, hidden // 2 + 1, dtype=torch.float32)[None, :] * (math.pi / 4)
+        feats = torch.cat([torch.sin(freqs * value), torch.cos(freqs * value)], dim=1)[:, :hidden]
+        feats = feats * (0.5 / math.sqrt(hidden / 2))  # rows of norm ~0.5
+        emb[tokens.vocab_base - tokens.n_bins : tokens.vocab_base] = feats + 0.02 * torch.randn_like(feats)
+    if model.cfg.text.tie_word_embeddings:
+        model.lm.tie_weights()
+    return model
+
+
+class Batcher:
+    """Builds ``inputs_embeds`` and labels for a batch: prefix | image | instruction | proprio | suffix | actions."""
+
+    def __init__(self, model, ds: Dataset, policy, tokens, tokenizer_json: str):
+        from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+        from vla_edge.kernels.reference import tokenize_proprio
+
+        encode = tokenizer_encoder(tokenizer_json)
+        self.model, self.ds, self.tokens = model, ds, tokens
+        self.prompt = PromptTemplate.build(encode, tokens)
+        mean, std = np.asarray(policy.proprio_mean), np.asarray(policy.proprio_std)
+        instr = {s: self.prompt.instruction_ids(encode, s, False) for s in set(ds.instructions)}
+        actions = encode_actions(ds.actions, policy, tokens.vocab_base)
+        self.after = []  # per sample: ids after the image, and how many of them are targets
+        for k in range(len(ds.qpos)):
+            proprio = tokenize_proprio(ds.qpos[k], mean, std, tokens.vocab_base).tolist()
+            target = actions[k].tolist() + [tokens.im_end]
+            self.after.append((instr[ds.instructions[k]] + proprio + self.prompt.suffix + target, len(target)))
+
+    def __call__(self, idx):
+        import torch
+
+        m = self.model
+        pixels = torch.from_numpy(self.ds.images[idx]).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        image = m.image_embeds(pixels)  # (B, 730, H)
+        prefix = m.embed_tokens(torch.tensor(self.prompt.prefix))[None].expand(len(idx), -1, -1)
+        rows = [self.after[i] for i in idx]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(idx), width), self.tokens.im_end, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for b, (after, n_target) in enumerate(rows):
+            ids[b, : len(after)] = torch.tensor(after)
+            mask[b, : len(after)] = 1
+            labels[b, len(after) - n_target : len(after)] = ids[b, len(after) - n_target : len(after)]
+        embeds = torch.cat([prefix, image, m.embed_tokens(ids)], dim=1)
+        n_before = prefix.shape[1] + image.shape[1]
+        attn = torch.cat([torch.ones((len(idx), n_before), dtype=torch.long), mask], dim=1)
+        full_labels = torch.cat([torch.full((len(idx), n_before), -100, dtype=torch.long), labels], dim=1)
+        return embeds, attn, full_labels
+
+
+def loss_of(model, batch):
+    import torch.nn.functional as F
+
+    embeds, attn, labels = batch
+    logits = model.lm(inputs_embeds=embeds, attention_mask=attn).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+# -- training ----------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    path: Path
+    losses: list[float]
+    seconds: float
+    samples: int
+    episodes: int
+
+
+def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: int = 8, lr: float = 2e-3,
+          seed: int = 0, max_episodes: int = 0, threads: int = 0, progress: bool = True,
+          init: str | Path | None = None) -> TrainResult:
+    """Train on the episodes in ``data_dir`` and write the wrapper checkpoint to ``out``.
+
+    ``init``: start from this checkpoint's weights (one written by this function) instead of a fresh model.
+    """
+    import torch
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT
+    from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
+
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    layout = COBOT_MAGIC_LAYOUT
+    tokenizer_json = build_tiny_tokenizer()
+    tokens = tiny_token_spec(tokenizer_json)
+    t0 = time.monotonic()
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn())
+    with Progress(*cols, console=console, disable=not progress) as bar:
+        n_files = len(episode_files(data_dir)[: max_episodes or None])
+        job = bar.add_task("reading episodes", total=n_files)
+        ds = load_dataset(data_dir, layout, max_episodes, progress=lambda: bar.advance(job))
+    policy = statistics(ds)
+    model = build_model(tokens, seed)
+    if init is not None:
+        from vla_edge.export.checkpoint import load_checkpoint
+        from vla_edge.export.model import to_module_keys
+
+        ck = load_checkpoint(init)
+        model.load_state_dict(to_module_keys(ck.state_dict, ck.model), strict=True)
+        model.lm.tie_weights()
+    model.train()
+    batcher = Batcher(model, ds, policy, tokens, tokenizer_json)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    warmup = max(1, min(100, steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    rng = np.random.default_rng(seed)
+    n = len(ds.qpos)
+    losses: list[float] = []
+    console.print(f"train-tiny: {ds.episodes} episodes, {n} samples, {steps} steps of {batch}, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    with Progress(*cols, TextColumn("loss {task.fields[loss]}"), console=console, disable=not progress) as bar:
+        job = bar.add_task("training", total=steps, loss="-")
+        order = rng.permutation(n)
+        pos = 0
+        for step in range(steps):
+            if pos + batch > n:
+                order, pos = rng.permutation(n), 0
+            idx = order[pos : pos + batch]
+            pos += batch
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = loss_of(model, batcher(idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
+            if (step + 1) % 50 == 0:
+                log.info("step %d/%d loss %.3f (%.0f s)", step + 1, steps, np.mean(losses[-50:]), time.monotonic() - t0)
+    path = write_checkpoint(model, policy, tokens, tokenizer_json, layout, out,
+                            meta={"data": str(data_dir), "episodes": ds.episodes, "samples": n, "steps": steps,
+                                  "batch": batch, "lr": lr, "seed": seed, "final_loss": float(np.mean(losses[-20:]))})
+    return TrainResult(path=path, losses=losses, seconds=time.monotonic() - t0, samples=n, episodes=ds.episodes)
+
+
+def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, meta: dict, fp16: bool = True) -> Path:
+    """The vla-edge wrapper (README, "Checkpoints"); tensors stored fp16 by default to keep it small."""
+    import torch
+
+    sd = model.llava_state_dict()
+    if fp16:
+        sd = {k: v.half() for k, v in sd.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({
+        "format": "vla-edge-ckpt", "version": 1, "state_dict": sd, "model": model.cfg.to_dict(),
+        "policy": policy.to_dict(), "image_layout": layout.to_dict(), "tokens": tokens.to_dict(),
+        "tokenizer_json": tokenizer_json, "training": json.dumps(meta),
+    }, tmp)
+    tmp.replace(out)
+    return out
+
+
+def main(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if args.record:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from vla_edge.edge.evaluate import record_expert_episodes
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            job = bar.add_task("recording expert episodes", total=args.record)
+            results = record_expert_episodes(args.data, args.record, first_seed=args.record_seed,
+                                             progress=lambda r: bar.advance(job))
+        ok = sum(r.success for r in results)
+        console.print(f"recorded {len(results)} expert episodes into {args.data} ({ok} successful)")
+    res = train(args.data, args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                max_episodes=args.max_episodes, init=args.init)
+    console.print(f"[green]wrote[/] {res.path} ({res.path.stat().st_size / 1e6:.2f} MB) after {res.seconds:.0f} s; "
+                  f"loss {np.mean(res.losses[:20]):.3f} -> {np.mean(res.losses[-20:]):.3f}. "
+                  f"Next: vla-edge export --ckpt {res.path} --out bundle/")
+    return 0
