@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "vla_edge.edge.cli", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def wait_until(cond, timeout_s: float = 3.0, every_s: float = 0.005) -> bool:
+    """Poll ``cond()`` until it is true or ``timeout_s`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every_s)
+    return cond()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import uuid
 import can
 import numpy as np
 import pytest
+from conftest import wait_until
 from vla_edge.firmware_bridge.piper_arm import ArmFault, PiperArm, PiperArmConfig, m_to_um, rad_to_mdeg
 from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
 
@@ -17,15 +18,6 @@ Q0 = (0.0, 0.8, -1.0, 0.0, 0.2, 0.0)
 
 # piper_sdk 0.6.2 still passes python-can's deprecated ``bustype``.
 pytestmark = pytest.mark.filterwarnings("ignore:The 'bustype' argument is deprecated:DeprecationWarning")
-
-
-def wait_until(cond, timeout_s=3.0, every_s=0.005):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every_s)
-    return cond()
 
 
 @pytest.fixture

@@ -8,19 +8,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.robot import Robot, load_profile
 
 pytestmark = pytest.mark.filterwarnings("ignore:The 'bustype' argument is deprecated:DeprecationWarning")
-
-
-def wait_until(cond, timeout_s=3.0, every_s=0.005):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every_s)
-    return cond()
 
 
 @pytest.fixture(scope="module")

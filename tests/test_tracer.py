@@ -11,6 +11,7 @@ import time
 
 import pytest
 import serial
+from conftest import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vla_edge.firmware_bridge import tracer_protocol as tp
@@ -18,15 +19,6 @@ from vla_edge.firmware_bridge.tracer_base import BaseFault, TracerBase, TracerBa
 from vla_edge.firmware_bridge.tracer_sim import TracerSim
 
 MANUAL_EXAMPLE = bytes.fromhex("5A A5 0A 55 01 02 00 0A 00 00 00 00 6B")
-
-
-def wait_until(cond, timeout_s=3.0, every_s=0.005):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(every_s)
-    return cond()
 
 
 @pytest.fixture
