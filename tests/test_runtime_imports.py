@@ -1,0 +1,51 @@
+"""The robot-side runtime must not import torch or transformers (they are an install extra)."""
+
+import subprocess
+import sys
+
+RUNTIME = [
+    "vla_edge.edge.cli",
+    "vla_edge.edge.run",
+    "vla_edge.edge.loop",
+    "vla_edge.edge.engine",
+    "vla_edge.edge.bundle",
+    "vla_edge.edge.robot",
+    "vla_edge.edge.cameras",
+    "vla_edge.edge.estop",
+    "vla_edge.edge.recorder",
+    "vla_edge.edge.check",
+    "vla_edge.edge.task",
+    "vla_edge.edge.evaluate",
+    "vla_edge.firmware_bridge.piper_arm",
+    "vla_edge.firmware_bridge.tracer_base",
+    "vla_edge.kernels",
+]
+
+
+def test_runtime_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, importlib\n"
+        f"for m in {RUNTIME!r}: importlib.import_module(m)\n"
+        "heavy = sorted({'torch', 'transformers', 'PIL'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_runtime_engine_runs_without_torch(int8_bundle):
+    """A full policy step with torch made unimportable, as on a robot without the [export] extra."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import numpy as np\n"
+        "from vla_edge.edge.bundle import Bundle\n"
+        "from vla_edge.edge.engine import Engine\n"
+        "from vla_edge.edge.bench import synthetic_inputs\n"
+        f"e = Engine(Bundle.load({str(int8_bundle)!r}), provider='cpu')\n"
+        "frames, state = synthetic_inputs(e.bundle.layout, 14)\n"
+        "e.start_episode('pick up the red cube')\n"
+        "c = e.step(frames, state)\n"
+        "assert c.joints.shape == (5, 14) and np.isfinite(c.joints).all()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
