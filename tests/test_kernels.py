@@ -20,13 +20,13 @@ from vla_edge.kernels import reference as ref
 
 V = QWEN2_TOKENS.vocab_base
 FILTERS = ["lanczos", "bicubic", "bilinear", "hamming", "box"]
-SIMD = ["scalar", "avx2"] if _core.simd() == "avx2" else ["scalar"]
+SIMD = _core.simd_levels()  # scalar, then avx2 and avx512vnni where the CPU has them
 
 
 @pytest.fixture(params=SIMD)
 def simd(request):
     """Run a test once per available kernel flavour (they must give identical bytes)."""
-    before = _core._set_simd(request.param == "avx2")
+    before = _core._set_simd(request.param)
     yield request.param
     _core._set_simd(before)
 
@@ -68,7 +68,7 @@ def test_resize_matches_pil_bit_for_bit(h, w, oh, ow, filt, seed):
     img = random_frame(h, w, seed)
     want = np.asarray(Image.fromarray(img).resize((ow, oh), ref._pil_filter(filt)))
     for flavour in SIMD:
-        before = _core._set_simd(flavour == "avx2")
+        before = _core._set_simd(flavour)
         try:
             np.testing.assert_array_equal(_core.resize_rgb(img, ow, oh, filt), want, err_msg=flavour)
         finally:
@@ -123,7 +123,7 @@ def test_compose_random_layouts(data):
     frames = [random_frame(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
     out = np.empty((1, 3, layout.output, layout.output), np.float32)
     for flavour in SIMD:
-        before = _core._set_simd(flavour == "avx2")
+        before = _core._set_simd(flavour)
         try:
             K.Composer(layout, shapes).compose(frames, out)
         finally:

@@ -516,7 +516,111 @@ __attribute__((target("avx2,f16c"))) void hconv_cols_avx2(const uint8_t* cols, c
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI kernels (third run-time level): the same integer sums with 512-bit vectors and
+// vpdpwssd (multiply-add-accumulate in one instruction). Each int32 lane holds one byte position's
+// tap pair (pixel a, pixel b) as two int16, built by zero-extending 16 bytes to 16 int32 lanes, so
+// the lanes stay in byte order and the result packs back with one saturating vpmovusdb.
+
+bool cpu_has_avx512vnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+#define VLA_EDGE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")))
+
+// 16 tap pairs (a[i], b[i]) as int16 pairs in int32 lanes.
+VLA_EDGE_VNNI inline __m512i pair16(const uint8_t* a, const uint8_t* b) {
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
+  const __m512i y = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  return _mm512_or_si512(x, _mm512_slli_epi32(y, 16));
+}
+
+// (hi << 11) + lo (lo started at the 2^21 rounding term) -> clamp(>> 22, 0, 255) as 16 bytes.
+VLA_EDGE_VNNI inline void store16(uint8_t* d, __m512i hi, __m512i lo) {
+  __m512i s = _mm512_srai_epi32(_mm512_add_epi32(_mm512_slli_epi32(hi, kSplitBits), lo), kPrecisionBits);
+  s = _mm512_max_epi32(s, _mm512_setzero_si512());
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm512_cvtusepi32_epi8(s));
+}
+
+VLA_EDGE_VNNI void hconv_cols_vnni(const uint8_t* cols, const Axis& ax, const HPairs& hp, uint8_t* out) {
+  static_assert(kColBytes == 48, "hconv_cols_vnni handles 48-byte columns");
+  const __m512i round = _mm512_set1_epi32(1 << (kPrecisionBits - 1));
+  for (int xx = 0; xx < ax.out_size; ++xx) {
+    const uint8_t* c0 = cols + static_cast<ptrdiff_t>(ax.first[xx]) * kColBytes;
+    const int pairs = (ax.count[xx] + 1) / 2;
+    const int32_t* w = &hp.w[hp.offset[xx]];
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, l0 = round, l1 = round, l2 = round;
+    for (int q = 0; q < pairs; ++q) {
+      const uint8_t* r0 = c0 + (2 * q) * kColBytes;
+      const __m512i whi = _mm512_set1_epi32(w[2 * q]), wlo = _mm512_set1_epi32(w[2 * q + 1]);
+      const __m512i x0 = pair16(r0, r0 + kColBytes);
+      const __m512i x1 = pair16(r0 + 16, r0 + kColBytes + 16);
+      const __m512i x2 = pair16(r0 + 32, r0 + kColBytes + 32);
+      h0 = _mm512_dpwssd_epi32(h0, x0, whi);
+      l0 = _mm512_dpwssd_epi32(l0, x0, wlo);
+      h1 = _mm512_dpwssd_epi32(h1, x1, whi);
+      l1 = _mm512_dpwssd_epi32(l1, x1, wlo);
+      h2 = _mm512_dpwssd_epi32(h2, x2, whi);
+      l2 = _mm512_dpwssd_epi32(l2, x2, wlo);
+    }
+    uint8_t* d = out + static_cast<ptrdiff_t>(xx) * kColBytes;
+    store16(d, h0, l0);
+    store16(d + 16, h1, l1);
+    store16(d + 32, h2, l2);
+  }
+}
+
+VLA_EDGE_VNNI void vpass_row_vnni(const uint8_t* src, ptrdiff_t stride, int row_bytes, const int32_t* k, int n,
+                                  uint8_t* dst) {
+  constexpr int kMaxPairs = 64;
+  if (n > 2 * kMaxPairs) { vpass_row_scalar(src, stride, row_bytes, k, n, dst); return; }
+  int32_t whi[kMaxPairs], wlo[kMaxPairs];
+  const int pairs = (n + 1) / 2;
+  for (int q = 0; q < pairs; ++q) {
+    const int32_t k0 = k[2 * q], k1 = (2 * q + 1 < n) ? k[2 * q + 1] : 0;
+    whi[q] = static_cast<int32_t>(static_cast<uint16_t>(split_hi(k0)) |
+                                  (static_cast<uint32_t>(static_cast<uint16_t>(split_hi(k1))) << 16));
+    wlo[q] = static_cast<int32_t>(static_cast<uint16_t>(split_lo(k0)) |
+                                  (static_cast<uint32_t>(static_cast<uint16_t>(split_lo(k1))) << 16));
+  }
+  const __m512i round = _mm512_set1_epi32(1 << (kPrecisionBits - 1));
+  int i = 0;
+  for (; i + 48 <= row_bytes; i += 48) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, l0 = round, l1 = round, l2 = round;
+    for (int q = 0; q < pairs; ++q) {
+      const uint8_t* r0 = src + (2 * q) * stride + i;
+      const uint8_t* r1 = (2 * q + 1 < n) ? r0 + stride : r0;
+      const __m512i whv = _mm512_set1_epi32(whi[q]), wlv = _mm512_set1_epi32(wlo[q]);
+      const __m512i x0 = pair16(r0, r1), x1 = pair16(r0 + 16, r1 + 16), x2 = pair16(r0 + 32, r1 + 32);
+      h0 = _mm512_dpwssd_epi32(h0, x0, whv);
+      l0 = _mm512_dpwssd_epi32(l0, x0, wlv);
+      h1 = _mm512_dpwssd_epi32(h1, x1, whv);
+      l1 = _mm512_dpwssd_epi32(l1, x1, wlv);
+      h2 = _mm512_dpwssd_epi32(h2, x2, whv);
+      l2 = _mm512_dpwssd_epi32(l2, x2, wlv);
+    }
+    store16(dst + i, h0, l0);
+    store16(dst + i + 16, h1, l1);
+    store16(dst + i + 32, h2, l2);
+  }
+  for (; i + 16 <= row_bytes; i += 16) {
+    __m512i h0 = _mm512_setzero_si512(), l0 = round;
+    for (int q = 0; q < pairs; ++q) {
+      const uint8_t* r0 = src + (2 * q) * stride + i;
+      const uint8_t* r1 = (2 * q + 1 < n) ? r0 + stride : r0;
+      const __m512i x0 = pair16(r0, r1);
+      h0 = _mm512_dpwssd_epi32(h0, x0, _mm512_set1_epi32(whi[q]));
+      l0 = _mm512_dpwssd_epi32(l0, x0, _mm512_set1_epi32(wlo[q]));
+    }
+    store16(dst + i, h0, l0);
+  }
+  vpass_row_scalar(src, stride, row_bytes, k, n, dst, i);
+}
 #else
+bool cpu_has_avx512vnni() { return false; }
 bool cpu_has_avx2() { return false; }
 struct HTaps {};
 HTaps pack_htaps(const Axis&) { return {}; }
@@ -525,7 +629,9 @@ HPairs pack_hpairs(const Axis&) { return {}; }
 #endif
 
 bool g_cpu_avx2 = false;  // what the CPU supports
-bool g_use_avx2 = false;  // what the kernels use (tests switch it off to check the scalar path)
+bool g_cpu_vnni = false;  // AVX-512 VNNI (implies g_cpu_avx2)
+bool g_use_avx2 = false;  // what the kernels use (tests switch levels to check every path)
+bool g_use_vnni = false;  // AVX-512 VNNI hot loops (only with g_use_avx2)
 
 // ---------------------------------------------------------------------------------------------
 // One PIL resize with cached taps.
@@ -585,7 +691,8 @@ class Resize {
     if (g_use_avx2) {
       for (; r + kBlockRows <= row1_; r += kBlockRows) {
         transpose_in_avx2(src + r * stride, stride, in_w_, cols_in_.data());
-        hconv_cols_avx2(cols_in_.data(), h_, hpairs_, cols_out_.data());
+        if (g_use_vnni) hconv_cols_vnni(cols_in_.data(), h_, hpairs_, cols_out_.data());
+        else hconv_cols_avx2(cols_in_.data(), h_, hpairs_, cols_out_.data());
         transpose_out(cols_out_.data(), kBlockRows, out_w_, tmp + (r - row0_) * row_step, row_step, o);
       }
     }
@@ -599,6 +706,7 @@ class Resize {
     const uint8_t* first = src + (v_.first[yy] - src_row0) * stride;
     const int32_t* k = &v_.k[static_cast<size_t>(yy) * v_.ksize];
 #ifdef VLA_EDGE_X86
+    if (g_use_vnni) { vpass_row_vnni(first, stride, row_bytes, k, v_.count[yy], dst); return; }
     if (g_use_avx2) { vpass_row_avx2(first, stride, row_bytes, k, v_.count[yy], dst); return; }
 #endif
     vpass_row_scalar(first, stride, row_bytes, k, v_.count[yy], dst);
@@ -885,16 +993,28 @@ py::array_t<uint8_t> resize_rgb(py::handle img_obj, int out_w, int out_h, const 
 
 void register_resample(py::module_& m) {
   g_cpu_avx2 = cpu_has_avx2();
+  g_cpu_vnni = g_cpu_avx2 && cpu_has_avx512vnni();
   g_use_avx2 = g_cpu_avx2;
+  g_use_vnni = g_cpu_vnni;
   init_half_lut();
 
-  m.def("simd", []() { return std::string(g_use_avx2 ? "avx2" : "scalar"); },
-        "Which resampling kernels run: 'avx2' or 'scalar' (identical results).");
-  m.def("_set_simd", [](bool on) {
-    const bool before = g_use_avx2;
-    g_use_avx2 = on && g_cpu_avx2;
+  auto level = []() { return std::string(g_use_vnni ? "avx512vnni" : (g_use_avx2 ? "avx2" : "scalar")); };
+  m.def("simd", level, "Which resampling kernels run: 'avx512vnni', 'avx2' or 'scalar' (identical results).");
+  m.def("simd_levels", []() {
+    std::vector<std::string> v{"scalar"};
+    if (g_cpu_avx2) v.push_back("avx2");
+    if (g_cpu_vnni) v.push_back("avx512vnni");
+    return v;
+  }, "The kernel levels this CPU can run (tests run each).");
+  m.def("_set_simd", [level](const std::string& name) {
+    if (name != "scalar" && name != "avx2" && name != "avx512vnni")
+      throw py::value_error("simd level must be 'scalar', 'avx2' or 'avx512vnni', got '" + name + "'");
+    const std::string before = level();
+    g_use_avx2 = name != "scalar" && g_cpu_avx2;
+    g_use_vnni = name == "avx512vnni" && g_cpu_vnni;
     return before;
-  }, py::arg("on"), "Tests only: switch the AVX2 kernels off/on (not thread-safe); returns the old setting.");
+  }, py::arg("level"), "Tests only: pick the kernel level (falls back to what the CPU has; not thread-safe); "
+                       "returns the old level.");
   m.def("resize_rgb", &resize_rgb, py::arg("image"), py::arg("width"), py::arg("height"), py::arg("filter"),
         "PIL Image.resize of one (H, W, 3) uint8 image, bit-exact. Allocates; for tests.");
 
