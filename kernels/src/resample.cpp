@@ -484,6 +484,45 @@ void transpose_out(const uint8_t* cols, int rows, int out_w, uint8_t* dst, ptrdi
   }
 }
 
+// transpose_out for kBlockRows rows into interleaved RGB (layout {3, 1}), 4 pixels x 16 rows at a
+// time (transpose_in_avx2 backwards); each row's 12 bytes go out as one 16-byte store whose 4 spare
+// bytes are overwritten by the next block. Pixels whose store would pass the row's end (and land on
+// the next row, already written) are left to the scalar loop.
+__attribute__((target("avx2,f16c"))) void transpose_out_avx2(const uint8_t* cols, int out_w, uint8_t* dst,
+                                                              ptrdiff_t row_step, PixelLayout o) {
+  static_assert(kBlockRows == 16, "transpose_out_avx2 handles 16 rows");
+  if (!(o.pixel_step == 3 && o.channel_step == 1)) {
+    transpose_out(cols, kBlockRows, out_w, dst, row_step, o);
+    return;
+  }
+  const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const __m128i pack = _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+  int x = 0;
+  for (; x * 3 + 16 <= out_w * 3; x += 4) {  // the 16-byte stores stay inside the row
+    for (int g = 0; g < 4; ++g) {  // rows 4g..4g+3
+      __m128i a[4];                 // pixel x+j: its 4 rows' RGB in 4-byte slots
+      for (int j = 0; j < 4; ++j) {
+        a[j] = _mm_shuffle_epi8(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + (x + j) * kColBytes + g * 12)), spread);
+      }
+      const __m128i t0 = _mm_unpacklo_epi32(a[0], a[1]), t1 = _mm_unpacklo_epi32(a[2], a[3]);
+      const __m128i t2 = _mm_unpackhi_epi32(a[0], a[1]), t3 = _mm_unpackhi_epi32(a[2], a[3]);
+      uint8_t* d = dst + (4 * g) * row_step + x * 3;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_shuffle_epi8(_mm_unpacklo_epi64(t0, t1), pack));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + row_step), _mm_shuffle_epi8(_mm_unpackhi_epi64(t0, t1), pack));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * row_step),
+                       _mm_shuffle_epi8(_mm_unpacklo_epi64(t2, t3), pack));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 3 * row_step),
+                       _mm_shuffle_epi8(_mm_unpackhi_epi64(t2, t3), pack));
+    }
+  }
+  for (int r = 0; r < kBlockRows; ++r) {
+    uint8_t* d = dst + r * row_step;
+    const uint8_t* s = cols + r * 3;
+    for (int xx = x; xx < out_w; ++xx) std::memcpy(d + xx * 3, s + xx * kColBytes, 3);
+  }
+}
+
 __attribute__((target("avx2,f16c"))) void hconv_cols_avx2(const uint8_t* cols, const Axis& ax, const HPairs& hp,
                                                            uint8_t* out) {
   const __m256i round = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
@@ -693,7 +732,7 @@ class Resize {
         transpose_in_avx2(src + r * stride, stride, in_w_, cols_in_.data());
         if (g_use_vnni) hconv_cols_vnni(cols_in_.data(), h_, hpairs_, cols_out_.data());
         else hconv_cols_avx2(cols_in_.data(), h_, hpairs_, cols_out_.data());
-        transpose_out(cols_out_.data(), kBlockRows, out_w_, tmp + (r - row0_) * row_step, row_step, o);
+        transpose_out_avx2(cols_out_.data(), out_w_, tmp + (r - row0_) * row_step, row_step, o);
       }
     }
 #endif
