@@ -484,6 +484,74 @@ void transpose_out(const uint8_t* cols, int rows, int out_w, uint8_t* dst, ptrdi
   }
 }
 
+// transpose_out for kBlockRows rows into channel planes (layout {1, plane}), 16 pixels at a time:
+// each column's 48 bytes are split into its R, G, B 16-row vectors (pshufb), then each channel's
+// 16 pixels x 16 rows are transposed with four unpack stages and stored as 16-byte row pieces.
+__attribute__((target("avx2,f16c"))) void transpose_out_planar_avx2(const uint8_t* cols, int out_w, uint8_t* dst,
+                                                                     ptrdiff_t row_step, ptrdiff_t plane) {
+  const __m128i sel[9] = {
+      _mm_setr_epi8(0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1),
+      _mm_setr_epi8(-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1),
+      _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13),
+      _mm_setr_epi8(1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1),
+      _mm_setr_epi8(-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1),
+      _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14),
+      _mm_setr_epi8(2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1),
+      _mm_setr_epi8(-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1),
+      _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15)};
+  int x = 0;
+  for (; x + 16 <= out_w; x += 16) {
+    __m128i m[3][16];  // [channel][pixel]: rows 0..15
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t* c = cols + (x + j) * kColBytes;
+      const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+      const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16));
+      const __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32));
+      for (int ch = 0; ch < 3; ++ch) {
+        m[ch][j] = _mm_or_si128(
+            _mm_or_si128(_mm_shuffle_epi8(v0, sel[ch * 3]), _mm_shuffle_epi8(v1, sel[ch * 3 + 1])),
+            _mm_shuffle_epi8(v2, sel[ch * 3 + 2]));
+      }
+    }
+    for (int ch = 0; ch < 3; ++ch) {
+      const __m128i* a = m[ch];
+      __m128i b[16], c[16], d[16];
+      for (int i = 0; i < 8; ++i) {  // 2-pixel groups: rows 0..7 | 8..15
+        b[i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);
+        b[8 + i] = _mm_unpackhi_epi8(a[2 * i], a[2 * i + 1]);
+      }
+      for (int h = 0; h < 2; ++h) {  // 4-pixel groups: rows h*8 + 0..3 | 4..7
+        for (int i = 0; i < 4; ++i) {
+          c[h * 8 + i] = _mm_unpacklo_epi16(b[h * 8 + 2 * i], b[h * 8 + 2 * i + 1]);
+          c[h * 8 + 4 + i] = _mm_unpackhi_epi16(b[h * 8 + 2 * i], b[h * 8 + 2 * i + 1]);
+        }
+      }
+      for (int q = 0; q < 4; ++q) {  // 8-pixel groups: rows q*4 + 0..1 | 2..3
+        for (int i = 0; i < 2; ++i) {
+          d[q * 4 + i] = _mm_unpacklo_epi32(c[q * 4 + 2 * i], c[q * 4 + 2 * i + 1]);
+          d[q * 4 + 2 + i] = _mm_unpackhi_epi32(c[q * 4 + 2 * i], c[q * 4 + 2 * i + 1]);
+        }
+      }
+      uint8_t* base = dst + ch * plane + x;
+      for (int e = 0; e < 8; ++e) {  // rows 2e, 2e+1
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(base + (2 * e) * row_step),
+                         _mm_unpacklo_epi64(d[2 * e], d[2 * e + 1]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(base + (2 * e + 1) * row_step),
+                         _mm_unpackhi_epi64(d[2 * e], d[2 * e + 1]));
+      }
+    }
+  }
+  for (int r = 0; r < kBlockRows; ++r) {
+    uint8_t* d = dst + r * row_step;
+    const uint8_t* s = cols + r * 3;
+    for (int xx = x; xx < out_w; ++xx) {
+      d[xx] = s[xx * kColBytes];
+      d[plane + xx] = s[xx * kColBytes + 1];
+      d[2 * plane + xx] = s[xx * kColBytes + 2];
+    }
+  }
+}
+
 // transpose_out for kBlockRows rows into interleaved RGB (layout {3, 1}), 4 pixels x 16 rows at a
 // time (transpose_in_avx2 backwards); each row's 12 bytes go out as one 16-byte store whose 4 spare
 // bytes are overwritten by the next block. Pixels whose store would pass the row's end (and land on
@@ -491,6 +559,10 @@ void transpose_out(const uint8_t* cols, int rows, int out_w, uint8_t* dst, ptrdi
 __attribute__((target("avx2,f16c"))) void transpose_out_avx2(const uint8_t* cols, int out_w, uint8_t* dst,
                                                               ptrdiff_t row_step, PixelLayout o) {
   static_assert(kBlockRows == 16, "transpose_out_avx2 handles 16 rows");
+  if (o.pixel_step == 1) {
+    transpose_out_planar_avx2(cols, out_w, dst, row_step, o.channel_step);
+    return;
+  }
   if (!(o.pixel_step == 3 && o.channel_step == 1)) {
     transpose_out(cols, kBlockRows, out_w, dst, row_step, o);
     return;
