@@ -656,6 +656,22 @@ VLA_EDGE_VNNI inline void store16(uint8_t* d, __m512i hi, __m512i lo) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm512_cvtusepi32_epi8(s));
 }
 
+// 32 tap pairs (a[i], b[i]): bytes widened to words, then interleaved per 128-bit lane, so `lo`
+// holds bytes 8k..8k+3 and `hi` bytes 8k+4..8k+7 of lane k; store32 packs them back in order.
+VLA_EDGE_VNNI inline void pair32(const uint8_t* a, const uint8_t* b, __m512i& lo, __m512i& hi) {
+  const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i y = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  lo = _mm512_unpacklo_epi16(x, y);
+  hi = _mm512_unpackhi_epi16(x, y);
+}
+
+VLA_EDGE_VNNI inline void store32(uint8_t* d, __m512i hlo, __m512i llo, __m512i hhi, __m512i lhi) {
+  const __m512i slo = _mm512_srai_epi32(_mm512_add_epi32(_mm512_slli_epi32(hlo, kSplitBits), llo), kPrecisionBits);
+  const __m512i shi = _mm512_srai_epi32(_mm512_add_epi32(_mm512_slli_epi32(hhi, kSplitBits), lhi), kPrecisionBits);
+  const __m512i w = _mm512_max_epi16(_mm512_packs_epi32(slo, shi), _mm512_setzero_si512());
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm512_cvtusepi16_epi8(w));
+}
+
 VLA_EDGE_VNNI void hconv_cols_vnni(const uint8_t* cols, const Axis& ax, const HPairs& hp, uint8_t* out) {
   static_assert(kColBytes == 48, "hconv_cols_vnni handles 48-byte columns");
   const __m512i round = _mm512_set1_epi32(1 << (kPrecisionBits - 1));
@@ -667,8 +683,8 @@ VLA_EDGE_VNNI void hconv_cols_vnni(const uint8_t* cols, const Axis& ax, const HP
     for (int q = 0; q < pairs; ++q) {
       const uint8_t* r0 = c0 + (2 * q) * kColBytes;
       const __m512i whi = _mm512_set1_epi32(w[2 * q]), wlo = _mm512_set1_epi32(w[2 * q + 1]);
-      const __m512i x0 = pair16(r0, r0 + kColBytes);
-      const __m512i x1 = pair16(r0 + 16, r0 + kColBytes + 16);
+      __m512i x0, x1;
+      pair32(r0, r0 + kColBytes, x0, x1);
       const __m512i x2 = pair16(r0 + 32, r0 + kColBytes + 32);
       h0 = _mm512_dpwssd_epi32(h0, x0, whi);
       l0 = _mm512_dpwssd_epi32(l0, x0, wlo);
@@ -678,8 +694,7 @@ VLA_EDGE_VNNI void hconv_cols_vnni(const uint8_t* cols, const Axis& ax, const HP
       l2 = _mm512_dpwssd_epi32(l2, x2, wlo);
     }
     uint8_t* d = out + static_cast<ptrdiff_t>(xx) * kColBytes;
-    store16(d, h0, l0);
-    store16(d + 16, h1, l1);
+    store32(d, h0, l0, h1, l1);
     store16(d + 32, h2, l2);
   }
 }
@@ -705,7 +720,9 @@ VLA_EDGE_VNNI void vpass_row_vnni(const uint8_t* src, ptrdiff_t stride, int row_
       const uint8_t* r0 = src + (2 * q) * stride + i;
       const uint8_t* r1 = (2 * q + 1 < n) ? r0 + stride : r0;
       const __m512i whv = _mm512_set1_epi32(whi[q]), wlv = _mm512_set1_epi32(wlo[q]);
-      const __m512i x0 = pair16(r0, r1), x1 = pair16(r0 + 16, r1 + 16), x2 = pair16(r0 + 32, r1 + 32);
+      __m512i x0, x1;
+      pair32(r0, r1, x0, x1);
+      const __m512i x2 = pair16(r0 + 32, r1 + 32);
       h0 = _mm512_dpwssd_epi32(h0, x0, whv);
       l0 = _mm512_dpwssd_epi32(l0, x0, wlv);
       h1 = _mm512_dpwssd_epi32(h1, x1, whv);
@@ -713,8 +730,7 @@ VLA_EDGE_VNNI void vpass_row_vnni(const uint8_t* src, ptrdiff_t stride, int row_
       h2 = _mm512_dpwssd_epi32(h2, x2, whv);
       l2 = _mm512_dpwssd_epi32(l2, x2, wlv);
     }
-    store16(dst + i, h0, l0);
-    store16(dst + i + 16, h1, l1);
+    store32(dst + i, h0, l0, h1, l1);
     store16(dst + i + 32, h2, l2);
   }
   for (; i + 16 <= row_bytes; i += 16) {
