@@ -714,24 +714,41 @@ VLA_EDGE_VNNI void vpass_row_vnni(const uint8_t* src, ptrdiff_t stride, int row_
   }
   const __m512i round = _mm512_set1_epi32(1 << (kPrecisionBits - 1));
   int i = 0;
-  for (; i + 48 <= row_bytes; i += 48) {
-    __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, l0 = round, l1 = round, l2 = round;
+  for (; i + 64 <= row_bytes; i += 64) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, h2 = h0, h3 = h0, l0 = round, l1 = round, l2 = round, l3 = round;
     for (int q = 0; q < pairs; ++q) {
       const uint8_t* r0 = src + (2 * q) * stride + i;
       const uint8_t* r1 = (2 * q + 1 < n) ? r0 + stride : r0;
       const __m512i whv = _mm512_set1_epi32(whi[q]), wlv = _mm512_set1_epi32(wlo[q]);
-      __m512i x0, x1;
+      __m512i x0, x1, x2, x3;
       pair32(r0, r1, x0, x1);
-      const __m512i x2 = pair16(r0 + 32, r1 + 32);
+      pair32(r0 + 32, r1 + 32, x2, x3);
       h0 = _mm512_dpwssd_epi32(h0, x0, whv);
       l0 = _mm512_dpwssd_epi32(l0, x0, wlv);
       h1 = _mm512_dpwssd_epi32(h1, x1, whv);
       l1 = _mm512_dpwssd_epi32(l1, x1, wlv);
       h2 = _mm512_dpwssd_epi32(h2, x2, whv);
       l2 = _mm512_dpwssd_epi32(l2, x2, wlv);
+      h3 = _mm512_dpwssd_epi32(h3, x3, whv);
+      l3 = _mm512_dpwssd_epi32(l3, x3, wlv);
     }
     store32(dst + i, h0, l0, h1, l1);
-    store16(dst + i + 32, h2, l2);
+    store32(dst + i + 32, h2, l2, h3, l3);
+  }
+  for (; i + 32 <= row_bytes; i += 32) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = round, l1 = round;
+    for (int q = 0; q < pairs; ++q) {
+      const uint8_t* r0 = src + (2 * q) * stride + i;
+      const uint8_t* r1 = (2 * q + 1 < n) ? r0 + stride : r0;
+      const __m512i whv = _mm512_set1_epi32(whi[q]), wlv = _mm512_set1_epi32(wlo[q]);
+      __m512i x0, x1;
+      pair32(r0, r1, x0, x1);
+      h0 = _mm512_dpwssd_epi32(h0, x0, whv);
+      l0 = _mm512_dpwssd_epi32(l0, x0, wlv);
+      h1 = _mm512_dpwssd_epi32(h1, x1, whv);
+      l1 = _mm512_dpwssd_epi32(l1, x1, wlv);
+    }
+    store32(dst + i, h0, l0, h1, l1);
   }
   for (; i + 16 <= row_bytes; i += 16) {
     __m512i h0 = _mm512_setzero_si512(), l0 = round;
