@@ -184,12 +184,12 @@ class SimBench:
     def sim(self):
         return self.robot.sim
 
-    def reset(self, episode: Episode, timeout_s: float = 5.0) -> None:
-        """Target at the episode's spot, arms back at the ready pose (commanded, then waited for)."""
+    def reset(self, episode: Episode, timeout_s: float = 5.0, start_q14=None) -> None:
+        """Target at the episode's spot, arms at ``start_q14`` (default: the ready pose; commanded, then waited for)."""
         scene = self.sim.scene
         scene.target_radius_m = self.task.target_radius_m
         self.sim.set_target(*episode.target_xy_m)
-        ready = self.task.ready_q14
+        ready = self.task.ready_q14 if start_q14 is None else np.asarray(start_q14, np.float64)
         self.robot.resume()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -197,13 +197,16 @@ class SimBench:
             if np.max(np.abs(self.robot.read_state().qpos - ready)) < 2e-3:
                 break
             if time.monotonic() > deadline:
-                raise VlaEdgeError("reset: the arms did not reach the ready pose")
+                raise VlaEdgeError("reset: the arms did not reach the start pose")
             time.sleep(0.02)
         time.sleep(0.1)  # let the cameras draw the new scene
 
     def run_episode(self, policy, seed: int, instruction: str = INSTRUCTION, recorder=None,
-                    linger_ticks: int = 0) -> EpisodeResult:
-        """Reset to ``seed``'s episode and run ``policy`` through the control loop until success or timeout."""
+                    linger_ticks: int = 0, random_start: bool = False) -> EpisodeResult:
+        """Reset to ``seed``'s episode and run ``policy`` through the control loop until success or timeout.
+
+        ``random_start``: start from :meth:`ReachTask.start_pose` (training data) instead of the ready pose.
+        """
         from vla_edge.edge.estop import EStop
         from vla_edge.edge.loop import ControlLoop, LoopConfig
         from vla_edge.edge.run import safety_limits
@@ -211,12 +214,14 @@ class SimBench:
         from vla_edge.edge.telemetry import RunStats
 
         episode = self.task.sample(seed)
-        self.reset(episode)
+        start = self.task.start_pose(seed) if random_start else None
+        self.reset(episode, start_q14=start)
         cfg = LoopConfig(rate_hz=self.rate_hz, mode="sync", seconds=self.max_seconds)
         stats = RunStats(period_s=1.0 / cfg.rate_hz)
         if recorder is not None:
             recorder.start_episode({"instruction": instruction, "robot": self.profile.name, "sim": True,
                                     "seed": seed, "target_xy_m": list(episode.target_xy_m), "side": episode.side,
+                                    "start": "random" if random_start else "ready",
                                     "policy": type(getattr(policy, "policy", policy)).__name__})
         loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(safety_limits(self.profile)), EStop(),
                            stats, recorder, cameras=self.cameras)
@@ -241,8 +246,12 @@ def episode_seeds(n: int, first_seed: int = 1000) -> list[int]:
 
 
 def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, task: ReachTask | None = None,
-                           linger_ticks: int = 10, progress=None) -> list[EpisodeResult]:
-    """Record ``n`` scripted-expert episodes as HDF5 files (Cobot Magic layout) through the control loop."""
+                           linger_ticks: int = 10, progress=None, random_start: bool = True) -> list[EpisodeResult]:
+    """Record ``n`` scripted-expert episodes as HDF5 files (Cobot Magic layout) through the control loop.
+
+    ``random_start`` (default): each episode starts from the seed's randomised pose
+    (:meth:`ReachTask.start_pose`), so that only the image tells the policy where to go.
+    """
     from vla_edge.edge.engine import STAGES
     from vla_edge.edge.recorder import EpisodeRecorder
 
@@ -251,7 +260,8 @@ def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, tas
         recorder = EpisodeRecorder(out_dir, cameras=bench.cameras, compress="lzf", stage_names=[*STAGES, "total"])
         expert = ExpertPolicy(bench.task, bench.sim)
         for seed in range(first_seed, first_seed + n):
-            r = bench.run_episode(_CountingPolicy(expert), seed, recorder=recorder, linger_ticks=linger_ticks)
+            r = bench.run_episode(_CountingPolicy(expert), seed, recorder=recorder, linger_ticks=linger_ticks,
+                                  random_start=random_start)
             if not r.success:
                 log.warning("expert episode %d did not succeed (%s)", seed, r.fault or "timeout")
             results.append(r)

@@ -29,6 +29,23 @@ def test_reach_pose_touches_every_spot_and_ready_pose_does_not():
         reach_pose(0.0, 0.9, 0.05)  # out of reach
 
 
+def test_random_start_is_seeded_varied_within_limits_and_off_target():
+    from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+
+    task = ReachTask()
+    starts = np.stack([task.start_pose(s) for s in range(100)])
+    assert np.array_equal(starts[0], task.start_pose(0))  # seeded
+    off = starts - task.ready_q14
+    moved = [0, 1, 2, 4, 7, 8, 9, 11]
+    assert np.all(np.abs(off) <= task.start_spread_rad + 1e-12)
+    assert np.all(off[:, moved].std(0) > task.start_spread_rad / 3)  # spread over the range
+    assert np.allclose(np.delete(off, moved, axis=1), 0.0)  # J4, J6 and the grippers stay at ready
+    assert np.all(starts >= np.array(PIPER_JOINT_LO * 2)) and np.all(starts <= np.array(PIPER_JOINT_HI * 2))
+    for s in range(100):
+        assert not task.at_target(starts[s], task.sample(s).target_xy_m)
+    assert np.array_equal(task.start_pose(5, spread_rad=0.0), task.ready_q14)
+
+
 def test_expert_chunk_moves_each_joint_at_the_step_then_stops():
     q0, goal = np.zeros(14), np.zeros(14)
     goal[2], goal[4] = 0.5, -0.1
@@ -76,6 +93,16 @@ def test_train_tiny_loss_falls_and_checkpoint_loads(tmp_path):
     results = record_expert_episodes(tmp_path / "episodes", 2, first_seed=3, linger_ticks=2)
     assert len(list((tmp_path / "episodes").glob("episode_*.hdf5"))) == 2
     assert all(r.success for r in results)
+    import h5py
+
+    firsts = []
+    for path in sorted((tmp_path / "episodes").glob("episode_*.hdf5")):
+        with h5py.File(path, "r") as f:
+            assert f.attrs["start"] == "random"
+            firsts.append(f["observations/qpos"][0])
+    task = ReachTask()
+    for seed, q0 in zip((3, 4), firsts, strict=True):  # each episode starts from its seed's random pose
+        assert np.allclose(q0, task.start_pose(seed), atol=5e-3)
     res = train(tmp_path / "episodes", tmp_path / "best.pt", steps=12, batch=2, lr=3e-3, progress=False)
     assert res.episodes == 2 and res.samples > 20
     assert all(math.isfinite(x) for x in res.losses)
