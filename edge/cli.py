@@ -51,8 +51,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--decoder",
-        choices=["plain", "fused"],
-        help="fused (default): GroupQueryAttention graph with fused rotary and one preallocated KV buffer "
+        choices=["auto", "plain", "fused"],
+        default="auto",
+        help="auto (default): fused when the head size is a multiple of 16 (the 0.5B's is), else plain; "
+        "fused: GroupQueryAttention graph with fused rotary and one preallocated KV buffer "
         "per layer; plain: TorchScript export of transformers' Qwen2, KV cache grows every step",
     )
     p.add_argument("--max-len", type=int,

@@ -56,11 +56,7 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     log.info("exporting %s -> %s", ckpt, bundle)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
-        ck = load_checkpoint(ckpt)
-        # The fused GroupQueryAttention decoder needs a head size that is a multiple of 16; the trained
-        # tiny policy's is 24 (96 / 4), so it takes the plain decoder.
-        decoder = "fused" if ck.model.text.head_dim % 16 == 0 else "plain"
-        export_bundle(ck, ExportOptions(out=bundle, precision="int8", force=True, decoder=decoder), progress)
+        export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
     return bundle
 
 

@@ -46,7 +46,7 @@ class ExportOptions:
     parity_samples: int = 2
     force: bool = False
     quant_scheme: str | None = None  # default: quantize.SCHEMES[target]
-    decoder: str = "fused"  # DECODER_KINDS: "fused" (fused.export_fused_decoder) or "plain" (graphs.export_decoder)
+    decoder: str = "auto"  # "fused" (fused.export_fused_decoder), "plain" (graphs.export_decoder), or "auto"
     max_len: int = DEFAULT_MAX_LEN  # fused only: KV buffer length in positions
 
 
@@ -68,8 +68,7 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     from vla_edge.export.reference import TorchReference
 
     out = Path(opts.out)
-    if opts.decoder not in DECODER_KINDS:
-        raise ExportError(f"unknown decoder kind {opts.decoder!r} ({', '.join(DECODER_KINDS)})")
+    opts.decoder = resolve_decoder(opts.decoder, ckpt.model.text.head_dim)
     if out.exists() and not opts.force:
         raise ExportError(f"{out} already exists (use --force to replace it)")
     if ckpt.tokenizer_json is None:
@@ -148,6 +147,26 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+FUSED_HEAD_DIM_MULTIPLE = 16
+"""ONNX Runtime's GroupQueryAttention kernels need a head size that is a multiple of 16."""
+
+
+def resolve_decoder(kind: str, head_dim: int) -> str:
+    """``auto`` -> ``fused`` when the model's head size allows it (the 0.5B's 64 does), else ``plain``."""
+    fits = head_dim % FUSED_HEAD_DIM_MULTIPLE == 0
+    if kind == "auto":
+        if not fits:
+            log.info("decoder: plain (head size %d is not a multiple of %d, which the fused graph needs)",
+                     head_dim, FUSED_HEAD_DIM_MULTIPLE)
+        return "fused" if fits else "plain"
+    if kind not in DECODER_KINDS:
+        raise ExportError(f"unknown decoder kind {kind!r} (auto, {', '.join(DECODER_KINDS)})")
+    if kind == "fused" and not fits:
+        raise ExportError(f"--decoder fused needs a head size that is a multiple of {FUSED_HEAD_DIM_MULTIPLE} "
+                          f"(this model's is {head_dim}): use --decoder plain or auto")
+    return kind
 
 
 def _manifest(ckpt, opts: ExportOptions, prompt: PromptTemplate, ort_version: str) -> dict:
@@ -337,7 +356,7 @@ def main(args) -> int:
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
     opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
-                         parity_samples=args.parity_samples, force=args.force, decoder=args.decoder or "fused",
+                         parity_samples=args.parity_samples, force=args.force, decoder=args.decoder,
                          max_len=args.max_len or DEFAULT_MAX_LEN)
     if opts.precision == "fp16":
         raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")

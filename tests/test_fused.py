@@ -174,3 +174,13 @@ def test_float16_graph_for_cuda_matches_pytorch_loosely(tiny, tmp_path):
     got = np.concatenate([pre, blk])
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, full, atol=1e-2, rtol=0)
+
+
+def test_decoder_auto_picks_by_head_size_and_fused_refuses_odd_heads():
+    from vla_edge.export.pipeline import ExportError, resolve_decoder
+
+    assert resolve_decoder("auto", 64) == "fused"
+    assert resolve_decoder("auto", 24) == "plain"
+    assert resolve_decoder("plain", 64) == "plain"
+    with pytest.raises(ExportError, match="multiple of 16"):
+        resolve_decoder("fused", 24)
