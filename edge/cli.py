@@ -172,6 +172,9 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
     p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0: all)")
     p.add_argument("--init", help="continue from this checkpoint's weights (one train-tiny wrote)")
+    p.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the training-only target-position loss, used when the episodes record "
+                   "target_xy_m (default 1.0; 0 turns it off)")
     p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
 
 

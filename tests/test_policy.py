@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -107,7 +108,17 @@ def test_train_tiny_loss_falls_and_checkpoint_loads(tmp_path):
     assert res.episodes == 2 and res.samples > 20
     assert all(math.isfinite(x) for x in res.losses)
     assert np.mean(res.losses[-3:]) < np.mean(res.losses[:3]) - 0.5
+    # the episodes record their target, so the training-only target probe was on ...
+    assert len(res.probe_losses) == 12 and all(math.isfinite(x) for x in res.probe_losses)
     ck = load_checkpoint(res.path)  # weights_only=True inside
+    import torch
+
+    assert json.loads(torch.load(res.path, weights_only=True)["training"])["aux_weight"] == 1.0
+    # ... and is not part of the checkpoint: the same tensors as a run without it
+    off = train(tmp_path / "episodes", tmp_path / "off.pt", steps=2, batch=2, progress=False, aux_weight=0.0)
+    assert off.probe_losses == []
+    ck_off = load_checkpoint(off.path)
+    assert {k: v.shape for k, v in ck.state_dict.items()} == {k: v.shape for k, v in ck_off.state_dict.items()}
     lo, hi = np.array(ck.policy.action_lo), np.array(ck.policy.action_hi)
     assert (hi > lo).all() and ck.layout.cameras == ["cam_high", "cam_left_wrist", "cam_right_wrist"]
 

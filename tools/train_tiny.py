@@ -10,13 +10,16 @@ Every tick ``t`` with five actions after it is one sample, exactly as the runtim
 (:func:`vla_edge.kernels.compose_views` with the checkpoint's image layout), the ChatML prompt
 (:class:`~vla_edge.edge.prompt.PromptTemplate`: prefix, image embeddings, instruction, 14 proprio tokens,
 suffix), then the 70 action tokens of ``action[t : t + 5]`` and ``<|im_end|>``. The loss is the
-cross-entropy of those 71 tokens (teacher forcing); nothing else is supervised.
+cross-entropy of those 71 tokens (teacher forcing), plus, when the episodes record where their target
+was (``target_xy_m``, as the simulated task's do), a training-only :class:`TargetProbe` loss that makes
+the model encode the target's position; the probe's heads are not exported.
 
 Normalisation statistics come from the data: action bounds are the per-dimension min/max of ``action``
 (widened by 5 % of the range, at least 0.01, within the Piper's limits); the proprio statistics are
 derived from the same range (mean = mid-range, std = range / 6) so that a state and an action of the
-same value fall in the same bin. The model is the tiny shape of
-:mod:`vla_edge.export.tiny` made a little wider (:data:`POLICY_MODEL`); the bin rows of the (tied)
+same value fall in the same bin. The model (:func:`policy_model_config`) is the LLaVA-VLA architecture at
+a small size: 32 px patches (144 image tokens instead of 729, so a step is fast on a CPU) and a 128-wide
+decoder with head size 32 (so the export picks the fused GQA decoder, the real model's path); the bin rows of the (tied)
 token table start as smooth Fourier features of the bin value, so neighbouring bins start close and
 the output head is ordinal from the first step. AdamW, warm-up then cosine decay.
 
@@ -48,8 +51,8 @@ def policy_model_config(vocab_rows: int):
     from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
 
     return ModelConfig(
-        vision=VisionConfig(hidden=64, intermediate=128, layers=2, heads=2, patch=14, image_size=384),
-        text=TextConfig(hidden=96, intermediate=192, layers=2, heads=4, kv_heads=2, vocab_rows=vocab_rows,
+        vision=VisionConfig(hidden=64, intermediate=128, layers=2, heads=2, patch=32, image_size=384),
+        text=TextConfig(hidden=128, intermediate=384, layers=3, heads=4, kv_heads=2, vocab_rows=vocab_rows,
                         max_positions=2048),
     )
 
@@ -66,6 +69,7 @@ class Dataset:
     episodes: int
     all_qpos: np.ndarray  # every recorded tick, for the statistics
     all_actions: np.ndarray
+    targets_xy_m: np.ndarray | None = None  # (n, 2) the episode's target, when every episode records one
 
 
 def episode_files(data_dir: str | Path) -> list[Path]:
@@ -84,7 +88,7 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
     files = episode_files(data_dir)
     if max_episodes:
         files = files[:max_episodes]
-    images, qpos, actions, instr, all_q, all_a = [], [], [], [], [], []
+    images, qpos, actions, instr, all_q, all_a, targets = [], [], [], [], [], [], []
     composer = None
     for path in files:
         with h5py.File(path, "r") as f:
@@ -97,6 +101,7 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
             compressed_jpeg = bool(f.attrs.get("compress", False)) and f[f"observations/images/{layout.cameras[0]}"].ndim == 2
             cams = [f[f"observations/images/{c}"][()] for c in layout.cameras]
             text = str(f.attrs.get("instruction", ""))
+            target = json.loads(f.attrs["target_xy_m"]) if "target_xy_m" in f.attrs else None
         if not text:
             raise VlaEdgeError(f"{path}: no 'instruction' attribute")
         all_q.append(q)
@@ -112,12 +117,15 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
             qpos.append(q[t])
             actions.append(a[t : t + CHUNK])
             instr.append(text)
+            targets.append(target)
         if progress is not None:
             progress()
     if not images:
         raise VlaEdgeError(f"{data_dir}: episodes too short (need at least {CHUNK} ticks)")
+    known = all(t is not None for t in targets)
     return Dataset(np.stack(images), np.stack(qpos), np.stack(actions), instr, len(files),
-                   np.concatenate(all_q), np.concatenate(all_a))
+                   np.concatenate(all_q), np.concatenate(all_a),
+                   np.asarray(targets, dtype=np.float64) if known else None)
 
 
 def statistics(ds: Dataset):
@@ -207,15 +215,55 @@ class Batcher:
         n_before = prefix.shape[1] + image.shape[1]
         attn = torch.cat([torch.ones((len(idx), n_before), dtype=torch.long), mask], dim=1)
         full_labels = torch.cat([torch.full((len(idx), n_before), -100, dtype=torch.long), labels], dim=1)
-        return embeds, attn, full_labels
+        return embeds, attn, full_labels, image
 
 
-def loss_of(model, batch):
+class TargetProbe:
+    """Training-only auxiliary loss: where is the target? (Used when the episodes record ``target_xy_m``.)
+
+    Two linear heads regress the episode's target position (standardised x, y): one from the mean of the
+    image embeddings, one from the decoder's last hidden state at every position that emits an action
+    token. The first makes the vision trunk encode where the disc is in every patch, the second makes the
+    decoder carry that to where it decides; without them a tiny model trained for minutes learns the
+    common motion and ignores the few red patches. The heads are not part of the checkpoint: the exported
+    graph is the plain LLaVA-VLA.
+    """
+
+    def __init__(self, hidden: int, targets_xy_m: np.ndarray, weight: float):
+        import torch
+
+        self.mean, self.std = targets_xy_m.mean(0), targets_xy_m.std(0) + 1e-3
+        self.targets = torch.from_numpy((targets_xy_m - self.mean) / self.std).float()
+        self.image_head = torch.nn.Linear(hidden, 2)
+        self.decoder_head = torch.nn.Linear(hidden, 2)
+        self.weight = weight
+
+    def parameters(self):
+        return [*self.image_head.parameters(), *self.decoder_head.parameters()]
+
+    def loss(self, image, last_hidden, labels, idx):
+        """Mean squared error of both heads (standardised units) for the samples ``idx``."""
+        import torch.nn.functional as F
+
+        y = self.targets[idx]
+        from_image = self.image_head(image[:, :-1].mean(1))  # patches only, not image_newline
+        emits = labels[:, 1:] != -100  # position p emits the token at p + 1
+        h = last_hidden[:, :-1][emits]  # (n_action_positions, H)
+        rows = emits.nonzero()[:, 0]
+        return F.mse_loss(from_image, y) + F.mse_loss(self.decoder_head(h), y[rows])
+
+
+def loss_of(model, batch, probe: TargetProbe | None = None, idx=None):
+    """Cross-entropy of the action tokens (plus ``probe``'s weighted loss); returns ``(total, ce, aux)``."""
     import torch.nn.functional as F
 
-    embeds, attn, labels = batch
-    logits = model.lm(inputs_embeds=embeds, attention_mask=attn).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    embeds, attn, labels, image = batch
+    out = model.lm(inputs_embeds=embeds, attention_mask=attn, output_hidden_states=probe is not None)
+    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    if probe is None:
+        return ce, ce, None
+    aux = probe.loss(image, out.hidden_states[-1], labels, idx)
+    return ce + probe.weight * aux, ce, aux
 
 
 # -- training ----------------------------------------------------------------------------------------
@@ -226,14 +274,16 @@ class TrainResult:
     seconds: float
     samples: int
     episodes: int
+    probe_losses: list[float]  # the TargetProbe's loss per step (empty when it was off)
 
 
 def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: int = 8, lr: float = 2e-3,
           seed: int = 0, max_episodes: int = 0, threads: int = 0, progress: bool = True,
-          init: str | Path | None = None) -> TrainResult:
+          init: str | Path | None = None, aux_weight: float = 1.0) -> TrainResult:
     """Train on the episodes in ``data_dir`` and write the wrapper checkpoint to ``out``.
 
     ``init``: start from this checkpoint's weights (one written by this function) instead of a fresh model.
+    ``aux_weight``: weight of the :class:`TargetProbe` loss (used when the episodes record their target; 0: off).
     """
     import torch
     from rich.console import Console
@@ -272,8 +322,12 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
         model.lm.tie_weights()
     model.train()
     batcher = Batcher(model, ds, policy, tokens, tokenizer_json)
+    probe = None
+    if aux_weight > 0 and ds.targets_xy_m is not None:
+        probe = TargetProbe(model.cfg.text.hidden, ds.targets_xy_m, aux_weight)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    other += probe.parameters() if probe is not None else []
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
     warmup = max(1, min(100, steps // 10))
@@ -287,7 +341,9 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
     n = len(ds.qpos)
     losses: list[float] = []
     console.print(f"train-tiny: {ds.episodes} episodes, {n} samples, {steps} steps of {batch}, "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+                  + (f"target probe weight {aux_weight:g}" if probe else "no target probe"))
+    aux_losses: list[float] = []
     with Progress(*cols, TextColumn("loss {task.fields[loss]}"), console=console, disable=not progress) as bar:
         job = bar.add_task("training", total=steps, loss="-")
         order = rng.permutation(n)
@@ -299,19 +355,23 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
             pos += batch
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = loss_of(model, batcher(idx))
+            total, ce, aux = loss_of(model, batcher(idx), probe, idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
-            losses.append(loss.item())
+            losses.append(ce.item())
+            aux_losses.append(aux.item() if aux is not None else float("nan"))
             bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
             if (step + 1) % 50 == 0:
-                log.info("step %d/%d loss %.3f (%.0f s)", step + 1, steps, np.mean(losses[-50:]), time.monotonic() - t0)
+                log.info("step %d/%d loss %.3f target probe %.3f (%.0f s)", step + 1, steps, np.mean(losses[-50:]),
+                         np.mean(aux_losses[-50:]), time.monotonic() - t0)
     path = write_checkpoint(model, policy, tokens, tokenizer_json, layout, out,
                             meta={"data": str(data_dir), "episodes": ds.episodes, "samples": n, "steps": steps,
-                                  "batch": batch, "lr": lr, "seed": seed, "final_loss": float(np.mean(losses[-20:]))})
-    return TrainResult(path=path, losses=losses, seconds=time.monotonic() - t0, samples=n, episodes=ds.episodes)
+                                  "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight if probe else 0.0,
+                                  "final_loss": float(np.mean(losses[-20:]))})
+    return TrainResult(path=path, losses=losses, seconds=time.monotonic() - t0, samples=n, episodes=ds.episodes,
+                       probe_losses=aux_losses if probe is not None else [])
 
 
 def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, meta: dict, fp16: bool = True) -> Path:
@@ -349,7 +409,7 @@ def main(args) -> int:
         ok = sum(r.success for r in results)
         console.print(f"recorded {len(results)} expert episodes into {args.data} ({ok} successful)")
     res = train(args.data, args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                max_episodes=args.max_episodes, init=args.init)
+                max_episodes=args.max_episodes, init=args.init, aux_weight=args.aux_weight)
     console.print(f"[green]wrote[/] {res.path} ({res.path.stat().st_size / 1e6:.2f} MB) after {res.seconds:.0f} s; "
                   f"loss {np.mean(res.losses[:20]):.3f} -> {np.mean(res.losses[-20:]):.3f}. "
                   f"Next: vla-edge export --ckpt {res.path} --out bundle/")
