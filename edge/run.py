@@ -187,7 +187,8 @@ def demo(args) -> int:
 
     ensure_demo_bundle(args.workdir)
     task = ReachTask()
-    episode = task.sample(random.randrange(1_000_000))
+    seed = args.seed if getattr(args, "seed", None) is not None else random.randrange(1_000_000)
+    episode = task.sample(seed)
     seen = {}
 
     def place_target(robot, loop, estop) -> None:

@@ -597,9 +597,14 @@ def test_cli_run_writes_the_json_summary(int8_bundle, tmp_path):
 
 
 def test_demo_from_a_fresh_workdir(tmp_path):
-    """The README's first command: tiny checkpoint, INT8 export, 3 s on the simulated robot, summary."""
+    """The README's first command: the shipped policy, INT8 export, 3 s on the simulated robot, summary,
+    and the arm reaches the target (seed 1001: the right arm's outer spot, reached in ~1 s in eval)."""
+    from vla_edge.tools.package_data import shipped_policy
+
     work = tmp_path / "demo"
-    r = run_cli("demo", "--seconds", "3", "--workdir", str(work))
+    r = run_cli("demo", "--seconds", "3", "--workdir", str(work), "--seed", "1001")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (work / "tiny.pt").exists() and (work / "bundle" / "manifest.json").exists()
+    manifest = json.loads((work / "bundle" / "manifest.json").read_text())
+    assert shipped_policy() is not None and manifest["source"]["name"] == "tiny_policy.pt"
     assert "run: " in r.stderr and "ticks in 3.0 s" in r.stderr
+    assert "for the right arm; the fingertip ended" in r.stderr and "(reached)" in r.stderr, r.stderr[-2000:]
