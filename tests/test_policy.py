@@ -117,6 +117,9 @@ def test_train_tiny_loss_falls_and_checkpoint_loads(tmp_path):
     # ... and is not part of the checkpoint: the same tensors as a run without it
     off = train(tmp_path / "episodes", tmp_path / "off.pt", steps=2, batch=2, progress=False, aux_weight=0.0)
     assert off.probe_losses == []
+    # --init continues from the checkpoint's weights: its first loss is the trained model's, not a fresh one's
+    cont = train(tmp_path / "episodes", tmp_path / "cont.pt", steps=2, batch=2, progress=False, init=res.path)
+    assert cont.losses[0] < np.mean(res.losses[:3]) - 0.5
     ck_off = load_checkpoint(off.path)
     assert {k: v.shape for k, v in ck.state_dict.items()} == {k: v.shape for k, v in ck_off.state_dict.items()}
     lo, hi = np.array(ck.policy.action_lo), np.array(ck.policy.action_hi)

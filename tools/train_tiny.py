@@ -312,14 +312,13 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
         job = bar.add_task("reading episodes", total=n_files)
         ds = load_dataset(data_dir, layout, max_episodes, progress=lambda: bar.advance(job))
     policy = statistics(ds)
-    model = build_model(tokens, seed)
-    if init is not None:
+    if init is None:
+        model = build_model(tokens, seed)
+    else:  # the checkpoint's own shape, which may be an older policy shape
         from vla_edge.export.checkpoint import load_checkpoint
-        from vla_edge.export.model import to_module_keys
+        from vla_edge.export.model import LlavaVLA
 
-        ck = load_checkpoint(init)
-        model.load_state_dict(to_module_keys(ck.state_dict, ck.model), strict=True)
-        model.lm.tie_weights()
+        model = LlavaVLA.from_checkpoint(load_checkpoint(init), attn="sdpa")
     model.train()
     batcher = Batcher(model, ds, policy, tokens, tokenizer_json)
     probe = None
