@@ -232,8 +232,8 @@ class TargetProbe:
     def __init__(self, hidden: int, targets_xy_m: np.ndarray, weight: float):
         import torch
 
-        self.mean, self.std = targets_xy_m.mean(0), targets_xy_m.std(0) + 1e-3
-        self.targets = torch.from_numpy((targets_xy_m - self.mean) / self.std).float()
+        standardised = (targets_xy_m - targets_xy_m.mean(0)) / (targets_xy_m.std(0) + 1e-3)
+        self.targets = torch.from_numpy(standardised).float()
         self.image_head = torch.nn.Linear(hidden, 2)
         self.decoder_head = torch.nn.Linear(hidden, 2)
         self.weight = weight
