@@ -138,6 +138,7 @@ class Engine:
         self.lo = np.asarray(self.policy.action_lo, np.float64)
         self.hi = np.asarray(self.policy.action_hi, np.float64)
         self.mean = np.asarray(self.policy.proprio_mean, np.float64)
+        self.edges = self.tokens.bin_edges
         self.std = np.asarray(self.policy.proprio_std, np.float64)
         self.past_names = [f"past.{i}.{kv}" for i in range(d.layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(d.layers) for kv in ("key", "value")]
@@ -274,7 +275,7 @@ class Engine:
 
     def _prompt_embeds(self, image: np.ndarray, state: np.ndarray) -> np.ndarray:
         """Everything after the cached system-prompt prefix: image, instruction, proprio, suffix."""
-        proprio = self.kernels.tokenize_proprio(state, self.mean, self.std, self.tokens.vocab_base)
+        proprio = self.kernels.tokenize_proprio(state, self.mean, self.std, self.tokens.vocab_base, self.edges)
         return np.concatenate(
             [image, self.instruction_embeds, self._embed(proprio), self.suffix_embeds]
         )[None]
@@ -297,12 +298,13 @@ class Engine:
         bins = head_idx < self.tokens.n_bins
         base = None
         if self.navigation:
-            direction, value = self.kernels.parse_navigation(head_idx, self.policy.d_max_m, self.policy.theta_max_deg)
+            direction, value = self.kernels.parse_navigation(head_idx, self.policy.d_max_m, self.policy.theta_max_deg,
+                                                              self.edges)
             base = (direction, float(value))
             if direction != "stop":
                 return ActionChunk(joints=None, base=base, token_ids=ids)
             bins[:2] = False  # DIR VALUE precede the chunk
-        joints = self.kernels.detokenize_actions(ids[bins], self.tokens.vocab_base, self.lo, self.hi)
+        joints = self.kernels.detokenize_actions(ids[bins], self.tokens.vocab_base, self.lo, self.hi, self.edges)
         return ActionChunk(joints=joints, base=base, token_ids=ids)
 
     # -- decoding ------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
     {P x D_state}                                                     <- proprio tokens (every step)
     <|im_end|>\\n<|im_start|>assistant\\n                               <- suffix
 
-The fixed pieces are computed at export and stored in the manifest (``prompt``); only the
-instruction is tokenised at run time, once per episode, with the bundle's ``tokenizer.json``.
+The fixed pieces are computed at export and stored in the manifest (``prompt``); only
+``"\\n" + instruction + "\\n"`` is tokenised at run time, as one string like the reference inference,
+once per episode, with the bundle's ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ class PromptTemplate:
         return cls(prefix=prefix, suffix=suffix, newline=tokens.newline, navigation=tokens.navigation)
 
     def instruction_ids(self, encode: TextEncoder, instruction: str, navigation: bool) -> list[int]:
-        """Ids between the image and the proprio tokens: ``\\n{instruction}[<Navigation>]\\n``."""
-        ids = encode("\n" + instruction.strip())
+        """Ids between the image and the proprio tokens: ``\\n{instruction}[<Navigation>]\\n``.
+
+        As the reference inference does, ``"\\n" + instruction + "\\n"`` is tokenised as *one* string,
+        the instruction unchanged: Qwen2's pre-tokenizer and merges join a final ``.``, ``!`` or spaces
+        with the newline (``".\\n"`` is one token), so encoding the pieces apart would give other ids.
+        With navigation, ``<Navigation>`` (an embedding row, not text) splits the string there.
+        """
         if navigation:
-            ids = ids + [self.navigation]
-        return ids + [self.newline]
+            return encode("\n" + instruction) + [self.navigation] + encode("\n")
+        return encode("\n" + instruction + "\n")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,25 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 N_BINS = 256
-"""Action/proprio bins: ``linspace(-1, 1, 256)``; token ``V - i`` for bin index ``i`` in 1..256."""
+"""Action/proprio bins: 256 edges from -1 to 1; token ``V - i`` for bin index ``i`` in 1..256."""
+
+BIN_KINDS = ("uniform", "norm")
+"""``uniform``: ``linspace(-1, 1, 256)`` (LLaVA-VLA's default). ``norm``: the reference's fixed
+non-uniform table (``use_norm_bins``, CONTRACT section 1b), dense around 0."""
+
+
+def bin_edges(kind: str = "uniform", n_bins: int = N_BINS) -> np.ndarray:
+    """The ``n_bins`` ascending bin edges (float64) of a :data:`BIN_KINDS` kind; centres are midpoints."""
+    if kind == "uniform":
+        return np.linspace(-1.0, 1.0, n_bins)
+    if kind == "norm":
+        if n_bins != N_BINS:
+            raise ValueError(f"the norm bin table has {N_BINS} edges, not {n_bins}")
+        parts = [(-1.0, -0.5, 15), (-0.5, -0.25, 40), (-0.25, -0.1, 42), (-0.1, 0.1, 62), (0.1, 0.25, 42),
+                 (0.25, 0.5, 40)]
+        return np.concatenate([np.linspace(a, b, n, endpoint=False) for a, b, n in parts]
+                              + [np.linspace(0.5, 1.0, 15, endpoint=True)])
+    raise ValueError(f"unknown bin kind {kind!r} (expected one of {', '.join(BIN_KINDS)})")
 
 DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
 """Navigation direction tokens, in the order the cut head holds them."""
@@ -20,7 +38,8 @@ DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
 
 @dataclass(frozen=True)
 class TokenSpec:
-    """Token ids of one model. ``vocab_base`` is V: bins occupy ids ``V-256 .. V-1``.
+    """Token ids of one model. ``vocab_base`` is V: bins occupy ids ``V-256 .. V-1``; ``bins`` names
+    their edges (:func:`bin_edges`).
 
     The decoder's output head is cut to :attr:`head_ids`, in this order:
     index ``j`` in ``0..255`` is token ``V - 256 + j`` (ascending ids, so *descending* values),
@@ -36,6 +55,12 @@ class TokenSpec:
     directions: dict[str, int]
     embedding_rows: int
     n_bins: int = N_BINS
+    bins: str = "uniform"  # BIN_KINDS: which edges the checkpoint was trained with
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """The bin edges (float64, ascending) shared by action and proprio tokens."""
+        return bin_edges(self.bins, self.n_bins)
 
     @property
     def head_ids(self) -> np.ndarray:

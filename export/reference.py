@@ -70,7 +70,7 @@ class TorchReference:
         t1 = time.perf_counter()
         proprio = reference.tokenize_proprio(
             np.asarray(state, np.float64), np.asarray(self.policy.proprio_mean), np.asarray(self.policy.proprio_std),
-            self.tokens.vocab_base,
+            self.tokens.vocab_base, self.tokens.bin_edges,
         )
         after = self.prompt.instruction_ids(self.encode, instruction, navigation) + list(proprio) + self.prompt.suffix
         emb = m.embed_tokens

@@ -25,15 +25,16 @@ Token decoding, in cut-head index space (:class:`vla_edge.edge.spec.TokenSpec`):
   ``allowed()`` is the half-open range ``(lo, hi)`` of allowed head indices (``(0, 0)`` once done);
   ``state``/``set_state`` save and restore ``(position, direction)`` (direction -1 until chosen).
   NaN logits in the allowed range raise ValueError (a corrupt model output is never decoded).
-- :func:`detokenize_actions` ``(token_ids, vocab_base, lo, hi) -> (chunk, D) float64``.
-- :func:`tokenize_proprio` ``(state, mean, std, vocab_base) -> (D,) int64``; a NaN after normalisation
+- :func:`detokenize_actions` ``(token_ids, vocab_base, lo, hi, edges) -> (chunk, D) float64``.
+- :func:`tokenize_proprio` ``(state, mean, std, vocab_base, edges) -> (D,) int64``; a NaN after normalisation
   (NaN state, mean or std, or ``std + 1e-5 == 0`` with ``state == mean``) raises ValueError naming the
   dimension: a NaN state is a sensor fault. ``+-inf`` clip to the end bins like numpy does.
-- :func:`parse_navigation` ``(head_indices, d_max_m, theta_max_deg) -> (direction, value)``: value is
+- :func:`parse_navigation` ``(head_indices, d_max_m, theta_max_deg, edges) -> (direction, value)``: value is
   ``(x + 1) / 2 * full_scale`` with x the VALUE bin centre: metres for forward (full scale
   ``d_max_m``), degrees for the turns (``theta_max_deg``); ``("stop", 0.0)`` for stop.
 
-All token formulas equal :mod:`.reference` (numpy) bit for bit. Bad arguments raise TypeError or
+``edges`` are the bin edges (float64, ascending; default :data:`UNIFORM_EDGES`, a bundle's own are
+``TokenSpec.bin_edges``). All token formulas equal :mod:`.reference` (numpy) bit for bit. Bad arguments raise TypeError or
 ValueError naming the argument. Arrays are never converted silently (lists/tuples are, for the
 statistics that come from :class:`~vla_edge.edge.spec.PolicySpec`).
 """
@@ -100,21 +101,26 @@ def _float64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) if isinstance(x, (list, tuple)) else x
 
 
-def detokenize_actions(token_ids: np.ndarray, vocab_base: int, lo, hi) -> np.ndarray:
+UNIFORM_EDGES = _core.bin_edges(N_BINS)
+"""``linspace(-1, 1, 256)``: the default bin edges (a bundle's own are ``TokenSpec.bin_edges``)."""
+
+
+def detokenize_actions(token_ids: np.ndarray, vocab_base: int, lo, hi, edges: np.ndarray = UNIFORM_EDGES) -> np.ndarray:
     """Action token ids (int64, ``chunk*D``, step-major) -> actions (chunk, D) float64.
 
-    ``k = clip(V - id - 1, 0, 254)``, ``x = (b[k] + b[k+1]) / 2``, ``a = (x + 1) / 2 * (hi - lo) + lo``.
-    Raises ValueError on an id outside the bin range ``V-256 .. V-1``.
+    ``k = clip(V - id - 1, 0, n-2)``, ``x = (b[k] + b[k+1]) / 2``, ``a = (x + 1) / 2 * (hi - lo) + lo``
+    with ``b = edges``. Raises ValueError on an id outside the bin range ``V-n .. V-1``.
     """
-    return _core.detokenize_actions(token_ids, vocab_base, _float64(lo), _float64(hi), N_BINS)
+    return _core.detokenize_actions(token_ids, vocab_base, _float64(lo), _float64(hi), edges)
 
 
-def tokenize_proprio(state: np.ndarray, mean, std, vocab_base: int) -> np.ndarray:
-    """State (float64, D) -> proprio token ids (int64, D): ``V - digitize(clip(z / 3, -1, 1), b)``."""
-    return _core.tokenize_proprio(state, _float64(mean), _float64(std), vocab_base, N_BINS)
+def tokenize_proprio(state: np.ndarray, mean, std, vocab_base: int, edges: np.ndarray = UNIFORM_EDGES) -> np.ndarray:
+    """State (float64, D) -> proprio token ids (int64, D): ``V - digitize(clip(z / 3, -1, 1), edges)``."""
+    return _core.tokenize_proprio(state, _float64(mean), _float64(std), vocab_base, edges)
 
 
-def parse_navigation(head_indices: np.ndarray, d_max_m: float, theta_max_deg: float) -> tuple[str, float]:
+def parse_navigation(head_indices: np.ndarray, d_max_m: float, theta_max_deg: float,
+                     edges: np.ndarray = UNIFORM_EDGES) -> tuple[str, float]:
     """Navigation output ``[DIR, VALUE, ...]`` (int64 head indices) -> (direction, metres or degrees)."""
-    d, value = _core.parse_navigation(head_indices, N_BINS, d_max_m, theta_max_deg)
+    d, value = _core.parse_navigation(head_indices, edges, d_max_m, theta_max_deg)
     return DIRECTIONS[d], value

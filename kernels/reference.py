@@ -66,9 +66,10 @@ def compose_views(frames: list[np.ndarray], layout: ImageLayout, bgr: bool = Fal
 # Tokens
 
 
-def detokenize_actions(token_ids: np.ndarray, vocab_base: int, lo, hi, n_bins: int = N_BINS) -> np.ndarray:
+def detokenize_actions(token_ids: np.ndarray, vocab_base: int, lo, hi, edges=None) -> np.ndarray:
     """``k = clip(V - id - 1, 0, n-2)``, ``x = (b[k] + b[k+1]) / 2``, ``a = (x + 1) / 2 * (hi - lo) + lo``."""
-    b = bin_edges(n_bins)
+    b = bin_edges() if edges is None else np.asarray(edges, np.float64)
+    n_bins = len(b)
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     ids = np.asarray(token_ids, dtype=np.int64)
@@ -79,9 +80,9 @@ def detokenize_actions(token_ids: np.ndarray, vocab_base: int, lo, hi, n_bins: i
     return (x + 1) / 2 * (hi - lo) + lo
 
 
-def tokenize_proprio(state, mean, std, vocab_base: int, n_bins: int = N_BINS) -> np.ndarray:
+def tokenize_proprio(state, mean, std, vocab_base: int, edges=None) -> np.ndarray:
     """``x = clip(((s - mean) / (std + 1e-5)) / 3, -1, 1)``, ``id = V - digitize(x, b)``; NaN raises."""
-    b = bin_edges(n_bins)
+    b = bin_edges() if edges is None else np.asarray(edges, np.float64)
     s = np.asarray(state, dtype=np.float64)
     x = ((s - np.asarray(mean, dtype=np.float64)) / (np.asarray(std, dtype=np.float64) + 1e-5)) / 3
     if np.isnan(x).any():
@@ -89,12 +90,13 @@ def tokenize_proprio(state, mean, std, vocab_base: int, n_bins: int = N_BINS) ->
     return vocab_base - np.digitize(np.clip(x, -1, 1), b).astype(np.int64)
 
 
-def parse_navigation(head_indices, d_max_m: float, theta_max_deg: float, n_bins: int = N_BINS) -> tuple[str, float]:
+def parse_navigation(head_indices, d_max_m: float, theta_max_deg: float, edges=None) -> tuple[str, float]:
     """``[DIR, VALUE, ...]`` -> (direction, ``(x + 1) / 2 * full_scale``); stop gives 0.0."""
+    b = bin_edges() if edges is None else np.asarray(edges, np.float64)
+    n_bins = len(b)
     direction = DIRECTIONS[int(head_indices[0]) - n_bins - 1]
     if direction == "stop":
         return "stop", 0.0
-    b = bin_edges(n_bins)
     k = min(max(n_bins - 1 - int(head_indices[1]), 0), n_bins - 2)  # head j is token V - n_bins + j
     x = (b[k] + b[k + 1]) / 2
     return direction, (x + 1) / 2 * (d_max_m if direction == "forward" else theta_max_deg)

@@ -1,6 +1,7 @@
 // Action/proprio token codecs and the grammar-constrained greedy decoder (CONTRACT.md section 1).
 //
-// Bins: b = numpy.linspace(-1, 1, n_bins) (float64, tabulated here the way numpy computes it).
+// Bins: b = the n_bins ascending edges passed in (float64): numpy.linspace(-1, 1, 256) for LLaVA-VLA's
+// default, or the reference's non-uniform "norm" table (vla_edge/edge/spec.py bin_edges).
 //   encode: i = digitize(clip(x, -1, 1), b) in 1..n_bins, token id = V - i
 //   decode: k = clip(V - id - 1, 0, n_bins - 2), x = (b[k] + b[k+1]) / 2
 // Every formula keeps numpy's operation order in float64 (the build sets -ffp-contract=off), so the
@@ -47,6 +48,20 @@ std::vector<double> bin_edges(int n_bins) {
   return b;
 }
 
+// The bin edges given by the caller: 1-D float64, 2..65536 finite values, strictly ascending.
+std::vector<double> edges_arg(py::handle edges_obj) {
+  auto e = require_array<double>(edges_obj, "edges", 1);
+  const py::ssize_t n = e.shape(0);
+  check_n_bins(static_cast<int>(std::min<py::ssize_t>(n, 1 << 20)));
+  std::vector<double> b(e.data(), e.data() + n);
+  for (py::ssize_t i = 0; i < n; ++i) {
+    if (!std::isfinite(b[i]) || (i > 0 && !(b[i] > b[i - 1]))) {
+      throw py::value_error("edges must be finite and strictly ascending (edges[" + std::to_string(i) + "])");
+    }
+  }
+  return b;
+}
+
 // Normalised value in [-1, 1] of the bin whose token is `V - i - 1`, i.e. the centre of bin k.
 inline double bin_centre(const std::vector<double>& b, int64_t k) { return (b[k] + b[k + 1]) / 2.0; }
 
@@ -54,11 +69,12 @@ inline double bin_centre(const std::vector<double>& b, int64_t k) { return (b[k]
 // Token codecs
 
 py::array_t<double> detokenize_actions(py::handle token_ids_obj, int64_t vocab_base, py::handle lo_obj,
-                                       py::handle hi_obj, int n_bins) {
+                                       py::handle hi_obj, py::handle edges_obj) {
   auto ids = require_array<int64_t>(token_ids_obj, "token_ids", 1);
   auto lo = require_array<double>(lo_obj, "lo", 1);
   auto hi = require_array<double>(hi_obj, "hi", 1);
-  const auto b = bin_edges(n_bins);
+  const auto b = edges_arg(edges_obj);
+  const int n_bins = static_cast<int>(b.size());
   const py::ssize_t dims = lo.shape(0);
   if (dims == 0) throw py::value_error("lo must not be empty");
   if (hi.shape(0) != dims) {
@@ -96,11 +112,11 @@ py::array_t<double> detokenize_actions(py::handle token_ids_obj, int64_t vocab_b
 }
 
 py::array_t<int64_t> tokenize_proprio(py::handle state_obj, py::handle mean_obj, py::handle std_obj,
-                                      int64_t vocab_base, int n_bins) {
+                                      int64_t vocab_base, py::handle edges_obj) {
   auto state = require_array<double>(state_obj, "state", 1);
   auto mean = require_array<double>(mean_obj, "mean", 1);
   auto stdv = require_array<double>(std_obj, "std", 1);
-  const auto b = bin_edges(n_bins);
+  const auto b = edges_arg(edges_obj);
   const py::ssize_t dims = state.shape(0);
   if (mean.shape(0) != dims || stdv.shape(0) != dims) {
     throw py::value_error("state, mean and std must have the same length, got " +
@@ -269,10 +285,11 @@ class ChunkGrammar {
 
 // (direction index 0..3, value) of a navigation output [DIR, VALUE, ...] in head-index space.
 // value = (x + 1) / 2 * full_scale with x the VALUE bin centre; stop gives 0.0.
-std::pair<int, double> parse_navigation(py::handle heads_obj, int n_bins, double d_max_m,
+std::pair<int, double> parse_navigation(py::handle heads_obj, py::handle edges_obj, double d_max_m,
                                         double theta_max_deg) {
   auto heads = require_array<int64_t>(heads_obj, "head_indices", 1);
-  const auto b = bin_edges(n_bins);
+  const auto b = edges_arg(edges_obj);
+  const int n_bins = static_cast<int>(b.size());
   if (heads.shape(0) < 2) {
     throw py::value_error("head_indices must hold at least DIR and VALUE, got " +
                           std::to_string(heads.shape(0)) + " entries");
@@ -302,12 +319,12 @@ void register_tokens(py::module_& m) {
   m.def("bin_edges", [](int n_bins) { return py::array_t<double>(py::cast(bin_edges(n_bins))); },
         py::arg("n_bins"), "numpy.linspace(-1, 1, n_bins) as tabulated by the C++ codecs (float64).");
   m.def("detokenize_actions", &detokenize_actions, py::arg("token_ids"), py::arg("vocab_base"),
-        py::arg("lo"), py::arg("hi"), py::arg("n_bins"),
+        py::arg("lo"), py::arg("hi"), py::arg("edges"),
         "Action token ids (int64, chunk*D) -> de-normalised actions float64 (chunk, D).");
   m.def("tokenize_proprio", &tokenize_proprio, py::arg("state"), py::arg("mean"), py::arg("std"),
-        py::arg("vocab_base"), py::arg("n_bins"),
+        py::arg("vocab_base"), py::arg("edges"),
         "State (float64, D) -> proprio token ids int64 (D,). Raises ValueError on NaN.");
-  m.def("parse_navigation", &parse_navigation, py::arg("head_indices"), py::arg("n_bins"),
+  m.def("parse_navigation", &parse_navigation, py::arg("head_indices"), py::arg("edges"),
         py::arg("d_max_m"), py::arg("theta_max_deg"),
         "Navigation output [DIR, VALUE, ...] (head indices) -> (direction index, value).");
 
