@@ -33,13 +33,24 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="turn a checkpoint into an INT8 ONNX bundle",
-        description="Export a LLaVA-VLA checkpoint (best.pt or an HF save_pretrained directory) to an ONNX "
+        description="Export a LLaVA-VLA checkpoint (the trainer's HF save_pretrained directory, or a best.pt) to an ONNX "
         "bundle: vision graph, decoder with KV cache and cut output head, token embeddings, tokenizer, "
         "manifest.json and parity.json. The bundle is built in a temporary directory and renamed into "
         "place only when every step, parity included, has passed.",
     )
     p.add_argument("--ckpt", help="checkpoint: a .pt file or an HF directory with config.json")
     p.add_argument("--shape", choices=["llava-ov-0.5b"], help="instead of --ckpt: random weights of this real shape")
+    p.add_argument("--stats", help="the dataset's statistics.yaml (act_min_bound, act_max_bound, robot_obs: "
+                   "LLaVA-VLA's format); overrides the checkpoint's. Required when the checkpoint carries none")
+    p.add_argument("--tokenizer", help="tokenizer.json, or a directory with it or with vocab.json + merges.txt "
+                   "(for a bare best.pt)")
+    p.add_argument("--layout", choices=["cobot_magic", "calvin"],
+                   help="camera layout of the model's one image (default: the checkpoint's, else by action width: "
+                   "7 dims -> calvin, else cobot_magic)")
+    p.add_argument("--vision-tower", help="for a bare best.pt: a known tower name (siglip-so400m-patch14-384) or a "
+                   "local SigLIP directory with its config.json")
+    p.add_argument("--bins", choices=["uniform", "norm"],
+                   help="bin edges the model was trained with: uniform (default) or norm (use_norm_bins)")
     p.add_argument("--out", required=True, help="bundle directory to create (must not exist unless --force)")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="device the bundle is tuned for")
     p.add_argument(

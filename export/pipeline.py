@@ -190,6 +190,7 @@ def _manifest(ckpt, opts: ExportOptions, prompt: PromptTemplate, ort_version: st
         },
         "model": ckpt.model.to_dict(),
         "tokens": ckpt.tokens.to_dict(),
+        "bin_edges": ckpt.tokens.bin_edges.tolist(),
         "head_ids": ckpt.tokens.head_ids.tolist(),
         "policy": ckpt.policy.to_dict(),
         "image_layout": ckpt.layout.to_dict(),
@@ -347,10 +348,14 @@ def print_summary(res: ExportResult, console) -> None:
     console.print(f"total {sum(res.seconds.values()):.1f} s")
 
 
+def _path(p: str | None) -> Path | None:
+    return Path(p) if p else None
+
+
 def main(args) -> int:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.export.checkpoint import load_checkpoint
+    from vla_edge.export.checkpoint import LoadOptions, load_checkpoint
 
     console = Console(stderr=True)
     if bool(args.ckpt) == bool(args.shape):
@@ -361,7 +366,11 @@ def main(args) -> int:
     if opts.precision == "fp16":
         raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(args.ckpt) if args.ckpt else random_checkpoint(args.shape)
+    extras = LoadOptions(stats=_path(args.stats), tokenizer=_path(args.tokenizer), layout=args.layout,
+                         vision_tower=args.vision_tower, bins=args.bins)
+    if args.shape and extras != LoadOptions():
+        raise ExportError("--stats, --tokenizer, --layout, --vision-tower and --bins go with --ckpt, not --shape")
+    ckpt = load_checkpoint(args.ckpt, extras) if args.ckpt else random_checkpoint(args.shape)
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         res = export_bundle(ckpt, opts, progress)
