@@ -146,7 +146,7 @@ def main(args) -> int:
     console.print(f"{report['tokens_per_step']} tokens per step, {report['tokens_per_s']:.1f} tokens/s (prefill + decode)")
 
     if args.baseline == "torch":
-        from vla_edge.export.checkpoint import load_checkpoint
+        from vla_edge.export.checkpoint import LoadOptions, bundle_defaults, load_checkpoint
 
         if ckpt is None:
             if args.shape:
@@ -157,7 +157,7 @@ def main(args) -> int:
                 src = args.ckpt
                 if not src:
                     raise VlaEdgeError("--baseline torch needs --ckpt (the checkpoint the bundle came from)")
-                ckpt = load_checkpoint(src)
+                ckpt = load_checkpoint(src, LoadOptions(defaults=bundle_defaults(bundle)))
                 if ckpt.sha256 != bundle.manifest["source"]["sha256"]:
                     raise VlaEdgeError(f"{src} is not the checkpoint {root} was exported from (sha256 differs)")
         refs = run_torch(ckpt, bundle, frames, state, instruction, args.navigation, args.steps, args.warmup)

@@ -358,12 +358,12 @@ def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", base
     if baseline == "torch":
         if bundle is None:
             raise VlaEdgeError("--baseline torch compares a bundle with its checkpoint: give --bundle")
-        from vla_edge.export.checkpoint import load_checkpoint
+        from vla_edge.export.checkpoint import LoadOptions, bundle_defaults, load_checkpoint
 
         src = ckpt_path or _default_ckpt_for(bundle)
         if not src:
             raise VlaEdgeError("--baseline torch needs --ckpt (the checkpoint the bundle came from)")
-        ck = load_checkpoint(src)
+        ck = load_checkpoint(src, LoadOptions(defaults=bundle_defaults(bundle)))
         if ck.sha256 != bundle.manifest["source"]["sha256"]:
             raise VlaEdgeError(f"{src} is not the checkpoint {bundle.root} was exported from (sha256 differs)")
         torch_policy = TorchPolicy(ck)

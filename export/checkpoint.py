@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vla_edge.edge.errors import VlaEdgeError
@@ -113,6 +113,14 @@ class LoadOptions:
     layout: str | None = None  # a LAYOUTS name
     vision_tower: str | None = None  # a known tower name or a local SigLIP directory (for a bare best.pt)
     bins: str | None = None  # BIN_KINDS: uniform (default) or norm (the reference's use_norm_bins)
+    defaults: dict = field(default_factory=dict)  # wrapper fields to use where the checkpoint has none
+
+
+def bundle_defaults(bundle) -> dict:
+    """A bundle's statistics, layout, tokens and tokenizer as :attr:`LoadOptions.defaults`: what a
+    baseline run needs of a checkpoint that came without them (the bundle was exported with them)."""
+    return {"policy": bundle.policy.to_dict(), "image_layout": bundle.layout.to_dict(),
+            "tokens": bundle.tokens.to_dict(), "tokenizer_json": bundle.tokenizer_json()}
 
 
 def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkpoint:
@@ -132,6 +140,9 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
     stats = read_statistics(opts.stats) if opts.stats else None
     tokenizer_json = load_tokenizer_json(opts.tokenizer) if opts.tokenizer else None
     raw = _load_hf_dir(path) if path.is_dir() else _load_pt(path)
+    for key, value in opts.defaults.items():
+        if not raw.get(key) and not (key == "policy" and raw.get("stats_path")):
+            raw[key] = value
     sd = raw["state_dict"]
     model = _model_config(raw, sd, opts)
     validate_state_dict(sd, model)

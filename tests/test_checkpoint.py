@@ -402,8 +402,11 @@ def test_calvin_checkpoint_exports_and_benches(tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     assert man["policy"]["action_dim"] == 7 and man["policy"]["state_dim"] == 15
     assert [t["camera"] for t in man["image_layout"]["tiles"]] == ["rgb_static", "rgb_gripper"]
-    r = run_cli("bench", "--bundle", str(out), "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "b.json"))
+    # The baseline loads the checkpoint directory, which carries no statistics: the bundle's are used.
+    r = run_cli("bench", "--bundle", str(out), "--steps", "1", "--warmup", "0", "--baseline", "torch",
+                "--ckpt", str(ck.dir), "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "b.json").read_text())["baseline"]["chunks_identical"] is True
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.spec import CALVIN_LAYOUT
