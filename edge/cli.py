@@ -182,6 +182,27 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="turn recorded HDF5 episodes into LLaVA-VLA training data",
+        description="Convert every episode_*.hdf5 in SRC into what LLaVA-VLA's trainer reads: data.json "
+        "(one sample per tick: instruction, state, the next 5 actions), the composed canvas of each tick "
+        "as a JPEG, statistics.yaml (action bounds, state mean/std) and vla_edge.json (chunk size, image "
+        "layout) for vla-edge export --stats. Written to a temporary directory and renamed into place.",
+    )
+    p.add_argument("src", help="directory of episode_*.hdf5 files (vla-edge record / run --record)")
+    p.add_argument("--to", required=True, choices=["llava-vla"], help="target format")
+    p.add_argument("out", help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--instruction", help="instruction of every sample (default: each episode's own)")
+    p.add_argument("--layout", help="image layout JSON (a layout, a bundle manifest.json or a vla_edge.json; "
+                   "default: the Cobot Magic layout)")
+    p.add_argument("--chunk-size", type=int, default=5, help="actions per sample (default 5)")
+    p.add_argument("--jpeg-quality", type=int, default=75, help="JPEG quality (default 75, PIL's default)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.convert", "main", a))
+
+
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
     import importlib
 
@@ -196,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
-                _add_train_tiny):
+                _add_train_tiny, _add_convert):
         add(sub)
     return parser
 
