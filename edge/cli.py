@@ -203,6 +203,29 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _call("vla_edge.edge.convert", "main", a))
 
 
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "record",
+        help="record teleoperated demonstrations (the puppet arms follow the master arms; no policy)",
+        description="Record episodes while an operator moves the master arms: the masters' commands are the "
+        "action, the puppets' feedback the state, plus the three cameras, at the profile's rate (30 Hz), one "
+        "HDF5 file per episode. Keys: n/right = end the episode (keep it), b = record it again, q/esc = keep "
+        "and quit, space = e-stop, r then y = resume. sim: simulated masters driven by the reach task's expert.",
+    )
+    p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
+    p.add_argument("--instruction", required=True, help="the task instruction stored with every episode")
+    p.add_argument("--episodes", type=int, default=1, help="episodes to record (default 1)")
+    p.add_argument("--out", required=True, help="directory for episode_<n>.hdf5 (numbering continues)")
+    p.add_argument("--episode-seconds", type=float, default=30.0, help="longest episode (default 30 s)")
+    p.add_argument("--reset-seconds", type=float, default=5.0,
+                   help="reset period between episodes (default 5 s; n ends it early)")
+    p.add_argument("--rate", type=float, help="recording rate in Hz (default: the robot profile's, 30)")
+    p.add_argument("--seed", type=int, default=0, help="sim: seed of the first episode's target and start pose")
+    p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
+                   help="episode and e-stop keys: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.teleop", "main", a))
+
+
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
     import importlib
 
@@ -217,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
-                _add_train_tiny, _add_convert):
+                _add_train_tiny, _add_record, _add_convert):
         add(sub)
     return parser
 

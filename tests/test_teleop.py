@@ -1,0 +1,144 @@
+"""``vla-edge record``: teleoperation on the simulated Cobot Magic, through the real piper_sdk.
+
+The simulated master arms send control frames on the puppets' virtual CAN buses; the test decodes
+what they sent itself (CONTRACT section 2: big-endian int32 0.001 degree / 0.001 mm) and compares it
+with the recorded ``action``, as an outsider would with a CAN log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run_cli
+from vla_edge.edge.estop import _tty_keys
+from vla_edge.edge.teleop import EpisodeKeys
+
+# The CLI in a child process; PiperMasterSim instances are collected so their sent frames can be dumped.
+CHILD = """
+import json, sys
+from vla_edge.firmware_bridge import piper_master_sim as pms
+sims, start = [], pms.PiperMasterSim.start
+def collect(self):
+    sims.append(self)
+    return start(self)
+pms.PiperMasterSim.start = collect
+from vla_edge.edge.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump([{"channel": s.config.channel, "sent": [[t, i, d.hex()] for t, i, d in s.sent]} for s in sims], f)
+sys.exit(code)
+"""
+
+FRAME_COLUMNS = {0x155: (0, 1), 0x156: (2, 3), 0x157: (4, 5)}  # joint pairs of one arm's 7 columns
+
+
+def _sent_values(sent) -> dict[int, list[np.ndarray]]:
+    """Per frame id: the values each sent frame carried, in SI units (rad, m), in send order."""
+    out: dict[int, list[np.ndarray]] = {0x155: [], 0x156: [], 0x157: [], 0x159: []}
+    for _t, aid, data in sent:
+        raw = bytes.fromhex(data)
+        if aid in FRAME_COLUMNS:
+            out[aid].append(np.array(struct.unpack(">ii", raw)) * math.pi / 180_000.0)
+        elif aid == 0x159:
+            out[aid].append(np.array([struct.unpack(">iHBB", raw)[0] / 1e6]))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def test_record_sim_two_episodes_action_is_what_the_masters_sent(tmp_path):
+    dump = tmp_path / "sent.json"
+    out = tmp_path / "episodes"
+    args = ["record", "--robot", "sim", "--instruction", "touch the red target", "--episodes", "2",
+            "--out", str(out), "--episode-seconds", "1.0", "--keyboard", "none", "--seed", "3"]
+    r = subprocess.run([sys.executable, "-c", CHILD, str(dump), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["episode_0.hdf5", "episode_1.hdf5"]
+    masters = json.loads(dump.read_text())
+    assert ["left" in m["channel"] for m in masters] == [True, False]
+    sent = [_sent_values(m["sent"]) for m in masters]
+
+    moved, after = 0, {}
+    for e, path in enumerate(sorted(out.iterdir())):
+        with h5py.File(path, "r") as f:
+            action = f["action"][()].astype(np.float64)
+            qpos = f["observations/qpos"][()]
+            assert f.attrs["instruction"] == "touch the red target" and f.attrs["seed"] == 3 + e
+            assert f["observations/images/cam_high"].shape[1:] == (480, 640, 3)
+            n = len(action)
+            assert 15 <= n <= 31  # 1 s at 30 Hz; a loaded machine may skip deadlines, never add ticks
+            assert all(f[name].shape[0] == n for name in ("observations/qpos", "base_action", "vla_edge/tick_t"))
+        for side, values in enumerate(sent):
+            for aid, cols in {**FRAME_COLUMNS, 0x159: (6,)}.items():
+                recorded = action[:, [7 * side + i for i in cols]]
+                # The recorded rows are a subsequence of the frames sent: each value is exactly one the
+                # master sent (to float32 rounding, well under the bus unit of 1.7e-5 rad / 1e-6 m), in
+                # the order it was sent.
+                prev = after.get((side, aid), 0)
+                for t, row in enumerate(recorded):
+                    match = np.flatnonzero(np.abs(values[aid][prev:] - row).max(-1) < 1e-6)
+                    assert match.size, f"episode {e} tick {t}: {row} was never sent in {aid:#x} (side {side})"
+                    prev += int(match[0])
+                after[(side, aid)] = prev
+        moved += int(np.abs(np.diff(action, axis=0)).max() > 0.01)
+        # the puppets follow the masters: the measured pose trails the command by a few ms
+        assert np.abs(qpos[-1] - action[-1]).max() < 0.05
+    assert moved == 2  # the expert moved the masters in both episodes
+
+
+def test_record_refuses_bad_arguments_in_one_line(tmp_path):
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    r = run_cli("record", "--robot", "sim", "--instruction", "x", "--out", str(not_dir), "--keyboard", "none")
+    assert r.returncode == 2 and r.stderr.strip() == f"vla-edge record: error: --out {not_dir} exists and is not a directory"
+    r = run_cli("record", "--robot", "sim", "--instruction", " ", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "instruction must not be empty" in r.stderr
+    profile = tmp_path / "nomaster.toml"
+    from vla_edge.edge.robot import PROFILE_DIR
+
+    profile.write_text((PROFILE_DIR / "sim.toml").read_text().replace('master_can = "sim_can_right"', "#"))
+    r = run_cli("record", "--robot", str(profile), "--instruction", "x", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no arms.right.master_can" in r.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was created or connected
+
+
+def test_episode_keys_and_terminal_key_decoding():
+    assert _tty_keys(b" rY\x03") == [" ", "r", "y", "\x03"]
+    assert _tty_keys(b"\x1b[C") == ["right"] and _tty_keys(b"\x1b") == ["esc"] and _tty_keys(b"\x1b[Dn") == ["n"]
+    keys = EpisodeKeys()
+    keys.on_key("right")
+    assert keys.end.is_set() and not keys.rerecord and not keys.quit
+    keys.clear()
+    keys.on_key("b")
+    assert keys.end.is_set() and keys.rerecord
+    keys.clear()
+    keys.on_key("x")
+    assert not keys.end.is_set()
+    keys.on_key("esc")
+    assert keys.quit and keys.end.is_set()
+
+
+@pytest.mark.parametrize("forward", [True])
+def test_record_forwarding_master_on_its_own_bus(tmp_path, forward):
+    """A master on a bus of its own: vla-edge forwards its commands to the puppet through the safety filter."""
+    from vla_edge.edge.robot import PROFILE_DIR
+
+    profile = tmp_path / "sep.toml"
+    text = (PROFILE_DIR / "sim.toml").read_text()
+    profile.write_text(text.replace('master_can = "sim_can_left"', 'master_can = "sim_master_left"')
+                       .replace('master_can = "sim_can_right"', 'master_can = "sim_master_right"'))
+    out = tmp_path / "ep"
+    r = run_cli("record", "--robot", str(profile), "--instruction", "x", "--episodes", "1", "--out", str(out),
+                "--episode-seconds", "1.0", "--keyboard", "none", "--seed", "5", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "forwarding through the safety filter" in r.stderr
+    with h5py.File(out / "episode_0.hdf5", "r") as f:
+        action, qpos = f["action"][()], f["observations/qpos"][()]
+        assert bool(f.attrs["forwarding"]) is forward
+    assert np.abs(np.diff(action, axis=0)).max() > 0.01  # the master moved ...
+    assert np.abs(qpos[-1] - action[-1]).max() < 0.06  # ... and the puppet followed it
