@@ -226,6 +226,20 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _call("vla_edge.edge.teleop", "main", a))
 
 
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "view",
+        help="replay a recorded episode in Rerun (needs the [view] extra)",
+        description="Replay an HDF5 episode to Rerun: the cameras, the composed model image, planned vs "
+        "measured joints, the base command, inference latencies and e-stop events, on a tick and a time "
+        "timeline. Opens the Rerun viewer, or writes a .rrd file with --save.",
+    )
+    p.add_argument("episode", help="an episode_<n>.hdf5 file (vla-edge record / run --record)")
+    p.add_argument("--save", help="write the recording to this .rrd file instead of opening the viewer")
+    p.add_argument("--layout", help="image layout JSON for the model image (default: the Cobot Magic layout)")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.view", "main", a))
+
+
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
     import importlib
 
@@ -240,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
-                _add_train_tiny, _add_record, _add_convert):
+                _add_train_tiny, _add_record, _add_convert, _add_view):
         add(sub)
     return parser
 

@@ -153,3 +153,45 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("vla-edge convert: error: ") and "not empty" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_data_tools_import_no_torch_transformers_pil_or_rerun(recorded, tmp_path):
+    """convert, record and the master-arm modules are robot-side: they run with torch, transformers,
+    PIL and rerun made unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers', 'PIL', 'rerun'): sys.modules[m] = None\n"
+        "import vla_edge.edge.convert, vla_edge.edge.teleop, vla_edge.edge.view\n"
+        "import vla_edge.firmware_bridge.piper_master, vla_edge.firmware_bridge.piper_master_sim\n"
+        "from vla_edge.edge.convert import convert\n"
+        f"r = convert({str(recorded)!r}, {str(tmp_path / 'out')!r})\n"
+        "assert r.samples > 0\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_export_with_the_converted_statistics(recorded, request, tmp_path):
+    """``vla-edge export --stats OUT/statistics.yaml`` gives the bundle the converted statistics."""
+    from vla_edge.edge.cli import build_parser
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    if "--stats" not in export._option_string_actions:
+        pytest.skip("vla-edge export has no --stats option in this tree")
+    from vla_edge.edge.bundle import Bundle
+
+    tiny_ckpt = request.getfixturevalue("tiny_ckpt")  # only once export can take the statistics
+    out = tmp_path / "llava"
+    convert(recorded, out)
+    stats = yaml.safe_load((out / "statistics.yaml").read_text())
+    r = run_cli("export", "--ckpt", str(tiny_ckpt), "--stats", str(out / "statistics.yaml"), "--out",
+                str(tmp_path / "bundle"), "--precision", "fp32", "--parity-samples", "1")
+    assert r.returncode == 0, r.stderr
+    policy = Bundle.load(tmp_path / "bundle").policy
+    assert np.allclose(policy.action_lo, stats["act_min_bound"]) and np.allclose(policy.action_hi, stats["act_max_bound"])
+    assert np.allclose(policy.proprio_mean, stats["robot_obs"][0]["mean"])
+    assert np.allclose(policy.proprio_std, stats["robot_obs"][0]["std"])
+    assert policy.chunk_size == 5 and policy.action_dim == policy.state_dim == 14
