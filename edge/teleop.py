@@ -13,7 +13,8 @@ velocity ``[vx m/s, wz rad/s]`` as ``base_action``; one HDF5 file per episode
 (:mod:`vla_edge.edge.recorder`, the Cobot Magic layout ``vla-edge convert`` reads). qvel and effort are
 NaN (not read yet). The base is held at zero velocity while recording.
 
-Where the masters are: ``master_can`` under ``[arms.left]`` / ``[arms.right]`` of the robot profile.
+Where the masters are: ``master_can`` under ``[arms.left]`` / ``[arms.right]`` of the robot profile. A
+master silent for longer than the arms' ``feedback_timeout_s`` is a fault, like a silent puppet.
 
 * ``master_can == can`` (the Cobot Magic's wiring): master and puppet share a bus and the puppet obeys
   the master's frames in firmware. vla-edge only listens; the e-stop is the Piper firmware e-stop
@@ -209,7 +210,9 @@ class Recorder:
             channels, bustype = self._start_master_sims(), "virtual"
         self.readers = {}
         for side in SIDES:
-            reader = PiperMaster(PiperMasterConfig(can_name=channels[side], bustype=bustype))
+            # a master sends as often as a puppet answers: the profile's feedback watchdog fits both
+            reader = PiperMaster(PiperMasterConfig(can_name=channels[side], bustype=bustype,
+                                                   command_timeout_s=self.profile.arms[side].feedback_timeout_s))
             reader.connect()
             self.readers[side] = reader
 
