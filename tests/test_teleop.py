@@ -142,3 +142,42 @@ def test_record_forwarding_master_on_its_own_bus(tmp_path, forward):
         assert bool(f.attrs["forwarding"]) is forward
     assert np.abs(np.diff(action, axis=0)).max() > 0.01  # the master moved ...
     assert np.abs(qpos[-1] - action[-1]).max() < 0.06  # ... and the puppet followed it
+
+
+def test_space_estops_the_puppets_while_recording_and_q_quits(tmp_path):
+    """The e-stop stays live while recording: space (from the terminal) puts the puppets in the Piper
+    firmware e-stop, so they stop following the masters that the operator keeps moving; q then ends."""
+    import os
+    import time
+
+    master_fd, slave_fd = os.openpty()
+    out = tmp_path / "ep"
+    proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "record", "--robot", "sim", "--instruction",
+                             "x", "--episodes", "1", "--out", str(out), "--episode-seconds", "20",
+                             "--keyboard", "tty", "--seed", "1"],
+                            stdin=slave_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until the episode is being recorded
+            if line.startswith("recording episode 1/1"):
+                break
+        time.sleep(0.2)
+        os.write(master_fd, b" ")
+        time.sleep(1.5)
+        os.write(master_fd, b"q")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        os.close(master_fd)
+        os.close(slave_fd)
+    assert proc.returncode == 0, err
+    with h5py.File(out / "episode_0.hdf5", "r") as f:
+        kinds = [k.decode() for k in f["vla_edge/events/kind"][()]]
+        reasons = [r.decode() for r in f["vla_edge/events/reason"][()]]
+        t_stop = f["vla_edge/events/t"][0]
+        tick_t, action, qpos = f["vla_edge/tick_t"][()], f["action"][()], f["observations/qpos"][()]
+    assert kinds == ["estop"] and reasons == ["space key"]
+    after = tick_t > t_stop + 0.05  # the 0x150 frame has reached the puppet
+    assert after.sum() >= 20 and tick_t[-1] - tick_t[0] < 5.0  # q ended the episode long before 20 s
+    # the masters kept moving, the puppets did not follow: they only sink, damped (0.05 rad/s)
+    assert np.abs(np.diff(qpos[after], axis=0)).max() < 0.01
+    assert np.abs(action[-1] - qpos[-1]).max() > 0.1
