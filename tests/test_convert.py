@@ -195,3 +195,36 @@ def test_export_with_the_converted_statistics(recorded, request, tmp_path):
     assert np.allclose(policy.proprio_mean, stats["robot_obs"][0]["mean"])
     assert np.allclose(policy.proprio_std, stats["robot_obs"][0]["std"])
     assert policy.chunk_size == 5 and policy.action_dim == policy.state_dim == 14
+
+
+def test_stock_recorder_jpeg_rows(tmp_path):
+    """The stock AgileX recorder with compress=True stores each frame as JPEG bytes, zero-padded to the
+    longest one, in an (N, max_len) uint8 dataset; convert decodes them like the stock loaders do."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    n = 3
+    frames = {c: [cv2.GaussianBlur(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8), (7, 7), 0) for _ in range(n)]
+              for c in COBOT_MAGIC_LAYOUT.cameras}
+    src = tmp_path / "src"
+    src.mkdir()
+    with h5py.File(src / "episode_0.hdf5", "w") as f:
+        f.attrs.update({"sim": False, "compress": True, "instruction": "wave"})
+        for cam, imgs in frames.items():
+            encoded = [cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].ravel() for img in imgs]
+            padded = np.zeros((n, max(len(e) for e in encoded)), np.uint8)
+            for i, e in enumerate(encoded):
+                padded[i, : len(e)] = e
+            f[f"observations/images/{cam}"] = padded
+        f["observations/qpos"] = np.zeros((n, 14), np.float32)
+        f["action"] = rng.uniform(0, 1, (n, 14)).astype(np.float32)
+    convert(src, tmp_path / "out")
+    sample = json.loads((tmp_path / "out/data.json").read_text())[1]
+    with h5py.File(src / "episode_0.hdf5", "r") as f:
+        decoded = [np.asarray(Image.open(io.BytesIO(f[f"observations/images/{c}"][1].tobytes())).convert("RGB"))
+                   for c in COBOT_MAGIC_LAYOUT.cameras]
+    buf = io.BytesIO()
+    _pil_canvas(decoded, COBOT_MAGIC_LAYOUT).save(buf, format="JPEG")
+    written = np.asarray(Image.open(tmp_path / "out" / sample["image"]), dtype=np.int16)
+    expected = np.asarray(Image.open(buf), dtype=np.int16)
+    assert np.abs(written - expected).max() <= 2  # same canvas; JPEG decoders may differ by a level
