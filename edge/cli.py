@@ -223,6 +223,8 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sim: seed of the first episode's target and start pose")
     p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
                    help="episode and e-stop keys: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
+    p.add_argument("--view", action="store_true", help="stream the recording live to a Rerun viewer ([view] extra)")
+    p.add_argument("--view-save", help="stream the recording live into this .rrd file instead ([view] extra)")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.teleop", "main", a))
 
 

@@ -27,7 +27,9 @@ episode early and keeps it (during a reset period: start the next episode now), 
 episode being recorded and records it again, **q** or Esc keeps the episode and quits; **space**
 e-stops, **r** then **y** resumes. Between episodes a reset period (``--reset-seconds``) lets the
 operator put the scene back. Any fault (stale camera, silent puppet or master, base link) stops the
-robot safely (exit 3); the episode so far is kept.
+robot safely (exit 3); the episode so far is kept. ``--view`` / ``--view-save rec.rrd`` stream the ticks,
+episode starts and e-stop events to Rerun as they are recorded (:class:`~vla_edge.edge.view.LiveView`,
+the ``[view]`` extra), never holding up a tick.
 
 ``sim``: simulated master arms (:mod:`vla_edge.firmware_bridge.piper_master_sim`) send the same CAN
 frames on the puppets' virtual buses, moved by the reach task's scripted expert
@@ -72,6 +74,9 @@ class RecordConfig:
     keyboard: str = "auto"
     keyboard_tty: object = None
     seed: int = 0
+    view: bool = False
+    view_save: Path | None = None
+    """Stream every recorded tick to a Rerun viewer (``view``) or into a .rrd file (``view_save``)."""
 
     def check(self) -> None:
         if not self.instruction.strip():
@@ -183,6 +188,10 @@ class Recorder:
         from vla_edge.edge.robot import load_profile
 
         cfg.check()
+        if cfg.view or cfg.view_save:
+            from vla_edge.edge.view import import_rerun
+
+            import_rerun()  # not installed: say so before touching the robot
         self.cfg = cfg
         self.profile = load_profile(cfg.robot)
         self.master_cans = master_cans(cfg.robot)
@@ -193,6 +202,8 @@ class Recorder:
         self.robot = self.readers = self.master_sims = self.teleop = None
         self.saved: list[Path] = []
         self.episode_open = False
+        self.live = None
+        self.ticks = 0
 
     # -- devices --------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -264,16 +275,18 @@ class Recorder:
         try:
             self._connect()
             safety = SafetyFilter(safety_limits(self.profile))
+            if cfg.view or cfg.view_save:
+                from vla_edge.edge.view import LiveView
+
+                self.live = LiveView(cfg.view_save)
 
             def on_trip(reason: str) -> None:
                 self.robot.estop(firmware=not self.forward)
-                if self.episode_open:
-                    writer.record_event(time.monotonic(), "estop", reason)
+                self._event(writer, "estop", reason)
 
             def on_resume() -> None:
                 self.robot.resume()
-                if self.episode_open:
-                    writer.record_event(time.monotonic(), "resume", "")
+                self._event(writer, "resume", "")
 
             estop.on_trip(on_trip)
             estop.on_resume(on_resume)
@@ -301,11 +314,20 @@ class Recorder:
                     self._keep(writer.close())
             finally:
                 self._disconnect()
+                if self.live is not None:
+                    self.live.close()
         print(f"vla-edge record: {len(self.saved)} episodes saved in {cfg.out}", file=sys.stderr)
         if fault:
             print(f"vla-edge record: stopped safely: {fault}", file=sys.stderr)
             return 3
         return 0
+
+    def _event(self, writer, kind: str, reason: str) -> None:
+        t = time.monotonic()
+        if self.episode_open:
+            writer.record_event(t, kind, reason)
+        if self.live is not None:
+            self.live.event(self.ticks, t, kind, reason)
 
     def _keep(self, path: Path | None) -> None:
         if path is not None and path not in self.saved:
@@ -327,6 +349,8 @@ class Recorder:
                 meta.update(seed=cfg.seed + i, target_xy_m=list(self.robot.sim.scene.target_xy_m))
             path = writer.start_episode(meta)
             self.episode_open, first = True, False
+            if self.live is not None:
+                self.live.event(self.ticks, time.monotonic(), "episode", path.name)
             print(f"recording episode {len(self.saved) + 1}/{cfg.episodes}: {path.name}", file=sys.stderr)
             safety.reset(self.robot.read_state().qpos)
             if self.teleop is not None:
@@ -402,11 +426,16 @@ class Recorder:
             if f is None:
                 return  # no frame yet from this camera: nothing to record this tick
             frames[name], stamps[name] = f.image, f.stamp_s
-        writer.record_tick(frames, stamps, state.qpos, action, (state.base_vx_mps, state.base_wz_radps), now, clamps)
+        base = (state.base_vx_mps, state.base_wz_radps)
+        writer.record_tick(frames, stamps, state.qpos, action, base, now, clamps)
+        if self.live is not None:
+            self.live.tick(self.ticks, now, frames, state.qpos, action, base)
+        self.ticks += 1
 
 
 def main(args) -> int:
     cfg = RecordConfig(robot=args.robot, instruction=args.instruction, episodes=args.episodes, out=Path(args.out),
                        episode_s=args.episode_seconds, reset_s=args.reset_seconds, rate_hz=args.rate,
-                       keyboard=args.keyboard, seed=args.seed)
+                       keyboard=args.keyboard, seed=args.seed, view=args.view,
+                       view_save=Path(args.view_save) if args.view_save else None)
     return Recorder(cfg).run()

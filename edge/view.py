@@ -5,6 +5,7 @@ Usage::
     pip install 'vla-edge[view]'
     vla-edge view episodes/episode_0.hdf5                 # opens the Rerun viewer
     vla-edge view episodes/episode_0.hdf5 --save ep0.rrd  # writes a recording file instead
+    vla-edge record ... --view | --view-save rec.rrd      # live, while recording (LiveView)
 
 What is logged, on the timelines ``tick`` (control tick index) and ``time`` (seconds since the first tick)::
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +68,44 @@ def _jpeg(rr, image_rgb: np.ndarray, quality: int):
     return rr.EncodedImage(contents=buf.tobytes(), media_type="image/jpeg")
 
 
+class TickLogger:
+    """Logs one control tick (joints, base, cameras, composed model image) into a recording stream."""
+
+    def __init__(self, rec, cfg: ViewConfig = ViewConfig()):
+        self.rr, self.rec, self.cfg = import_rerun(), rec, cfg
+        self._composer = None
+
+    def at(self, tick: int, time_s: float) -> None:
+        self.rec.set_time("tick", sequence=tick)
+        self.rec.set_time("time", duration=time_s)
+
+    def log(self, tick: int, time_s: float, frames: dict, qpos, action, base) -> None:
+        from vla_edge import kernels
+
+        rr, rec = self.rr, self.rec
+        self.at(tick, time_s)
+        for i, name in enumerate(JOINT_NAMES[: len(qpos)]):
+            rec.log(f"joints/{name}/measured", rr.Scalars([float(qpos[i])]))
+            rec.log(f"joints/{name}/planned", rr.Scalars([float(action[i])]))
+        rec.log("base/vx_mps", rr.Scalars([float(base[0])]))
+        rec.log("base/wz_radps", rr.Scalars([float(base[1])]))
+        for cam, img in frames.items():
+            rec.log(f"cameras/{cam}", _jpeg(rr, img, self.cfg.jpeg_quality))
+        if all(c in frames for c in self.cfg.layout.cameras):
+            tiles = [np.ascontiguousarray(frames[c]) for c in self.cfg.layout.cameras]
+            if self._composer is None or self._composer.frame_shapes != [t.shape[:2] for t in tiles]:
+                self._composer = kernels.Composer(self.cfg.layout, [t.shape[:2] for t in tiles])
+            rec.log("model/image", rr.Image(np.asarray(self._composer.compose_uint8(tiles))))
+
+    def event(self, tick: int, time_s: float, kind: str, reason: str = "") -> None:
+        self.at(tick, time_s)
+        text = kind + (f": {reason}" if reason else "")
+        self.rec.log("events", self.rr.TextLog(text, level="INFO" if kind in ("resume", "episode") else "WARN"))
+
+
 def log_episode(rec, path: Path, cfg: ViewConfig = ViewConfig()) -> int:
     """Log episode ``path`` into the Rerun recording stream ``rec``; returns the number of ticks."""
     import h5py
-    from vla_edge import kernels
     from vla_edge.edge.convert import read_frames
 
     rr = import_rerun()
@@ -87,26 +123,60 @@ def log_episode(rec, path: Path, cfg: ViewConfig = ViewConfig()) -> int:
         t0 = float(tick_t[0]) if n else 0.0
         base = f["base_action"][()] if "base_action" in f else np.zeros((n, 2))
         cams = list(f["observations/images"]) if "observations/images" in f else []
-        compose = all(c in cams for c in cfg.layout.cameras)
-        composer = None
+        logger = TickLogger(rec, cfg)
         for k in range(n):
-            rec.set_time("tick", sequence=k)
-            rec.set_time("time", duration=float(tick_t[k]) - t0)
-            for i, name in enumerate(JOINT_NAMES[: qpos.shape[1]]):
-                rec.log(f"joints/{name}/measured", rr.Scalars([float(qpos[k, i])]))
-                rec.log(f"joints/{name}/planned", rr.Scalars([float(action[k, i])]))
-            rec.log("base/vx_mps", rr.Scalars([float(base[k, 0])]))
-            rec.log("base/wz_radps", rr.Scalars([float(base[k, 1])]))
             frames = dict(zip(cams, read_frames(f, cams, k), strict=True))
-            for cam, img in frames.items():
-                rec.log(f"cameras/{cam}", _jpeg(rr, img, cfg.jpeg_quality))
-            if compose:
-                tiles = [frames[c] for c in cfg.layout.cameras]
-                if composer is None:
-                    composer = kernels.Composer(cfg.layout, [t.shape[:2] for t in tiles])
-                rec.log("model/image", rr.Image(np.asarray(composer.compose_uint8(tiles))))
+            logger.log(k, float(tick_t[k]) - t0, frames, qpos[k], action[k], base[k])
         _log_timed(rec, rr, f, tick_t, t0)
     return n
+
+
+class LiveView:
+    """Streams ticks to Rerun from a thread of its own: :meth:`tick` never blocks the control thread
+    (when the logger is behind, the tick is dropped and counted in ``dropped``)."""
+
+    def __init__(self, save: str | Path | None = None, cfg: ViewConfig = ViewConfig()):
+        import queue
+
+        rr = import_rerun()
+        self.rec = rr.RecordingStream(cfg.app_id)
+        self.rec.save(str(save)) if save is not None else self.rec.spawn()
+        self.logger = TickLogger(self.rec, cfg)
+        self.dropped = 0
+        self._q: queue.Queue = queue.Queue()  # unbounded: events always go in; ticks only when it is short
+        self._t0: float | None = None
+        self._thread = threading.Thread(target=self._run, name="rerun-view", daemon=True)
+        self._thread.start()
+
+    def _time(self, t: float) -> float:
+        if self._t0 is None:
+            self._t0 = t
+        return t - self._t0
+
+    def tick(self, tick: int, t: float, frames: dict, qpos, action, base) -> None:
+        if self._q.qsize() >= 2:
+            self.dropped += 1
+            return
+        copies = {c: np.array(img) for c, img in frames.items()}  # camera buffers may be reused
+        self._q.put(("tick", (tick, self._time(t), copies, np.array(qpos), np.array(action), tuple(base))))
+
+    def event(self, tick: int, t: float, kind: str, reason: str = "") -> None:
+        self._q.put(("event", (tick, self._time(t), kind, reason)))
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            kind, args = item
+            try:
+                self.logger.log(*args) if kind == "tick" else self.logger.event(*args)
+            except Exception as e:  # a viewer problem must never reach the robot
+                log.warning("view: %s", e)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10.0)
+        self.rec.flush()
+        if self.dropped:
+            log.info("view: %d ticks not shown (the logger was behind)", self.dropped)
 
 
 def _log_timed(rec, rr, f, tick_t: np.ndarray, t0: float) -> None:
