@@ -10,8 +10,9 @@ Per control tick (the profile's rate, 30 Hz): the puppets' measured joints (rad)
 ``observations/qpos``, the masters' commands (piper_sdk ``GetArmJointCtrl`` / ``GetArmGripperCtrl``:
 their 0x155..0x157 and 0x159 control frames) as ``action``, the three cameras, and the base's measured
 velocity ``[vx m/s, wz rad/s]`` as ``base_action``; one HDF5 file per episode
-(:mod:`vla_edge.edge.recorder`, the Cobot Magic layout ``vla-edge convert`` reads). qvel and effort are
-NaN (not read yet). The base is held at zero velocity while recording.
+(:mod:`vla_edge.edge.recorder`, the Cobot Magic layout ``vla-edge convert`` reads). ``qvel``/``effort``: the
+puppets' high-speed driver feedback (rad/s, N m; :mod:`vla_edge.firmware_bridge.piper_motion`), NaN where
+an arm does not send it (the simulator does not). The base is held at zero velocity while recording.
 
 Where the masters are: ``master_can`` under ``[arms.left]`` / ``[arms.right]`` of the robot profile. A
 master silent for longer than the arms' ``feedback_timeout_s`` is a fault, like a silent puppet.
@@ -404,6 +405,14 @@ class Recorder:
             k = max(k + 1, int((time.monotonic() - t0) / dt))
         return None
 
+    def _motion(self) -> tuple[np.ndarray, np.ndarray]:
+        """The puppets' joint velocities (rad/s) and efforts (N m), NaN where the arm does not report them."""
+        from vla_edge.firmware_bridge.piper_motion import read_motion
+
+        sides = [read_motion(self.robot.arms[s].config.can_name, self.profile.arms[s].feedback_timeout_s)
+                 for s in SIDES]
+        return np.concatenate([m[0] for m in sides]), np.concatenate([m[1] for m in sides])
+
     def _tick(self, writer, safety, estop, now: float) -> None:
         robot = self.robot
         faults = robot.faults() + [f for r in self.readers.values() for f in r.faults()]
@@ -427,7 +436,8 @@ class Recorder:
                 return  # no frame yet from this camera: nothing to record this tick
             frames[name], stamps[name] = f.image, f.stamp_s
         base = (state.base_vx_mps, state.base_wz_radps)
-        writer.record_tick(frames, stamps, state.qpos, action, base, now, clamps)
+        qvel, effort = self._motion()
+        writer.record_tick(frames, stamps, state.qpos, action, base, now, clamps, qvel=qvel, effort=effort)
         if self.live is not None:
             self.live.tick(self.ticks, now, frames, state.qpos, action, base)
         self.ticks += 1

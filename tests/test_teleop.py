@@ -12,6 +12,7 @@ import math
 import struct
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -73,6 +74,10 @@ def test_record_sim_two_episodes_action_is_what_the_masters_sent(tmp_path):
             n = len(action)
             assert 5 <= n <= 31  # 1 s at 30 Hz; a loaded machine may skip deadlines, never add ticks
             assert all(f[name].shape[0] == n for name in ("observations/qpos", "base_action", "vla_edge/tick_t"))
+            # the simulated puppets send no 0x251..0x256 (NaN) but their 0x2A8 gripper effort (1 N m)
+            effort = f["observations/effort"][()]
+            assert np.isnan(f["observations/qvel"][()]).all() and np.isnan(effort[:, [0, 5, 7, 12]]).all()
+            assert np.all(effort[:, [6, 13]] == 1.0)
         for side, values in enumerate(sent):
             for aid, cols in {**FRAME_COLUMNS, 0x159: (6,)}.items():
                 recorded = action[:, [7 * side + i for i in cols]]
@@ -149,7 +154,6 @@ def test_space_estops_the_puppets_while_recording_and_q_quits(tmp_path):
     """The e-stop stays live while recording: space (from the terminal) puts the puppets in the Piper
     firmware e-stop, so they stop following the masters that the operator keeps moving; q then ends."""
     import os
-    import time
 
     master_fd, slave_fd = os.openpty()
     out = tmp_path / "ep"
@@ -184,3 +188,36 @@ def test_space_estops_the_puppets_while_recording_and_q_quits(tmp_path):
     speed_radps = np.abs(np.diff(qpos[after], axis=0)) / np.diff(tick_t[after])[:, None]
     assert speed_radps.max() < 0.1
     assert np.abs(action[-1] - qpos[-1]).max() > 0.1
+
+
+def test_read_motion_from_the_arms_high_speed_feedback():
+    """0x251..0x256 frames as the Piper firmware sends them (big-endian int16 speed 0.001 rad/s, int16
+    current 0.001 A, int32 position) become joint velocities and efforts through piper_sdk."""
+    import uuid
+
+    import can
+    from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig
+    from vla_edge.firmware_bridge.piper_motion import read_motion
+    from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
+
+    channel = f"motion-{uuid.uuid4().hex[:8]}"
+    with PiperSim(PiperSimConfig(channel=channel)):
+        arm = PiperArm(PiperArmConfig(can_name=channel, bustype="virtual"))
+        arm.connect()
+        try:
+            qvel, effort = read_motion(channel)
+            assert np.isnan(qvel).all() and np.isnan(effort[:6]).all()  # the simulator sends no 0x251..
+            assert effort[6] == pytest.approx(1.0)  # its 0x2A8 gripper effort: 1000 x 0.001 N m
+            speeds, currents = [1500, -250, 0, 40, -3000, 7], [100, -200, 300, 400, -500, 600]
+            with can.Bus(interface="virtual", channel=channel) as peer:
+                for i in range(6):
+                    peer.send(can.Message(arbitration_id=0x251 + i, is_extended_id=False,
+                                          data=struct.pack(">hhi", speeds[i], currents[i], 12345)))
+                time.sleep(0.1)
+                qvel, effort = read_motion(channel, max_age_s=1.0)
+            assert qvel[:6] == pytest.approx(np.array(speeds) / 1000)
+            coefficient = np.array([1.18125] * 3 + [0.95844] * 3)  # piper_sdk's current -> torque factors
+            assert effort[:6] == pytest.approx(np.array(currents) * coefficient / 1000)
+            assert np.isnan(qvel[6])
+        finally:
+            arm.disconnect()
