@@ -185,7 +185,7 @@ class SimTeleoperator:
 class Recorder:
     """The session: robot, masters, e-stop, keys, recorder. :meth:`run` returns the exit code."""
 
-    def __init__(self, cfg: RecordConfig, on_connected=None):
+    def __init__(self, cfg: RecordConfig):
         from vla_edge.edge.robot import load_profile
 
         cfg.check()
@@ -198,7 +198,6 @@ class Recorder:
         self.master_cans = master_cans(cfg.robot)
         self.forward = any(self.master_cans[s] != self.profile.arms[s].can_name for s in SIDES)
         self.rate_hz = cfg.rate_hz or self.profile.control_rate_hz
-        self.on_connected = on_connected
         self.keys = EpisodeKeys()
         self.robot = self.readers = self.master_sims = self.teleop = None
         self.saved: list[Path] = []
@@ -297,8 +296,6 @@ class Recorder:
             print(f"vla-edge record: robot={self.profile.name} ({wiring}), {cfg.episodes} episodes of up to "
                   f"{cfg.episode_s:g} s into {cfg.out}; keyboard {listener.source}: n/right = next, b = re-record, "
                   "q/esc = quit, space = e-stop, r then y = resume", file=sys.stderr)
-            if self.on_connected is not None:
-                self.on_connected(self)
             try:
                 with listener:
                     fault = self._episodes(writer, safety, estop)
