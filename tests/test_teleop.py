@@ -221,3 +221,36 @@ def test_read_motion_from_the_arms_high_speed_feedback():
             assert np.isnan(qvel[6])
         finally:
             arm.disconnect()
+
+
+def test_b_discards_and_records_again_n_ends_early(tmp_path):
+    """b throws the episode being recorded away and records it again (same seed); n ends it early, kept."""
+    import os
+
+    master_fd, slave_fd = os.openpty()
+    out = tmp_path / "ep"
+    proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "record", "--robot", "sim", "--instruction",
+                             "x", "--episodes", "1", "--out", str(out), "--episode-seconds", "20",
+                             "--keyboard", "tty", "--seed", "2"],
+                            stdin=slave_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for key in (b"b", b"n"):
+            for line in proc.stderr:
+                seen.append(line)
+                if line.startswith("recording episode 1/1"):
+                    break
+            time.sleep(0.5)
+            os.write(master_fd, key)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        os.close(master_fd)
+        os.close(slave_fd)
+    assert proc.returncode == 0, "".join(seen) + err
+    assert "discarded episode_0.hdf5: recording it again" in "".join(seen) + err
+    assert [p.name for p in out.iterdir()] == ["episode_0.hdf5"]
+    with h5py.File(out / "episode_0.hdf5", "r") as f:
+        tick_t = f["vla_edge/tick_t"][()]
+        assert f.attrs["seed"] == 2
+    assert tick_t[-1] - tick_t[0] < 10.0  # n ended it long before --episode-seconds
