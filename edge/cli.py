@@ -193,6 +193,66 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="turn recorded HDF5 episodes into LLaVA-VLA training data",
+        description="Convert every episode_*.hdf5 in SRC into what LLaVA-VLA's trainer reads: data.json "
+        "(one sample per tick: instruction, state, the next 5 actions), the composed canvas of each tick "
+        "as a JPEG, statistics.yaml (action bounds, state mean/std) and vla_edge.json (chunk size, image "
+        "layout) for vla-edge export --stats. Written to a temporary directory and renamed into place.",
+    )
+    p.add_argument("src", help="directory of episode_*.hdf5 files (vla-edge record / run --record)")
+    p.add_argument("--to", required=True, choices=["llava-vla"], help="target format")
+    p.add_argument("out", help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("--instruction", help="instruction of every sample (default: each episode's own)")
+    p.add_argument("--layout", help="image layout JSON (a layout, a bundle manifest.json or a vla_edge.json; "
+                   "default: the Cobot Magic layout)")
+    p.add_argument("--chunk-size", type=int, default=5, help="actions per sample (default 5)")
+    p.add_argument("--jpeg-quality", type=int, default=75, help="JPEG quality (default 75, PIL's default)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.convert", "main", a))
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "record",
+        help="record teleoperated demonstrations (the puppet arms follow the master arms; no policy)",
+        description="Record episodes while an operator moves the master arms: the masters' commands are the "
+        "action, the puppets' feedback the state, plus the three cameras, at the profile's rate (30 Hz), one "
+        "HDF5 file per episode. Keys: n/right = end the episode (keep it), b = record it again, q/esc = keep "
+        "and quit, space = e-stop, r then y = resume. sim: simulated masters driven by the reach task's expert.",
+    )
+    p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
+    p.add_argument("--instruction", required=True, help="the task instruction stored with every episode")
+    p.add_argument("--episodes", type=int, default=1, help="episodes to record (default 1)")
+    p.add_argument("--out", required=True, help="directory for episode_<n>.hdf5 (numbering continues)")
+    p.add_argument("--episode-seconds", type=float, default=30.0, help="longest episode (default 30 s)")
+    p.add_argument("--reset-seconds", type=float, default=5.0,
+                   help="reset period between episodes (default 5 s; n ends it early)")
+    p.add_argument("--rate", type=float, help="recording rate in Hz (default: the robot profile's, 30)")
+    p.add_argument("--seed", type=int, default=0, help="sim: seed of the first episode's target and start pose")
+    p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
+                   help="episode and e-stop keys: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
+    p.add_argument("--view", action="store_true", help="stream the recording live to a Rerun viewer ([view] extra)")
+    p.add_argument("--view-save", help="stream the recording live into this .rrd file instead ([view] extra)")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.teleop", "main", a))
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "view",
+        help="replay a recorded episode in Rerun (needs the [view] extra)",
+        description="Replay an HDF5 episode to Rerun: the cameras, the composed model image, planned vs "
+        "measured joints, the base command, inference latencies and e-stop events, on a tick and a time "
+        "timeline. Opens the Rerun viewer, or writes a .rrd file with --save.",
+    )
+    p.add_argument("episode", help="an episode_<n>.hdf5 file (vla-edge record / run --record)")
+    p.add_argument("--save", help="write the recording to this .rrd file instead of opening the viewer")
+    p.add_argument("--layout", help="image layout JSON for the model image (default: the Cobot Magic layout)")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.view", "main", a))
+
+
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
     import importlib
 
@@ -207,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
-                _add_train_tiny):
+                _add_train_tiny, _add_record, _add_convert, _add_view):
         add(sub)
     return parser
 

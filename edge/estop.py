@@ -207,13 +207,32 @@ def install_signal_handlers(estop: EStop, signums=(signal.SIGINT, signal.SIGTERM
     return restore
 
 
+def _tty_keys(data: bytes) -> list[str]:
+    """Bytes read from a raw terminal -> keys: characters lower-cased, Ctrl+C, ``"right"`` for the
+    right-arrow sequence ESC [ C, ``"esc"`` for a lone Escape; other escape sequences are dropped."""
+    keys, i = [], 0
+    while i < len(data):
+        if data[i] == 0x1B:
+            if data[i + 1 : i + 2] == b"[" and i + 2 < len(data):
+                keys += ["right"] if data[i + 2 : i + 3] == b"C" else []
+                i += 3
+                continue
+            keys.append("esc")
+        else:
+            keys.append(CTRL_C if data[i] == 3 else chr(data[i]).lower())
+        i += 1
+    return keys
+
+
 class KeyboardListener:
     """Reads e-stop keys on its own daemon thread and drives an :class:`EStop`.
 
     ``tty_fd``: for ``source="tty"``, a terminal file descriptor or a device path (default: stdin if it
     is a terminal). ``on_interrupt``: what Ctrl+C does after tripping (default: raise
     ``KeyboardInterrupt`` in the main thread). ``confirm_timeout_s``: an unanswered "resume?" expires.
-    ``self.source`` is the source actually in use once constructed.
+    ``self.source`` is the source actually in use once constructed. ``on_key(key)`` gets every other
+    key (lower-case letters, ``"right"``, ``"esc"``; e.g. ``vla-edge record``'s episode keys), never
+    the e-stop keys.
     """
 
     SOURCES = ("auto", "tty", "evdev", "pynput", "none")
@@ -225,12 +244,14 @@ class KeyboardListener:
         tty_fd: int | str | Path | None = None,
         on_interrupt: Callable[[], None] | None = None,
         confirm_timeout_s: float = 10.0,
+        on_key: Callable[[str], None] | None = None,
     ):
         if source not in self.SOURCES:
             raise VlaEdgeError(f"e-stop: unknown keyboard source {source!r} (one of {', '.join(self.SOURCES)})")
         self.estop = estop
         self.on_interrupt = on_interrupt or (lambda: _thread.interrupt_main(signal.SIGINT))
         self.confirm_timeout_s = confirm_timeout_s
+        self.on_key = on_key
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._confirm_deadline: float | None = None
@@ -395,6 +416,8 @@ class KeyboardListener:
             if self.estop.request_resume():
                 self._confirm_deadline = time.monotonic() + self.confirm_timeout_s
                 self._say(f"resume? press {CONFIRM_KEY}")
+        elif self.on_key is not None:
+            self.on_key(key)
 
     def _run_tty(self) -> None:
         fd = self._fd
@@ -413,8 +436,8 @@ class KeyboardListener:
                 if not data:  # the operator can no longer stop the robot: that is a stop
                     self.estop.trigger(f"keyboard lost ({why})", t)
                     return
-                for byte in data:
-                    self._key(chr(byte).lower() if byte != 3 else CTRL_C, t)
+                for key in _tty_keys(data):
+                    self._key(key, t)
         except BaseException:
             log.exception("e-stop: keyboard thread failed")
             self.estop.trigger("keyboard thread failed")
@@ -425,7 +448,9 @@ class KeyboardListener:
     def _run_evdev(self) -> None:
         import evdev
 
-        names = {evdev.ecodes.KEY_SPACE: TRIP_KEY, evdev.ecodes.KEY_R: RESUME_KEY, evdev.ecodes.KEY_Y: CONFIRM_KEY}
+        names = {evdev.ecodes.KEY_SPACE: TRIP_KEY, evdev.ecodes.KEY_R: RESUME_KEY, evdev.ecodes.KEY_Y: CONFIRM_KEY,
+                 evdev.ecodes.KEY_N: "n", evdev.ecodes.KEY_B: "b", evdev.ecodes.KEY_Q: "q",
+                 evdev.ecodes.KEY_RIGHT: "right", evdev.ecodes.KEY_ESC: "esc"}
         devices = {dev.fd: dev for dev in self._evdev_devices}
         try:
             while not self._stop.is_set() and devices:
@@ -453,6 +478,8 @@ class KeyboardListener:
             t = time.monotonic()
             if key == keyboard.Key.space:
                 self._key(TRIP_KEY, t)
+            elif key in (keyboard.Key.right, keyboard.Key.esc):
+                self._key(key.name, t)
             else:
                 self._key((getattr(key, "char", None) or "other").lower(), t)
 

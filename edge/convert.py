@@ -1,0 +1,294 @@
+"""``vla-edge convert DIR --to llava-vla OUT``: recorded episodes -> what LLaVA-VLA's trainer reads.
+
+Usage::
+
+    vla-edge convert episodes/ --to llava-vla data/      # every episode_*.hdf5 in episodes/
+    # then train LLaVA-VLA with  --data_path data/data.json --image_folder data
+    #                            --action_stat data/statistics.yaml
+    vla-edge export --ckpt best.pt --stats data/statistics.yaml --out bundle/
+
+Input: HDF5 episodes in the Cobot Magic layout (:mod:`vla_edge.edge.recorder`, or the stock AgileX
+recorder): ``observations/images/<cam>`` (N, H, W, 3) uint8 RGB (any HDF5 filter; the stock
+recorder's JPEG-encoded rows too), ``observations/qpos`` (N, 14) rad/m, ``action`` (N, 14) rad/m and
+the ``instruction`` attribute (or ``--instruction``).
+
+Output, in OUT (written to a temporary directory and renamed into place only when complete)::
+
+    data.json          a JSON list, one sample per recorded tick t (reference: scripts/helper/calvin2json.py):
+                       {"id": "episode_3_0000012", "image": "images/episode_3_0000012.jpg",
+                        "conversations": [{"from": "human", "value": "<image>\\n" + instruction + "\\n" + qpos[t]},
+                                          {"from": "gpt", "value": action[t .. t+4]}],
+                        "embody": true}
+                       floats are ``str()`` of the recorded float32 values joined by single spaces, the
+                       chunk flattened step-major (70 numbers); the last ticks' chunks repeat the
+                       episode's last action (the reference pads the same way)
+    images/*.jpg       the composed canvas of tick t (e.g. 336 x 336 for the Cobot Magic layout), before
+                       the trainer's resize to 384: the layout's tiles and filter, composed by the same
+                       C++ kernel as the runtime (bit-identical to PIL), JPEG quality 75 (PIL's default,
+                       which the reference's ``Image.save`` uses)
+    statistics.yaml    act_min_bound / act_max_bound (per action dimension, min/max over every recorded
+                       action) and robot_obs: [{mean, std}] (per state dimension, numpy mean and std with
+                       ddof 0 over every recorded qpos). A dimension whose actions never vary gets the
+                       Piper's joint limits as bounds instead (the trainer divides by max - min).
+    vla_edge.json      {"policy": {"chunk_size", "action_dim", "state_dim"}, "image_layout": {...}}: what
+                       ``vla-edge export --stats`` needs beside statistics.yaml
+
+Robot-side: numpy, h5py, OpenCV, PyYAML and the kernel; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, ImageLayout
+
+log = logging.getLogger(__name__)
+
+DATA_JSON = "data.json"
+STATISTICS_YAML = "statistics.yaml"
+SIDECAR_JSON = "vla_edge.json"
+IMAGE_DIR = "images"
+_EPISODE_RE = re.compile(r"^episode_(\d+)\.hdf5$")
+
+
+class ConvertError(VlaEdgeError):
+    """Episodes that cannot be converted (missing datasets, NaN, no instruction) or an unusable OUT."""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """``chunk_size``: actions per sample (LLaVA-VLA: 5); ``jpeg_quality``: 75 is PIL's default."""
+
+    layout: ImageLayout = COBOT_MAGIC_LAYOUT
+    chunk_size: int = 5
+    jpeg_quality: int = 75
+    instruction: str | None = None  # overrides the episodes' ``instruction`` attribute
+
+
+@dataclass
+class EpisodeInfo:
+    """One checked episode: its index (from the file name), instruction, states and actions (float32)."""
+
+    path: Path
+    index: int
+    instruction: str
+    qpos: np.ndarray = field(repr=False)
+    action: np.ndarray = field(repr=False)
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    episodes: int
+    samples: int
+    widened_dims: list[int]
+
+
+# -- reading and checking ------------------------------------------------------------------------------
+def episode_files(src: Path) -> list[Path]:
+    """``episode_<n>.hdf5`` files of ``src`` in episode order."""
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory of episode_*.hdf5 files")
+    found = [(int(m.group(1)), p) for p in src.iterdir() if (m := _EPISODE_RE.match(p.name))]
+    if not found:
+        raise ConvertError(f"{src}: no episode_*.hdf5 files (record some: vla-edge record --out {src})")
+    return [p for _, p in sorted(found)]
+
+
+def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
+    """Read and check one episode's small datasets; images are read later, one tick at a time."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ConvertError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        needed = ["observations/qpos", "action"] + [f"observations/images/{c}" for c in cfg.layout.cameras]
+        missing = [name for name in needed if name not in f]
+        if missing:
+            raise ConvertError(f"{path}: no dataset {missing[0]} (the layout needs cameras {cfg.layout.cameras})")
+        qpos = f["observations/qpos"][()].astype(np.float32)
+        action = f["action"][()].astype(np.float32)
+        lengths = {name: f[name].shape[0] for name in needed}
+        instruction = cfg.instruction or _text(f.attrs.get("instruction", ""))
+    if len(set(lengths.values())) != 1:
+        raise ConvertError(f"{path}: datasets have different lengths {lengths} (an interrupted recording? "
+                           "vla_edge.edge.recorder.recover_episode repairs it)")
+    if qpos.ndim != 2 or action.ndim != 2 or qpos.shape[0] == 0:
+        raise ConvertError(f"{path}: qpos {qpos.shape} / action {action.shape}: expected (N, D) with N > 0")
+    for name, arr in (("observations/qpos", qpos), ("action", action)):
+        bad = np.argwhere(~np.isfinite(arr))
+        if bad.size:
+            raise ConvertError(f"{path}: {name} is not finite at tick {bad[0][0]}, dimension {bad[0][1]}")
+    if not instruction.strip():
+        raise ConvertError(f"{path}: no 'instruction' attribute; pass --instruction")
+    m = _EPISODE_RE.match(path.name)
+    return EpisodeInfo(path, int(m.group(1)) if m else 0, instruction, qpos, action)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_frames(f, cameras: list[str], t: int) -> list[np.ndarray]:
+    """Tick ``t``'s frames, (H, W, 3) uint8 RGB, C-contiguous; decodes the stock recorder's JPEG rows."""
+    import cv2
+
+    frames = []
+    for cam in cameras:
+        ds = f[f"observations/images/{cam}"]
+        row = ds[t]
+        if ds.ndim != 4:  # stock recorder with compress=True: one JPEG (zero-padded) per row
+            row = cv2.imdecode(np.asarray(row, np.uint8).ravel(), cv2.IMREAD_COLOR)
+            if row is None:
+                raise ConvertError(f"{f.filename}: {cam} tick {t} is not a decodable JPEG")
+            row = cv2.cvtColor(row, cv2.COLOR_BGR2RGB)
+        frames.append(np.ascontiguousarray(row, dtype=np.uint8))
+    return frames
+
+
+# -- samples -----------------------------------------------------------------------------------------------
+def action_chunks(action: np.ndarray, chunk_size: int) -> np.ndarray:
+    """(N, D) -> (N, chunk_size, D): tick t's chunk is actions t .. t+chunk_size-1, the last action repeated."""
+    idx = np.minimum(np.arange(len(action))[:, None] + np.arange(chunk_size)[None, :], len(action) - 1)
+    return action[idx]
+
+
+def float_text(values: np.ndarray) -> str:
+    """Space-separated ``str()`` of each value, flattened (the reference: ``" ".join(map(str, x.flatten()))``)."""
+    return " ".join(map(str, np.asarray(values).ravel()))
+
+
+def sample_entry(sample_id: str, image: str, instruction: str, qpos: np.ndarray, chunk: np.ndarray) -> dict:
+    return {
+        "id": sample_id,
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + instruction + "\n" + float_text(qpos)},
+            {"from": "gpt", "value": float_text(chunk)},
+        ],
+        "embody": True,
+    }
+
+
+# -- statistics ----------------------------------------------------------------------------------------------
+def statistics(qpos: np.ndarray, action: np.ndarray) -> tuple[dict, list[int]]:
+    """statistics.yaml content from every recorded tick, and the action dimensions widened to the joint limits."""
+    lo, hi = action.min(0).astype(np.float64), action.max(0).astype(np.float64)
+    widened = [int(d) for d in np.flatnonzero(hi - lo < 1e-6)]
+    if widened and action.shape[1] % 7 == 0:  # Piper arms: J1..J6, gripper per arm
+        lim_lo = np.array(PIPER_JOINT_LO * (action.shape[1] // 7))
+        lim_hi = np.array(PIPER_JOINT_HI * (action.shape[1] // 7))
+        lo[widened], hi[widened] = lim_lo[widened], lim_hi[widened]
+    elif widened:
+        lo[widened] -= 1.0
+        hi[widened] += 1.0
+    stats = {
+        "act_min_bound": [float(x) for x in lo],
+        "act_max_bound": [float(x) for x in hi],
+        "robot_obs": [{"mean": [float(x) for x in qpos.astype(np.float64).mean(0)],
+                       "std": [float(x) for x in qpos.astype(np.float64).std(0)]}],
+    }
+    return stats, widened
+
+
+def write_statistics(path: Path, stats: dict, header: str) -> None:
+    import yaml
+
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    path.write_text(comment + yaml.safe_dump(stats, default_flow_style=None, sort_keys=False, width=1000))
+
+
+# -- the whole conversion ------------------------------------------------------------------------------------
+def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig(), force: bool = False,
+            progress=None) -> ConvertResult:
+    """Convert every episode of ``src`` into ``out`` (see the module docstring). Checks everything first."""
+    import cv2
+    import h5py
+    from vla_edge import kernels
+
+    src, out = Path(src), Path(out)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out} exists and is not empty (--force replaces it)")
+    if cfg.chunk_size < 1 or not 1 <= cfg.jpeg_quality <= 100:
+        raise ConvertError(f"chunk size {cfg.chunk_size} / JPEG quality {cfg.jpeg_quality}: need >= 1 / 1..100")
+    episodes = [check_episode(p, cfg) for p in episode_files(src)]
+    dims = {(e.qpos.shape[1], e.action.shape[1]) for e in episodes}
+    if len(dims) != 1:
+        raise ConvertError(f"{src}: episodes disagree on (state, action) dimensions: {sorted(dims)}")
+    state_dim, action_dim = dims.pop()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / IMAGE_DIR).mkdir()
+        samples, composer = [], None
+        for ep in episodes:
+            chunks = action_chunks(ep.action, cfg.chunk_size)
+            with h5py.File(ep.path, "r") as f:
+                for t in range(len(ep.qpos)):
+                    frames = read_frames(f, cfg.layout.cameras, t)
+                    if composer is None or composer.frame_shapes != [fr.shape[:2] for fr in frames]:
+                        composer = kernels.Composer(cfg.layout, [fr.shape[:2] for fr in frames])
+                    canvas = np.asarray(composer.canvas(frames))
+                    sample_id = f"episode_{ep.index}_{t:07d}"
+                    image = f"{IMAGE_DIR}/{sample_id}.jpg"
+                    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR),
+                                            [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality])
+                    if not ok:
+                        raise ConvertError(f"{ep.path}: tick {t}: JPEG encoding failed")
+                    (tmp / image).write_bytes(jpeg.tobytes())
+                    samples.append(sample_entry(sample_id, image, ep.instruction, ep.qpos[t], chunks[t]))
+            if progress is not None:
+                progress(ep)
+        with open(tmp / DATA_JSON, "w") as fh:
+            json.dump(samples, fh, indent=4)
+        stats, widened = statistics(np.concatenate([e.qpos for e in episodes]),
+                                    np.concatenate([e.action for e in episodes]))
+        header = f"vla-edge convert: {len(episodes)} episodes, {len(samples)} ticks of {src}"
+        if widened:
+            header += f"\naction dimensions {widened} never vary: their bounds are the Piper joint limits"
+            log.warning("action dimensions %s never vary in the data: bounds set to the joint limits", widened)
+        write_statistics(tmp / STATISTICS_YAML, stats, header)
+        sidecar = {"policy": {"chunk_size": cfg.chunk_size, "action_dim": action_dim, "state_dim": state_dim},
+                   "image_layout": cfg.layout.to_dict()}
+        (tmp / SIDECAR_JSON).write_text(json.dumps(sidecar, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(out=out, episodes=len(episodes), samples=len(samples), widened_dims=widened)
+
+
+def load_layout(path: str | Path) -> ImageLayout:
+    """An ImageLayout from a JSON file: the layout itself, or any file with an ``image_layout`` key
+    (a bundle's manifest.json, a vla_edge.json)."""
+    try:
+        d = json.loads(Path(path).read_text())
+        return ImageLayout.from_dict(d.get("image_layout", d))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConvertError(f"--layout {path}: not an image layout ({e})") from None
+
+
+def main(args) -> int:
+    if args.to != "llava-vla":
+        raise ConvertError(f"unknown target format {args.to!r} (known: llava-vla)")
+    cfg = ConvertConfig(layout=load_layout(args.layout) if args.layout else COBOT_MAGIC_LAYOUT,
+                        chunk_size=args.chunk_size, jpeg_quality=args.jpeg_quality, instruction=args.instruction)
+    r = convert(args.src, args.out, cfg, force=args.force,
+                progress=lambda ep: print(f"  {ep.path.name}: {len(ep.qpos)} ticks", flush=True))
+    print(f"wrote {r.samples} samples of {r.episodes} episodes to {r.out} "
+          f"({DATA_JSON}, {IMAGE_DIR}/, {STATISTICS_YAML}, {SIDECAR_JSON})")
+    return 0

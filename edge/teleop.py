@@ -1,0 +1,448 @@
+"""``vla-edge record``: teleoperated demonstrations, no policy. The puppet arms follow the master arms;
+vla-edge records what the masters command as ``action``.
+
+Usage::
+
+    vla-edge record --robot cobot_magic --instruction "stack the cups" --episodes 20 --out episodes/
+    vla-edge record --robot sim --instruction "touch the red target" --episodes 3 --out episodes/
+
+Per control tick (the profile's rate, 30 Hz): the puppets' measured joints (rad) and grippers (m) as
+``observations/qpos``, the masters' commands (piper_sdk ``GetArmJointCtrl`` / ``GetArmGripperCtrl``:
+their 0x155..0x157 and 0x159 control frames) as ``action``, the three cameras, and the base's measured
+velocity ``[vx m/s, wz rad/s]`` as ``base_action``; one HDF5 file per episode
+(:mod:`vla_edge.edge.recorder`, the Cobot Magic layout ``vla-edge convert`` reads). ``qvel``/``effort``: the
+puppets' high-speed driver feedback (rad/s, N m; :mod:`vla_edge.firmware_bridge.piper_motion`), NaN where
+an arm does not send it (the simulator does not). The base is held at zero velocity while recording.
+
+Where the masters are: ``master_can`` under ``[arms.left]`` / ``[arms.right]`` of the robot profile. A
+master silent for longer than the arms' ``feedback_timeout_s`` is a fault, like a silent puppet.
+
+* ``master_can == can`` (the Cobot Magic's wiring): master and puppet share a bus and the puppet obeys
+  the master's frames in firmware. vla-edge only listens; the e-stop is the Piper firmware e-stop
+  (0x150: the puppet ignores the master and sinks slowly, damped), the only stop that works there.
+* ``master_can != can``: vla-edge forwards each tick's master command to the puppet through the safety
+  filter (joint limits, per-tick step limit; clamps recorded); the e-stop holds the arms.
+
+Keys (terminal, evdev or pynput; the e-stop keys of ``run`` stay live): **n** or right arrow ends the
+episode early and keeps it (during a reset period: start the next episode now), **b** discards the
+episode being recorded and records it again, **q** or Esc keeps the episode and quits; **space**
+e-stops, **r** then **y** resumes. Between episodes a reset period (``--reset-seconds``) lets the
+operator put the scene back. Any fault (stale camera, silent puppet or master, base link) stops the
+robot safely (exit 3); the episode so far is kept. ``--view`` / ``--view-save rec.rrd`` stream the ticks,
+episode starts and e-stop events to Rerun as they are recorded (:class:`~vla_edge.edge.view.LiveView`,
+the ``[view]`` extra), never holding up a tick.
+
+``sim``: simulated master arms (:mod:`vla_edge.firmware_bridge.piper_master_sim`) send the same CAN
+frames on the puppets' virtual buses, moved by the reach task's scripted expert
+(:class:`~vla_edge.edge.task.ExpertPolicy`); each episode places the target and the start pose of
+seed ``--seed + i``, so the whole path runs through the real piper_sdk.
+
+Robot-side: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.robot import SIDES, _profile_path
+
+log = logging.getLogger(__name__)
+
+CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+SIM_RESET_TIMEOUT_S = 5.0
+"""sim: longest the puppets may take to follow the masters to an episode's start pose."""
+
+
+@dataclass
+class RecordConfig:
+    """One ``vla-edge record`` session. Durations in seconds; ``rate_hz`` defaults to the profile's."""
+
+    robot: str
+    instruction: str
+    episodes: int
+    out: Path
+    episode_s: float = 30.0
+    reset_s: float = 5.0
+    rate_hz: float | None = None
+    keyboard: str = "auto"
+    keyboard_tty: object = None
+    seed: int = 0
+    view: bool = False
+    view_save: Path | None = None
+    """Stream every recorded tick to a Rerun viewer (``view``) or into a .rrd file (``view_save``)."""
+
+    def check(self) -> None:
+        if not self.instruction.strip():
+            raise VlaEdgeError("--instruction must not be empty")
+        if self.episodes < 1 or self.episode_s <= 0 or self.reset_s < 0:
+            raise VlaEdgeError(f"need --episodes >= 1, --episode-seconds > 0, --reset-seconds >= 0; got "
+                               f"{self.episodes}, {self.episode_s}, {self.reset_s}")
+        if self.out.exists() and not self.out.is_dir():
+            raise VlaEdgeError(f"--out {self.out} exists and is not a directory")
+
+
+def master_cans(robot: str) -> dict[str, str]:
+    """The CAN interface of each master arm: ``master_can`` of ``[arms.left]`` / ``[arms.right]``."""
+    path = _profile_path(robot)
+    arms = tomllib.loads(path.read_text()).get("arms", {})
+    out = {}
+    for side in SIDES:
+        name = arms.get(side, {}).get("master_can")
+        if not isinstance(name, str) or not name:
+            raise VlaEdgeError(f"robot profile {path}: no arms.{side}.master_can (the CAN interface that "
+                               f"carries the {side} master arm's commands)")
+        out[side] = name
+    return out
+
+
+class EpisodeKeys:
+    """Episode control from the keyboard listener's thread: n/right, b, q/Esc."""
+
+    def __init__(self) -> None:
+        self.end = threading.Event()
+        self.rerecord = False
+        self.quit = False
+
+    def on_key(self, key: str) -> None:
+        if key in ("n", "right"):
+            self.end.set()
+        elif key == "b":
+            self.rerecord = True
+            self.end.set()
+        elif key in ("q", "esc"):
+            self.quit = True
+            self.end.set()
+
+    def clear(self) -> None:
+        self.end.clear()
+        self.rerecord = False
+
+
+class SimTeleoperator:
+    """Moves the simulated master arms like an operator would: the reach task's scripted expert."""
+
+    def __init__(self, robot, masters: dict, rate_hz: float, instruction: str):
+        from vla_edge.edge.task import ExpertPolicy, ReachTask
+
+        self.robot, self.masters, self.dt = robot, masters, 1.0 / rate_hz
+        self.task = ReachTask()
+        self.expert = ExpertPolicy(self.task, robot.sim)
+        self.instruction = instruction
+        self.q14 = robot.read_state().qpos.copy()
+        self._running = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sim-teleoperator", daemon=True)
+        self._set(self.q14)
+
+    def _set(self, q14) -> None:
+        for i, side in enumerate(SIDES):
+            self.masters[side].set_pose(q14[7 * i : 7 * i + 6], q14[7 * i + 6])
+
+    def start(self) -> SimTeleoperator:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+    def reset(self, seed: int) -> None:
+        """Target and start pose of ``seed``'s episode; the masters hold it until :meth:`go`."""
+        self._running.clear()
+        ep = self.task.sample(seed)
+        self.robot.sim.scene.target_radius_m = self.task.target_radius_m
+        self.robot.sim.set_target(*ep.target_xy_m)
+        self.q14 = self.task.start_pose(seed)
+        self._set(self.q14)
+        self.expert.start_episode(self.instruction)
+
+    def puppets_there(self) -> bool:
+        return bool(np.max(np.abs(self.robot.read_state().qpos - self.q14)) < 2e-3)
+
+    def go(self) -> None:
+        """Start moving the masters (the expert's step per control period)."""
+        self._running.set()
+
+    def _loop(self) -> None:
+        next_t = time.monotonic()
+        while not self._stop.wait(max(0.0, next_t - time.monotonic())):
+            if self._running.is_set():
+                self.q14 = self.expert.step(None, self.q14).joints[0]
+                self._set(self.q14)
+            next_t += self.dt
+            if time.monotonic() - next_t > self.dt:  # the process stalled: no burst of steps after it
+                next_t = time.monotonic()
+
+
+class Recorder:
+    """The session: robot, masters, e-stop, keys, recorder. :meth:`run` returns the exit code."""
+
+    def __init__(self, cfg: RecordConfig):
+        from vla_edge.edge.robot import load_profile
+
+        cfg.check()
+        if cfg.view or cfg.view_save:
+            from vla_edge.edge.view import import_rerun
+
+            import_rerun()  # not installed: say so before touching the robot
+        self.cfg = cfg
+        self.profile = load_profile(cfg.robot)
+        self.master_cans = master_cans(cfg.robot)
+        self.forward = any(self.master_cans[s] != self.profile.arms[s].can_name for s in SIDES)
+        self.rate_hz = cfg.rate_hz or self.profile.control_rate_hz
+        self.keys = EpisodeKeys()
+        self.robot = self.readers = self.master_sims = self.teleop = None
+        self.saved: list[Path] = []
+        self.episode_open = False
+        self.live = None
+        self.ticks = 0
+
+    # -- devices --------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        from vla_edge.edge.robot import Robot
+        from vla_edge.firmware_bridge.piper_master import PiperMaster, PiperMasterConfig
+
+        self.robot = Robot(self.profile)
+        self.robot.connect()
+        missing = [c for c in CAMERAS if c not in self.robot.camera_names]
+        if missing:
+            raise VlaEdgeError(f"robot {self.profile.name} has no camera {missing[0]}")
+        channels = dict(self.master_cans)
+        bustype = self.profile.arms["left"].bustype
+        if self.robot.sim is not None:
+            channels, bustype = self._start_master_sims(), "virtual"
+        self.readers = {}
+        for side in SIDES:
+            # a master sends as often as a puppet answers: the profile's feedback watchdog fits both
+            reader = PiperMaster(PiperMasterConfig(can_name=channels[side], bustype=bustype,
+                                                   command_timeout_s=self.profile.arms[side].feedback_timeout_s))
+            reader.connect()
+            self.readers[side] = reader
+
+    def _start_master_sims(self) -> dict[str, str]:
+        """Simulated masters on the puppets' virtual buses (or on buses of their own), holding the
+        puppets' current pose; returns their channels."""
+        import uuid
+
+        from vla_edge.firmware_bridge.piper_master_sim import PiperMasterSim, PiperMasterSimConfig
+
+        channels, self.master_sims = {}, {}
+        for side in SIDES:
+            puppet = self.robot.arms[side].config.can_name
+            shared = self.master_cans[side] == self.profile.arms[side].can_name
+            channels[side] = puppet if shared else f"{self.master_cans[side]}-{uuid.uuid4().hex[:8]}"
+            self.master_sims[side] = PiperMasterSim(PiperMasterSimConfig(channel=channels[side])).start()
+        self.teleop = SimTeleoperator(self.robot, self.master_sims, self.rate_hz, self.cfg.instruction).start()
+        return channels
+
+    def _disconnect(self) -> None:
+        if self.teleop is not None:
+            self.teleop.stop()
+        for reader in (self.readers or {}).values():
+            reader.disconnect()
+        if self.robot is not None:
+            self.robot.disconnect()
+        for sim in (self.master_sims or {}).values():
+            sim.stop()
+
+    def _safe_stop(self) -> None:
+        """Forwarding: the arms hold. Shared bus: the masters still command the puppets, so only the
+        Piper firmware e-stop stops them (they then sink slowly, damped). The base is zeroed either way."""
+        try:
+            self.robot.estop(firmware=not self.forward)
+        except VlaEdgeError as e:
+            log.error("safe stop: %s", e)
+
+    # -- the session ------------------------------------------------------------------------------
+    def run(self) -> int:
+        from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
+        from vla_edge.edge.recorder import EpisodeRecorder
+        from vla_edge.edge.run import safety_limits
+        from vla_edge.edge.safety import SafetyFilter
+
+        cfg = self.cfg
+        estop = EStop()
+        writer = EpisodeRecorder(cfg.out, cameras=list(CAMERAS), compress="lzf")
+        fault = None
+        try:
+            self._connect()
+            safety = SafetyFilter(safety_limits(self.profile))
+            if cfg.view or cfg.view_save:
+                from vla_edge.edge.view import LiveView
+
+                self.live = LiveView(cfg.view_save)
+
+            def on_trip(reason: str) -> None:
+                self.robot.estop(firmware=not self.forward)
+                self._event(writer, "estop", reason)
+
+            def on_resume() -> None:
+                self.robot.resume()
+                self._event(writer, "resume", "")
+
+            estop.on_trip(on_trip)
+            estop.on_resume(on_resume)
+            listener = KeyboardListener(estop, source=cfg.keyboard, tty_fd=cfg.keyboard_tty, on_key=self.keys.on_key)
+            restore = install_signal_handlers(estop)
+            wiring = "forwarding through the safety filter" if self.forward else "puppets follow the masters"
+            print(f"vla-edge record: robot={self.profile.name} ({wiring}), {cfg.episodes} episodes of up to "
+                  f"{cfg.episode_s:g} s into {cfg.out}; keyboard {listener.source}: n/right = next, b = re-record, "
+                  "q/esc = quit, space = e-stop, r then y = resume", file=sys.stderr)
+            try:
+                with listener:
+                    fault = self._episodes(writer, safety, estop)
+            finally:
+                restore()
+        except KeyboardInterrupt as e:
+            fault = "stopped by SIGTERM" if getattr(e, "signum", None) == 15 else "stopped by Ctrl+C"
+        finally:
+            try:
+                if self.episode_open:
+                    if fault:
+                        writer.record_event(time.monotonic(), "fault", fault)
+                    self.episode_open = False
+                    self._keep(writer.close())
+            finally:
+                self._disconnect()
+                if self.live is not None:
+                    self.live.close()
+        print(f"vla-edge record: {len(self.saved)} episodes saved in {cfg.out}", file=sys.stderr)
+        if fault:
+            print(f"vla-edge record: stopped safely: {fault}", file=sys.stderr)
+            return 3
+        return 0
+
+    def _event(self, writer, kind: str, reason: str) -> None:
+        t = time.monotonic()
+        if self.episode_open:
+            writer.record_event(t, kind, reason)
+        if self.live is not None:
+            self.live.event(self.ticks, t, kind, reason)
+
+    def _keep(self, path: Path | None) -> None:
+        if path is not None and path not in self.saved:
+            self.saved.append(path)
+            print(f"  saved {path}", file=sys.stderr)
+
+    def _episodes(self, writer, safety, estop) -> str | None:
+        cfg, i, first = self.cfg, 0, True
+        while len(self.saved) < cfg.episodes and not self.keys.quit:
+            self.keys.clear()
+            if fault := self._reset_period(safety, estop, i, first):
+                return fault
+            if self.keys.quit:
+                break
+            self.keys.clear()
+            meta = {"instruction": cfg.instruction, "robot": self.profile.name, "sim": self.robot.sim is not None,
+                    "teleop": True, "policy": "teleop", "forwarding": self.forward}
+            if self.teleop is not None:
+                meta.update(seed=cfg.seed + i, target_xy_m=list(self.robot.sim.scene.target_xy_m))
+            path = writer.start_episode(meta)
+            self.episode_open, first = True, False
+            if self.live is not None:
+                self.live.event(self.ticks, time.monotonic(), "episode", path.name)
+            print(f"recording episode {len(self.saved) + 1}/{cfg.episodes}: {path.name}", file=sys.stderr)
+            safety.reset(self.robot.read_state().qpos)
+            if self.teleop is not None:
+                self.teleop.go()
+            fault = self._ticks(writer, safety, estop, self.cfg.episode_s, lambda: self.keys.end.is_set())
+            if fault:
+                writer.record_event(time.monotonic(), "fault", fault)
+            self.episode_open = False
+            writer.close()
+            if self.keys.rerecord and not fault:
+                path.unlink(missing_ok=True)
+                print(f"  discarded {path.name}: recording it again", file=sys.stderr)
+                continue
+            self._keep(path)
+            i += 1
+            if fault:
+                return fault
+        return None
+
+    def _reset_period(self, safety, estop, i: int, first: bool) -> str | None:
+        """Between episodes the puppets keep following (forwarding) but nothing is recorded. sim: the
+        masters go to seed ``i``'s start pose and the period ends when the puppets are there."""
+        if self.teleop is not None:
+            self.teleop.reset(self.cfg.seed + i)
+            safety.reset(self.robot.read_state().qpos)
+            fault = self._ticks(None, safety, estop, SIM_RESET_TIMEOUT_S, self.teleop.puppets_there)
+            if fault or not self.teleop.puppets_there():
+                return fault or "sim reset: the puppet arms did not follow the masters to the start pose"
+            time.sleep(0.1)  # let the cameras draw the new scene
+            return None
+        if first:
+            return None
+        print(f"reset the scene: {self.cfg.reset_s:g} s (n: start now)", file=sys.stderr)
+        return self._ticks(None, safety, estop, self.cfg.reset_s, lambda: self.keys.end.is_set())
+
+    def _ticks(self, writer, safety, estop, seconds: float, done) -> str | None:
+        """Ticks at ``rate_hz`` on absolute deadlines for ``seconds`` or until ``done()``; records into
+        ``writer`` unless it is None. Returns the fault that stopped the robot, or None."""
+        dt = 1.0 / self.rate_hz
+        t0 = time.monotonic()
+        k = 0
+        while not done() and k * dt < seconds - 1e-9:
+            deadline = t0 + k * dt
+            if (now := time.monotonic()) < deadline:
+                time.sleep(deadline - now)
+            try:
+                self._tick(writer, safety, estop, time.monotonic())
+            except VlaEdgeError as e:
+                self._safe_stop()
+                return str(e)
+            k = max(k + 1, int((time.monotonic() - t0) / dt))
+        return None
+
+    def _motion(self) -> tuple[np.ndarray, np.ndarray]:
+        """The puppets' joint velocities (rad/s) and efforts (N m), NaN where the arm does not report them."""
+        from vla_edge.firmware_bridge.piper_motion import read_motion
+
+        sides = [read_motion(self.robot.arms[s].config.can_name, self.profile.arms[s].feedback_timeout_s)
+                 for s in SIDES]
+        return np.concatenate([m[0] for m in sides]), np.concatenate([m[1] for m in sides])
+
+    def _tick(self, writer, safety, estop, now: float) -> None:
+        robot = self.robot
+        faults = robot.faults() + [f for r in self.readers.values() for f in r.faults()]
+        if estop.is_latched:  # the firmware e-stop we sent shows as arm status 0x01: expected, not a fault
+            faults = [f for f in faults if "e-stop" not in f]
+        if faults:
+            raise VlaEdgeError("; ".join(faults))
+        state = robot.read_state()
+        action = np.concatenate([self.readers[s].read_command()[0] for s in SIDES])
+        clamps = 0
+        if self.forward and not estop.is_latched:
+            safe, clamped = safety.filter_joints(action, state.qpos)
+            clamps = len(clamped)
+            robot.send_joint_targets(safe)
+        if writer is None:
+            return
+        frames, stamps = {}, {}
+        for name in CAMERAS:
+            f = robot.cameras.cameras[name].latest()
+            if f is None:
+                return  # no frame yet from this camera: nothing to record this tick
+            frames[name], stamps[name] = f.image, f.stamp_s
+        base = (state.base_vx_mps, state.base_wz_radps)
+        qvel, effort = self._motion()
+        writer.record_tick(frames, stamps, state.qpos, action, base, now, clamps, qvel=qvel, effort=effort)
+        if self.live is not None:
+            self.live.tick(self.ticks, now, frames, state.qpos, action, base)
+        self.ticks += 1
+
+
+def main(args) -> int:
+    cfg = RecordConfig(robot=args.robot, instruction=args.instruction, episodes=args.episodes, out=Path(args.out),
+                       episode_s=args.episode_seconds, reset_s=args.reset_seconds, rate_hz=args.rate,
+                       keyboard=args.keyboard, seed=args.seed, view=args.view,
+                       view_save=Path(args.view_save) if args.view_save else None)
+    return Recorder(cfg).run()
