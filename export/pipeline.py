@@ -210,7 +210,9 @@ def _graph_io(m, decoder: str = "plain", max_len: int = 0) -> dict:
     dec_in = {"inputs_embeds": [1, "new_len", t.hidden], "logit_index": ["n_logits"]}
     dec_out = {"logits": [1, "n_logits", "n_head"]}
     if decoder == "fused":
-        dec_in.update(seqlens_k=[1], total_sequence_length=[])
+        dec_in = {"image_embeds": [1, "image_len", t.hidden], "inputs_embeds": [1, "embeds_len", t.hidden],
+                  "head_index": [1, "head_len"], "logit_index": ["n_logits"], "seqlens_k": [1],
+                  "total_sequence_length": []}
         past = present = [1, t.kv_heads, max_len, t.head_dim]  # one shared buffer per tensor
     else:
         past = [1, t.kv_heads, "past_len", t.head_dim]
@@ -259,13 +261,18 @@ def _check_decoder(model, head_ids, path: Path, kind: str = "plain", max_len: in
     with torch.no_grad():
         full = model.lm(inputs_embeds=emb).logits[0][:, torch.as_tensor(head_ids)].numpy()
     sess = _session(path)
+    types = {i.name: i.type for i in sess.get_inputs()}
+    act = np.float16 if types["inputs_embeds"] == "tensor(float16)" else np.float32  # the cuda graph: float16
     rows = max_len if kind == "fused" else 0  # fused: fixed-length buffers; plain: the cache grows
-    past = [np.zeros((1, t.kv_heads, rows, t.head_dim), np.float32)] * (2 * t.layers)
+    past = [np.zeros((1, t.kv_heads, rows, t.head_dim), act)] * (2 * t.layers)
     got = []
     for lo, hi in ((0, 8), (8, 9), (9, 12)):
-        feed = {"inputs_embeds": emb[:, lo:hi].numpy(), "logit_index": np.arange(hi - lo, dtype=np.int64)}
+        feed = {"inputs_embeds": emb[:, lo:hi].numpy().astype(act), "logit_index": np.arange(hi - lo, dtype=np.int64)}
         if kind == "fused":
             feed["seqlens_k"], feed["total_sequence_length"] = gqa_lengths(lo, hi - lo)
+        if "head_index" in types:  # the fused graph's other row sources, empty here
+            feed["head_index"] = np.zeros((1, 0), np.int64)
+            feed["image_embeds"] = np.zeros((1, 0, t.hidden), act)
         for i in range(t.layers):
             feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
         outs = sess.run(None, feed)

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from conftest import run_cli  # noqa: E402
 from vla_edge.edge.bench import synthetic_inputs  # noqa: E402
 from vla_edge.edge.bundle import Bundle  # noqa: E402
-from vla_edge.edge.engine import Engine, EngineError, SharedKV, gqa_lengths  # noqa: E402
+from vla_edge.edge.engine import Engine, EngineError, Rows, SharedKV, gqa_lengths  # noqa: E402
 from vla_edge.export.checkpoint import load_checkpoint  # noqa: E402
 from vla_edge.export.model import LlavaVLA  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_fused_engine_refuses_to_overrun_the_buffer(fused_fp32_bundle, caplog):
     assert e._graph_session is None and "cuda_graph" in caplog.text
     emb = np.zeros((1, 2, e.dims.hidden), np.float32)
     with pytest.raises(EngineError, match="max_len 1024"):
-        SharedKV(e, e.dims.max_len - 1).run(emb, np.zeros(1, np.int64))
+        SharedKV(e, e.dims.max_len - 1).run(np.zeros(1, np.int64), Rows(embeds=emb))
 
 
 def test_bench_names_the_decoder_kind(fused_int8_bundle):
