@@ -103,6 +103,17 @@ def parallel_refusal(manifest: dict) -> str | None:
     return None
 
 
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find the CUDA/cuDNN libraries of the nvidia-* wheels (a torch install brings
+    them) before its provider loads; a robot with system CUDA libraries does not need it."""
+    import onnxruntime as ort
+
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # noqa: BLE001 - best effort: the session reports what is really missing
+        log.debug("onnxruntime.preload_dlls: %s", e)
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -120,6 +131,7 @@ def pick_providers(provider: str) -> list[str]:
                 "CUDA provider requested but this onnxruntime has none "
                 f"(available: {', '.join(avail)}); install vla-edge[gpu] (onnxruntime-gpu)"
             )
+        _preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if provider == "auto":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail else [
@@ -151,6 +163,9 @@ class Engine:
         self.vision = ort.InferenceSession(str(bundle.path("vision")), so, providers=providers)
         self.decoder = ort.InferenceSession(str(bundle.path("decoder")), so, providers=providers)
         self.provider = self.decoder.get_providers()[0]
+        if provider == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise EngineError("CUDA provider requested but ONNX Runtime fell back to the CPU (CUDA 13 or cuDNN "
+                              "libraries not found?); run with --debug to see ONNX Runtime's reason")
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         log.info("engine: %s on %s (%s)", bundle.root, self.provider, bundle.precision)
 
