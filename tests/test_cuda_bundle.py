@@ -209,3 +209,36 @@ def test_gpu_targets_refuse_what_would_leave_the_gpu(tiny_ckpt, tmp_path):
                 "--precision", "fp32")
     assert r.returncode == 2 and "float16 kernels only" in r.stderr and not (tmp_path / "b").exists()
     assert [line for line in r.stderr.splitlines() if "error" in line] == [r.stderr.strip().splitlines()[-1]]
+
+
+def test_bench_parallel_reports_both_decodings_and_the_ratio(fused_fp32_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--bundle", str(fused_fp32_bundle), "--provider", "cpu", "--parallel", "--steps", "2",
+                "--warmup", "0", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["parallel_decoding"] is True and rep["sequential"]["chunks_identical_to_parallel"] is True
+    assert rep["sequential"]["decode_calls_per_chunk"]["p50"] == rep["tokens_per_step"] - 1
+    assert 1 <= rep["decode_calls_per_chunk"]["p50"] <= rep["sequential"]["decode_calls_per_chunk"]["p50"]
+    assert rep["parallel_decode_speedup_p50"] > 0 and "gpu" not in rep and rep["cuda_graph"] is False
+
+
+def test_gpu_check_script_fails_fast_with_one_line_per_missing_piece(tmp_path):
+    """Without a GPU the script stops at its checks, before installing or exporting anything."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable, "SITE": str(tmp_path / "site"), "OUT": str(tmp_path / "out")}
+    bad = subprocess.run(["bash", str(script), "--provider", "tpu"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "gpu_check: error: --provider cuda|cpu"
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has an NVIDIA GPU: the GPU run is tools/gpu_check.sh itself")
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gpu_check: error:")]
+    assert r.returncode == 1 and errors and errors[0] == "gpu_check: error: no NVIDIA GPU (nvidia-smi -L failed)"
+    assert not (tmp_path / "site").exists() or not any((tmp_path / "site").iterdir())  # nothing installed
