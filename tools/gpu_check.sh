@@ -4,11 +4,13 @@
 # What it does, in order (each stage fails fast with one line per missing piece):
 #   1. checks   python 3.11/3.12, nvidia-smi, torch with CUDA (imported before onnxruntime, so that
 #               onnxruntime-gpu finds the CUDA 13 / cuDNN libraries of torch's nvidia-* wheels)
-#   2. installs what is missing into $SITE (default ~/site, put first on PYTHONPATH), with --no-deps:
-#               onnxruntime-gpu==1.31.1 from $WHEELS (a .whl, or parts $WHEELS/p? that are cat-ed into
-#               one) or the index; vla-edge itself from a matching vla_edge-*.whl in $WHEELS, else built
-#               from this checkout (needs scikit-build-core, pybind11, cmake, a C++17 compiler:
-#               installed from $WHEELS or the index when missing)
+#   2. installs what is missing into $SITE (default ~/site, put first on PYTHONPATH):
+#               onnxruntime-gpu==1.31.1 (--no-deps) from $WHEELS (a .whl, or parts $WHEELS/p? that are
+#               cat-ed into one) or the index; vla-edge itself from a vla_edge-*-cpXY-*.whl in $WHEELS,
+#               else built from this checkout (30 s; needs scikit-build-core with packaging + pathspec,
+#               pybind11, cmake >= 3.20 and a C++17 compiler: the Python ones installed from $WHEELS or
+#               the index when missing); numpy, onnx, transformers, tokenizers, rich, safetensors checked
+#               (and tried from $WHEELS/the index, --no-deps)
 #   3. export   vla-edge export --shape llava-ov-0.5b --target cuda (float16 graphs, MatMulNBits);
 #               its parity step also runs the bundle on the GPU against PyTorch fp32 (parity.json:
 #               variant int8@cuda, or gpu_error)
@@ -124,7 +126,8 @@ if ! pyok 'import vla_edge.kernels, vla_edge.export.fused'; then
     for need in "scikit_build_core:scikit-build-core==1.1.2" "pybind11:pybind11==3.1.0" "cmake:cmake"; do
       mod="${need%%:*}"; pkg="${need#*:}"
       pyok "import $mod" || command -v "$mod" >/dev/null 2>&1 \
-        || pip_target $(from_wheels_or_index) "$pkg" || die "$pkg is needed to build vla-edge (no wheel in WHEELS, no index)"
+        || "$PY" -m pip install -q --target "$SITE" $(from_wheels_or_index) "$pkg" >>"$LOG" 2>&1 \
+        || die "$pkg is needed to build vla-edge (with its dependencies: no wheel in WHEELS, no index)"
     done
     command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || die "a C++17 compiler (c++ or g++) is needed to build vla-edge"
     export PATH="$SITE/bin:$PATH"
