@@ -25,7 +25,7 @@
 #
 # Environment: WHEELS (wheel directory), SITE (install target, default ~/site), PYTHON (default python3),
 # OUT (result directory), ORT_WHEEL (file name to give the cat-ed onnxruntime-gpu parts; default
-# onnxruntime_gpu-1.31.1-<tag>-<tag>-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl).
+# onnxruntime_gpu-1.31.1-<cpXY>-<cpXY>-manylinux_2_28_x86_64.whl: pip reads the version and tags from it).
 # Budget: under 8 minutes on one H100 with 16 cores, export included (a stage past its limit stops it).
 set -uo pipefail
 
@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS="$2"; shift 2 ;;
     --warmup) WARMUP="$2"; shift 2 ;;
     --out) OUT_DIR="$2"; shift 2 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "gpu_check: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -106,7 +106,7 @@ if [ "$PROVIDER" = cuda ] && ! pyok "$ORT_CHECK"; then
   if [ -n "$WHEELS" ]; then
     whl=$(ls "$WHEELS"/onnxruntime_gpu-1.31.1-*.whl 2>/dev/null | head -n 1)
     if [ -z "$whl" ] && ls "$WHEELS"/p? >/dev/null 2>&1; then
-      whl="$WORK/${ORT_WHEEL:-onnxruntime_gpu-1.31.1-$PYTAG-$PYTAG-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl}"
+      whl="$WORK/${ORT_WHEEL:-onnxruntime_gpu-1.31.1-$PYTAG-$PYTAG-manylinux_2_28_x86_64.whl}"
       cat "$WHEELS"/p? > "$whl"
       say "joined $(ls "$WHEELS"/p? | wc -l) parts into $(basename "$whl") ($(du -m "$whl" | cut -f1) MB)"
     fi
