@@ -14,6 +14,7 @@
 #   3. export   vla-edge export --shape llava-ov-0.5b --target cuda (float16 graphs, MatMulNBits);
 #               its parity step also runs the bundle on the GPU against PyTorch fp32 (parity.json:
 #               variant int8@cuda, or gpu_error)
+#   3b. placement  ONNX Runtime's profiler: the provider of every kernel run by each graph (node_providers.json)
 #   4. bench    vla-edge bench --provider cuda --baseline torch (PyTorch float16 on the same GPU),
 #               sequential and --parallel; then once more with the CUDA graph on (no baseline)
 #   5. report   one JSON ($OUT/gpu_check.json) and a table on stdout
@@ -155,6 +156,52 @@ stage "export $SHAPE --target cuda (parity on $PROVIDER)" 330 \
 cp "$BUNDLE/parity.json" "$OUT_DIR/parity.json"
 cp "$BUNDLE/manifest.json" "$OUT_DIR/manifest.json"
 
+# ---- 3b. where every node ran (ONNX Runtime's profiler: the provider of each executed kernel) ------------
+cat > "$WORK/placement.py" <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401 (before onnxruntime: the CUDA libraries)
+import onnxruntime as ort
+
+bundle, out, provider = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+m = json.loads((bundle / "manifest.json").read_text())
+act = {"float16": np.float16, "float32": np.float32}[m["dtypes"]["decoder"]["activations"]]
+t, rows = m["model"]["text"], m["max_len"]
+hd = t["hidden"] // t["heads"]
+size = m["image_layout"]["output"]
+feeds = {"vision": {"pixels": np.zeros((1, 3, size, size), np.float32)},
+         "decoder": {"image_embeds": np.zeros((1, 0, t["hidden"]), act), "head_index": np.zeros((1, 0), np.int64),
+                     "inputs_embeds": np.zeros((1, 4, t["hidden"]), act), "logit_index": np.array([3]),
+                     "seqlens_k": np.array([3], np.int32), "total_sequence_length": np.array(4, np.int32),
+                     **{f"past.{i}.{k}": np.zeros((1, t["kv_heads"], rows, hd), act)
+                        for i in range(t["layers"]) for k in ("key", "value")}}}
+providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+report = {}
+for graph, feed in feeds.items():
+    so = ort.SessionOptions()
+    so.enable_profiling, so.log_severity_level = True, 3
+    so.profile_file_prefix = str(out / f"profile_{graph}")
+    s = ort.InferenceSession(str(bundle / f"{graph}.onnx"), so, providers=providers)
+    s.run(None, feed)
+    nodes = {}
+    for e in json.loads(Path(s.end_profiling()).read_text()):
+        a = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in a:
+            nodes[e["name"].rsplit("_kernel_time", 1)[0]] = (a["provider"], a.get("op_name"))
+    by = {}
+    for prov, op in nodes.values():
+        by.setdefault(prov, {}).setdefault(op, 0)
+        by[prov][op] += 1
+    report[graph] = {"kernels_by_provider": by,
+                     "cpu_nodes": sorted(n for n, (p, _) in nodes.items() if p == "CPUExecutionProvider")}
+    print(f"{graph}: " + "; ".join(f"{p}: {sum(v.values())} kernels" for p, v in by.items()))
+(out / "node_providers.json").write_text(json.dumps(report, indent=2) + "\n")
+PYEOF
+stage "node placement (profiler)" 120 "$PY" "$WORK/placement.py" "$BUNDLE" "$OUT_DIR" "$PROVIDER"
+rm -f "$OUT_DIR"/profile_*.json
+
 # ---- 4. bench -----------------------------------------------------------------------------------------
 stage "bench --provider $PROVIDER --baseline torch --parallel" 150 \
   "${VLA[@]}" bench --bundle "$BUNDLE" --provider "$PROVIDER" --baseline torch "${BASE_CKPT[@]}" --parallel \
@@ -180,7 +227,8 @@ if provider == "cuda":
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
 report = {"shape": shape, "provider": provider, "gpu": gpu, "machine": platform.platform(), "seconds": seconds,
-          "parity": load("parity.json"), "bench": load("bench.json"), "bench_cuda_graph": load("bench_cuda_graph.json")}
+          "parity": load("parity.json"), "node_providers": load("node_providers.json"),
+          "bench": load("bench.json"), "bench_cuda_graph": load("bench_cuda_graph.json")}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
 def row(label, d, key="p50"):
@@ -190,6 +238,10 @@ par = report["parity"] or {}
 for name, v in par.get("variants", {}).items():
     print(f"  parity {name:<8} on {par.get('providers', {}).get(name, '?'):<24} logits max err {v['logit_max_abs_err']:.3g}, "
           f"cos {v['logit_cosine_min']:.5f}, chunks identical {v['chunks_identical']}")
+for graph, v in (report["node_providers"] or {}).items():
+    counts = ", ".join(f"{p.replace('ExecutionProvider', '')} {sum(ops.values())}" for p, ops in v["kernels_by_provider"].items())
+    cpu = f"; on the CPU: {', '.join(v['cpu_nodes'][:6])}" if provider == "cuda" and v["cpu_nodes"] else ""
+    print(f"  {graph} kernels by provider: {counts}{cpu}")
 if par.get("gpu_error"):
     print(f"  parity on the GPU failed: {par['gpu_error']}")
 for key, title in (("bench", "engine"), ("bench_cuda_graph", "CUDA graph on")):
