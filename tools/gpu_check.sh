@@ -9,7 +9,7 @@
 #               cat-ed into one) or the index; vla-edge itself from a vla_edge-*-cpXY-*.whl in $WHEELS,
 #               else built from this checkout (30 s; needs scikit-build-core with packaging + pathspec,
 #               pybind11, cmake >= 3.20 and a C++17 compiler: the Python ones installed from $WHEELS or
-#               the index when missing); numpy, onnx, transformers, tokenizers, rich, safetensors checked
+#               the index when missing); numpy, onnx, transformers, tokenizers, rich, pillow checked
 #               (and tried from $WHEELS/the index, --no-deps)
 #   3. export   vla-edge export --shape llava-ov-0.5b --target cuda (float16 graphs, MatMulNBits);
 #               its parity step also runs the bundle on the GPU against PyTorch fp32 (parity.json:
@@ -136,10 +136,11 @@ if ! pyok 'import vla_edge.kernels, vla_edge.export.fused'; then
       || die "vla-edge did not build (see $LOG)"
   fi
 fi
-for need in numpy onnx transformers tokenizers rich safetensors; do
-  pyok "import $need" || pip_target $(from_wheels_or_index) "$need" || say "error: python package $need is missing"
+for need in numpy:numpy onnx:onnx transformers:transformers tokenizers:tokenizers rich:rich PIL:pillow; do
+  mod="${need%%:*}"; pkg="${need#*:}"
+  pyok "import $mod" || pip_target $(from_wheels_or_index) "$pkg" || say "error: python package $pkg is missing"
 done
-pyok 'import numpy, onnx, transformers, tokenizers, rich, safetensors, vla_edge.kernels' || die "missing packages (above)"
+pyok 'import numpy, onnx, transformers, tokenizers, rich, PIL, vla_edge.kernels' || die "missing packages (above)"
 say "ready in $(( $(date +%s) - T0 )) s: $("$PY" -c 'import torch, onnxruntime as o, vla_edge; print(f"torch {torch.__version__}, onnxruntime {o.__version__} {o.get_available_providers()}, vla_edge {vla_edge.__version__}")' 2>&1 | tail -n 1)"
 VLA=("$PY" -m vla_edge.edge.cli)
 
