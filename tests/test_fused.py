@@ -245,3 +245,18 @@ def test_rows_of_one_call_interact_only_under_dynamic_quantisation(tiny, tmp_pat
         assert diff > 1e-3  # measured 0.07 on this model: rows interact
     else:
         assert diff < 1e-4  # float rounding of a different GEMM shape (measured <= 3e-5)
+
+
+def test_inside_a_step_only_proprio_rows_are_looked_up_on_the_host(fused_fp32_bundle):
+    """Decode steps are fed by head index and the image never comes back to the host: the only host-side
+    embedding lookup in a step is the 14 proprio tokens of the prompt."""
+    e = Engine(Bundle.load(fused_fp32_bundle), provider="cpu")
+    assert e.by_head and e.image_on_device
+    e.start_episode("open the drawer")
+    looked_up, embed = [], e._embed
+    e._embed = lambda ids: looked_up.append(np.asarray(ids).copy()) or embed(ids)
+    frames, state = synthetic_inputs(e.bundle.layout, 14, seed=3)
+    chunk = e.step(frames, state)
+    assert len(chunk.token_ids) == 71 and chunk.decode_calls == 70
+    assert len(looked_up) == 1 and looked_up[0].shape == (14,)  # the proprio tokens, once
+    assert e._run_vision(e.pixels) is None  # the image embeddings stay in the engine's device buffer

@@ -152,7 +152,7 @@ if [ "$SHAPE" = tiny ]; then
 else
   SRC=(--shape "$SHAPE"); BASE_CKPT=()
 fi
-stage "export $SHAPE --target cuda (parity on $PROVIDER)" 330 \
+stage "export $SHAPE --target cuda (parity on $PROVIDER)" 400 \
   "${VLA[@]}" export "${SRC[@]}" --target cuda --out "$BUNDLE" --force --parity-samples 1 || exit 1
 cp "$BUNDLE/parity.json" "$OUT_DIR/parity.json"
 cp "$BUNDLE/manifest.json" "$OUT_DIR/manifest.json"
@@ -204,7 +204,7 @@ stage "node placement (profiler)" 120 "$PY" "$WORK/placement.py" "$BUNDLE" "$OUT
 rm -f "$OUT_DIR"/profile_*.json
 
 # ---- 4. bench -----------------------------------------------------------------------------------------
-stage "bench --provider $PROVIDER --baseline torch --parallel" 150 \
+stage "bench --provider $PROVIDER --baseline torch --parallel" 200 \
   "${VLA[@]}" bench --bundle "$BUNDLE" --provider "$PROVIDER" --baseline torch "${BASE_CKPT[@]}" --parallel \
   --steps "$STEPS" --warmup "$WARMUP" --json "$OUT_DIR/bench.json"
 bench_rc=$?
