@@ -24,7 +24,7 @@
 #   tools/gpu_check.sh --out DIR --steps 20
 #   tools/gpu_check.sh --provider cpu --shape tiny     # dry run on a CPU: same stages, a tiny model
 #
-# Environment: WHEELS (wheel directory), SITE (install target, default ~/site), PYTHON (default python3),
+# Environment: WHEELS (wheel directories, ':'-separated, searched in order), SITE (install target, default ~/site), PYTHON (default python3),
 # OUT (result directory), ORT_WHEEL (file name to give the cat-ed onnxruntime-gpu parts; default
 # onnxruntime_gpu-1.31.1-<cpXY>-<cpXY>-manylinux_2_28_x86_64.whl: pip reads the version and tags from it).
 # Budget: under 8 minutes on one H100 with 16 cores, export included (a stage past its limit stops it).
@@ -53,6 +53,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
 SITE="${SITE:-$HOME/site}"
 WHEELS="${WHEELS:-}"
+IFS=: read -r -a WHEEL_DIRS <<< "$WHEELS"
 WORK="$(mktemp -d /tmp/vla-edge-gpu-check.XXXXXX)"   # bundles (GBs) stay out of $OUT
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT_DIR" "$SITE"
@@ -80,7 +81,17 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, output to the log
 pyok() { "$PY" -c "$1" >/dev/null 2>&1; }
 pip_target() { "$PY" -m pip install -q --no-deps --target "$SITE" "$@" >>"$LOG" 2>&1; }
 from_wheels_or_index() {  # the pip arguments for packages: local wheels first, else the index
-  if [ -n "$WHEELS" ]; then echo "--no-index --find-links $WHEELS"; fi
+  local d
+  [ -n "$WHEELS" ] || return 0
+  printf -- '--no-index'
+  for d in "${WHEEL_DIRS[@]}"; do printf -- ' --find-links %s' "$d"; done
+}
+first_match() {  # first_match GLOB: the first file matching GLOB in the wheel directories
+  local d f
+  for d in "${WHEEL_DIRS[@]}"; do
+    for f in $d/$1; do [ -f "$f" ] && { echo "$f"; return 0; }; done
+  done
+  return 1
 }
 
 # ---- 1. checks ----------------------------------------------------------------------------------------
@@ -97,20 +108,20 @@ if [ "$PROVIDER" = cuda ]; then
 else
   pyok 'import torch' || { say "error: torch is needed (export and the PyTorch baseline)"; missing=1; }
 fi
-[ -z "$WHEELS" ] || [ -d "$WHEELS" ] || { say "error: WHEELS=$WHEELS is not a directory"; missing=1; }
+for d in "${WHEEL_DIRS[@]}"; do [ -d "$d" ] || { say "error: WHEELS entry $d is not a directory"; missing=1; }; done
 [ $missing = 0 ] || exit 1
 
 # ---- 2. installs --------------------------------------------------------------------------------------
 ORT_CHECK='import torch, onnxruntime as o, sys; sys.exit(0 if "CUDAExecutionProvider" in o.get_available_providers() else 1)'
 if [ "$PROVIDER" = cuda ] && ! pyok "$ORT_CHECK"; then
   whl=""
-  if [ -n "$WHEELS" ]; then
-    whl=$(ls "$WHEELS"/onnxruntime_gpu-1.31.1-*.whl 2>/dev/null | head -n 1)
-    if [ -z "$whl" ] && ls "$WHEELS"/p? >/dev/null 2>&1; then
-      whl="$WORK/${ORT_WHEEL:-onnxruntime_gpu-1.31.1-$PYTAG-$PYTAG-manylinux_2_28_x86_64.whl}"
-      cat "$WHEELS"/p? > "$whl"
-      say "joined $(ls "$WHEELS"/p? | wc -l) parts into $(basename "$whl") ($(du -m "$whl" | cut -f1) MB)"
-    fi
+  whl=$(first_match "onnxruntime_gpu-1.31.1-*.whl")
+  part=$(first_match "p?")
+  if [ -z "$whl" ] && [ -n "$part" ]; then
+    parts=$(dirname "$part")
+    whl="$WORK/${ORT_WHEEL:-onnxruntime_gpu-1.31.1-$PYTAG-$PYTAG-manylinux_2_28_x86_64.whl}"
+    cat "$parts"/p? > "$whl"
+    say "joined $(ls "$parts"/p? | wc -l) parts of $parts into $(basename "$whl") ($(du -m "$whl" | cut -f1) MB)"
   fi
   if [ -n "$whl" ]; then
     pip_target "$whl" || die "pip could not install $whl into $SITE (see $LOG)"
@@ -120,7 +131,7 @@ if [ "$PROVIDER" = cuda ] && ! pyok "$ORT_CHECK"; then
   pyok "$ORT_CHECK" || die "onnxruntime-gpu installed but has no CUDA provider here: $("$PY" -c 'import torch, onnxruntime as o; print(o.__file__, o.get_available_providers())' 2>&1 | tail -n 1)"
 fi
 if ! pyok 'import vla_edge.kernels, vla_edge.export.fused'; then
-  vwhl=$( [ -n "$WHEELS" ] && ls "$WHEELS"/vla_edge-*-"$PYTAG"-*.whl 2>/dev/null | head -n 1 )
+  vwhl=$(first_match "vla_edge-*-$PYTAG-*.whl")
   if [ -n "$vwhl" ]; then
     pip_target "$vwhl" || die "pip could not install $vwhl"
   else
