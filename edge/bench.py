@@ -6,6 +6,17 @@ frames, a state vector, an instruction) and prints p50/p95/p99 per stage, per to
 preprocessing) on the same checkpoint and inputs in the same process, then prints the ratio and
 whether the chunks were identical. ``--shape llava-ov-0.5b`` exports random weights of the real
 shape once into the user cache dir and benchmarks that.
+
+``--provider cuda``: the engine on ONNX Runtime's CUDA provider and, with ``--baseline torch``, the
+PyTorch model in float16 (HF eager) on the same GPU, in the same process; GPU memory is reported
+(``nvidia-smi`` used-memory deltas, and PyTorch's peak allocation). ``--parallel`` runs the engine
+twice, sequential then Jacobi-parallel decoding, and reports both, the decoder calls per chunk and the
+decode ratio. ``--cuda-graph`` replays the one-token step as a CUDA graph.
+
+Usage::
+
+    vla-edge bench --bundle b/ --steps 5 --json out.json
+    vla-edge bench --shape llava-ov-0.5b --provider cuda --baseline torch --parallel --cuda-graph
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.bundle import Bundle
-from vla_edge.edge.engine import STAGES, Engine
+from vla_edge.edge.engine import STAGES, Engine, EngineError, parallel_refusal
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.telemetry import percentiles
 
@@ -58,6 +69,32 @@ def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object
     return out, ckpt
 
 
+def gpu_memory_used_mb() -> float | None:
+    """Device memory in use on GPU 0 (all processes), from ``nvidia-smi``; None without one."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                       capture_output=True, text=True, timeout=10)
+    try:
+        return float(r.stdout.strip().splitlines()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def gpu_name() -> str | None:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                       capture_output=True, text=True, timeout=10)
+    return r.stdout.strip() or None
+
+
 def run_engine(engine: Engine, frames, state, instruction: str, navigation: bool, steps: int, warmup: int):
     engine.start_episode(instruction, navigation=navigation)
     for _ in range(warmup):
@@ -69,7 +106,8 @@ def run_engine(engine: Engine, frames, state, instruction: str, navigation: bool
     return chunks, stages, per_token, n_tokens
 
 
-def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, steps, warmup):
+def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, steps, warmup, device: str = "cpu"):
+    """The PyTorch reference step: fp32 on the CPU, float16 (HF eager) on ``device="cuda"``."""
     import time
 
     import torch
@@ -77,10 +115,13 @@ def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, step
     from vla_edge.export.model import LlavaVLA
     from vla_edge.export.reference import TorchReference
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
     model = LlavaVLA.from_checkpoint(ckpt)
     encode = tokenizer_encoder(ckpt.tokenizer_json)
-    ref = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, PromptTemplate.build(encode, ckpt.tokens), encode)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    ref = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, PromptTemplate.build(encode, ckpt.tokens), encode,
+                         device=device, dtype=dtype)
     results = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -114,12 +155,22 @@ def main(args) -> int:
     else:
         raise VlaEdgeError("give --bundle DIR, --shape NAME or --kernels")
     bundle = Bundle.load(root)
-    engine = Engine(bundle, provider=args.provider, parallel=args.parallel)
+    cuda_graph = getattr(args, "cuda_graph", False)
     frames, state = synthetic_inputs(bundle.layout, bundle.policy.state_dim)
     instruction = "pick up the red cube"
+    if args.parallel and (why := parallel_refusal(bundle.manifest)):
+        raise EngineError(why)  # before any slow work
+    mem0 = gpu_memory_used_mb()
+    sequential = None
+    if args.parallel:  # the sequential run first, for the ratio
+        seq_engine = Engine(bundle, provider=args.provider, cuda_graph=cuda_graph)
+        sequential = run_engine(seq_engine, frames, state, instruction, args.navigation, args.steps, args.warmup)
+        del seq_engine
+    engine = Engine(bundle, provider=args.provider, parallel=args.parallel, cuda_graph=cuda_graph)
     chunks, stages, per_token, n_tokens = run_engine(
         engine, frames, state, instruction, args.navigation, args.steps, args.warmup
     )
+    mem1 = gpu_memory_used_mb()
     report: dict = {
         "bundle": str(root),
         "precision": bundle.precision,
@@ -132,7 +183,21 @@ def main(args) -> int:
         "per_token_ms": percentiles(per_token),
         "tokens_per_step": int(np.median(n_tokens)),
         "tokens_per_s": float(np.median(n_tokens) / (np.median(stages["decode"]) + np.median(stages["prefill"])) * 1e3),
+        "decode_calls_per_chunk": percentiles([c.decode_calls for c in chunks]),
+        "cuda_graph": engine._graph_session is not None,
     }
+    if engine.device == "cuda":
+        report["gpu"] = {"name": gpu_name(), "engine_memory_mb": None if mem0 is None or mem1 is None else mem1 - mem0}
+    if sequential is not None:
+        s_chunks, s_stages, s_per_token, _ = sequential
+        report["sequential"] = {
+            "stages_ms": {k: percentiles(v) for k, v in s_stages.items()},
+            "per_token_ms": percentiles(s_per_token),
+            "decode_calls_per_chunk": percentiles([c.decode_calls for c in s_chunks]),
+            "chunks_identical_to_parallel": all(
+                np.array_equal(a.token_ids, b.token_ids) for a, b in zip(s_chunks, chunks, strict=True)),
+        }
+        report["parallel_decode_speedup_p50"] = float(np.median(s_stages["decode"]) / max(np.median(stages["decode"]), 1e-9))
     table = Table(title=f"vla-edge step latency (ms): {root.name}, {bundle.precision}, {engine.kind} decoder, "
                   f"{engine.provider}"
                   + (", parallel decoding" if args.parallel else ""))
@@ -144,15 +209,25 @@ def main(args) -> int:
     table.add_row("per token", *(f"{report['per_token_ms'][q]:.2f}" for q in ("p50", "p95", "p99")))
     console.print(table)
     console.print(f"{report['tokens_per_step']} tokens per step, {report['tokens_per_s']:.1f} tokens/s (prefill + decode)")
+    if sequential is not None:
+        seq = report["sequential"]
+        console.print(f"sequential decoding: decode p50 {seq['stages_ms']['decode']['p50']:.2f} ms in "
+                      f"{seq['decode_calls_per_chunk']['p50']:.0f} calls; parallel: "
+                      f"{report['stages_ms']['decode']['p50']:.2f} ms in {report['decode_calls_per_chunk']['p50']:.0f} "
+                      f"calls; ratio {report['parallel_decode_speedup_p50']:.2f}x; "
+                      f"chunks identical: {seq['chunks_identical_to_parallel']}")
+    if "gpu" in report:
+        console.print(f"GPU {report['gpu']['name']}: engine memory {report['gpu']['engine_memory_mb']} MB (nvidia-smi delta)")
 
     if args.baseline == "torch":
         from vla_edge.export.checkpoint import LoadOptions, bundle_defaults, load_checkpoint
 
+        source = bundle.manifest["source"]
         if ckpt is None:
-            if args.shape:
+            if args.shape or (not args.ckpt and source["sha256"] == f"random-{source['name']}-seed0"):
                 from vla_edge.export.pipeline import random_checkpoint
 
-                ckpt = random_checkpoint(args.shape)
+                ckpt = random_checkpoint(args.shape or source["name"])  # random weights of a real shape
             else:
                 src = args.ckpt
                 if not src:
@@ -160,18 +235,24 @@ def main(args) -> int:
                 ckpt = load_checkpoint(src, LoadOptions(defaults=bundle_defaults(bundle)))
                 if ckpt.sha256 != bundle.manifest["source"]["sha256"]:
                     raise VlaEdgeError(f"{src} is not the checkpoint {root} was exported from (sha256 differs)")
-        refs = run_torch(ckpt, bundle, frames, state, instruction, args.navigation, args.steps, args.warmup)
+        refs = run_torch(ckpt, bundle, frames, state, instruction, args.navigation, args.steps, args.warmup,
+                         device=engine.device)
         torch_total = [r.timings_ms["total"] for r in refs]
         same = all(
             np.array_equal(bundle.tokens.head_ids[r.head_idx], c.token_ids) for r, c in zip(refs, chunks, strict=True)
         )
         ratio = float(np.median(torch_total) / np.median(stages["total"]))
+        precision = "float16 on the same GPU" if engine.device == "cuda" else "fp32"
         report["baseline"] = {
-            "kind": "torch eager fp32, transformers generate (greedy, grammar processor), PIL preprocessing",
+            "kind": f"torch eager {precision}, transformers generate (greedy, grammar processor), PIL preprocessing",
             "stages_ms": {k: percentiles([r.timings_ms[k] for r in refs]) for k in refs[0].timings_ms},
             "speedup_p50": ratio,
             "chunks_identical": same,
         }
+        if engine.device == "cuda":
+            import torch
+
+            report["baseline"]["torch_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         bt = Table(title="PyTorch baseline (ms)")
         bt.add_column("stage")
         for q in ("p50", "p95", "p99"):

@@ -92,7 +92,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", choices=["torch"], help="also run the PyTorch reference")
     p.add_argument("--ckpt", help="checkpoint for --baseline torch (default: the bundle's source)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
-    p.add_argument("--parallel", action="store_true", help="decode the chunk with Jacobi parallel decoding")
+    p.add_argument("--parallel", action="store_true",
+                   help="also decode with Jacobi parallel decoding and report both and the ratio")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA only: replay the one-token step as a CUDA graph")
     p.add_argument("--navigation", action="store_true", help="use a navigation prompt")
     p.add_argument("--json", help="also write the results as JSON to this path")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.bench", "main", a))

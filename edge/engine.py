@@ -3,14 +3,21 @@
 One :meth:`Engine.step` runs the stages that ``vla-edge bench`` times::
 
     compose     camera frames -> (1,3,S,S) pixels        (C++ kernel, into a preallocated buffer)
-    vision      pixels -> image embeddings               (vision.onnx)
-    prompt      template ids + image + instruction + proprio tokens -> inputs_embeds (host)
-    prefill     the prompt (after the system prefix, cached at start-up) -> KV cache + first token
+    vision      pixels -> image embeddings               (vision.onnx; pixels uploaded into a bound buffer)
+    prompt      instruction + proprio tokens + suffix -> text rows (host, from embeddings.npy)
+    prefill     image + text rows (after the system prefix, cached at start-up) -> KV cache + first token
     decode      one token at a time (or Jacobi-parallel), grammar-constrained over the cut head
     detokenize  bin tokens -> joint targets (rad, m); navigation tokens -> (direction, m | deg)
 
-The cache never leaves the device between decode calls (IO binding). Two decoder graphs exist
-(manifest ``decoder_kind``):
+What crosses between host and device inside a step (fused decoder built by this version, whose
+graph takes ``image_embeds`` and ``head_index``): up go the pixels (into one bound buffer), the
+text rows of the prompt and, per decode call, the chosen head indices (int64) and two int32
+lengths; down come only the cut-head logits (K x 261 float32) of each call. The image embeddings
+stay on the device between the vision graph and the prefill, the KV cache never moves, and decode
+steps are fed by head index (the graph gathers the row from the head's embedding table). Older
+fused bundles and the plain graph take the image and decode rows through the host, as before.
+
+Two decoder graphs exist (manifest ``decoder_kind``):
 
 * ``plain``: ``present.*`` outputs are bound as OrtValues and fed back as the next ``past.*``; the
   cache grows by T rows per call (:class:`GrowingKV`).
@@ -18,6 +25,12 @@ The cache never leaves the device between decode calls (IO binding). Two decoder
   ``past.*`` and ``present.*``; the host only tracks how many rows are valid (:class:`SharedKV`).
   Rolling back (Jacobi decoding) lowers that count; nothing is copied. On CUDA, ``cuda_graph=True``
   adds a second session that replays the fixed-shape one-token step as a CUDA graph.
+
+Parallel (Jacobi) decoding is exact only when the rows of one batched call do not interact: true
+for float32/float16 graphs and weight-only ``MatMulNBits`` (activations stay per row), false for
+dynamic QInt8 (activations are quantised with one scale per call over all rows). The engine reads
+the decoder's quantisation record from the manifest and refuses ``parallel=True`` on the latter
+(:func:`parallel_refusal`).
 
 The system-prompt prefix is run once at start-up; every step's cache starts from it. No torch here.
 """
@@ -71,6 +84,35 @@ def gqa_lengths(past_len: int, new_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
+ROWS_INTERACT_SCHEMES = ("dynamic-qint8",)
+"""Decoder quantisation schemes whose batched rows interact (one activation scale per call)."""
+
+
+def parallel_refusal(manifest: dict) -> str | None:
+    """Why Jacobi decoding would not equal sequential decoding on this bundle, or None when it does.
+
+    Reads the decoder's quantisation record (``manifest["quantization"]["decoder"]``): no record
+    (fp32/fp16) and weight-only schemes keep rows independent; dynamic QInt8 does not.
+    """
+    record = (manifest.get("quantization") or {}).get("decoder") or {}
+    scheme = record.get("scheme")
+    if record.get("rows_interact") or scheme in ROWS_INTERACT_SCHEMES:
+        return (f"--parallel refused: this bundle's decoder is dynamically quantised ({scheme}: activations "
+                "are scaled per call over all rows, so a batched call differs from one row at a time and "
+                "parallel decoding would not equal sequential); use an fp32/fp16 or MatMulNBits bundle")
+    return None
+
+
+def _preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find the CUDA/cuDNN libraries of the nvidia-* wheels (a torch install brings
+    them) before its provider loads; a robot with system CUDA libraries does not need it."""
+    import onnxruntime as ort
+
+    try:
+        ort.preload_dlls()
+    except Exception as e:  # noqa: BLE001 - best effort: the session reports what is really missing
+        log.debug("onnxruntime.preload_dlls: %s", e)
+
 
 def available_providers() -> list[str]:
     import onnxruntime as ort
@@ -89,6 +131,7 @@ def pick_providers(provider: str) -> list[str]:
                 "CUDA provider requested but this onnxruntime has none "
                 f"(available: {', '.join(avail)}); install vla-edge[gpu] (onnxruntime-gpu)"
             )
+        _preload_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if provider == "auto":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail else [
@@ -107,6 +150,8 @@ class Engine:
         import onnxruntime as ort
         from vla_edge import kernels
 
+        if parallel and (why := parallel_refusal(bundle.manifest)):
+            raise EngineError(why)
         self.bundle = bundle
         self.parallel = parallel
         providers = pick_providers(provider)
@@ -118,6 +163,9 @@ class Engine:
         self.vision = ort.InferenceSession(str(bundle.path("vision")), so, providers=providers)
         self.decoder = ort.InferenceSession(str(bundle.path("decoder")), so, providers=providers)
         self.provider = self.decoder.get_providers()[0]
+        if provider == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise EngineError("CUDA provider requested but ONNX Runtime fell back to the CPU (CUDA 13 or cuDNN "
+                              "libraries not found?); run with --debug to see ONNX Runtime's reason")
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         log.info("engine: %s on %s (%s)", bundle.root, self.provider, bundle.precision)
 
@@ -131,6 +179,7 @@ class Engine:
         self.head_ids = self.tokens.head_ids
         self.kernels = kernels
         self.pixels = np.zeros((1, 3, bundle.layout.output, bundle.layout.output), np.float32)
+        self._init_vision(ort)
         prefix_embeds = self._embed(bundle.prompt.prefix)
         self.suffix_embeds = self._embed(bundle.prompt.suffix)
         self.instruction_embeds: np.ndarray | None = None
@@ -146,6 +195,8 @@ class Engine:
         self.act_dtype = _ORT_FLOAT[types["inputs_embeds"]]  # float16 for a half-precision fused graph
         self.kv_dtype = _ORT_FLOAT[types[self.past_names[0]]]
         self.kind = d.kind
+        self.by_head = "head_index" in types  # decode steps fed by head index (gathered inside the graph)
+        self.image_on_device = self.by_head and self._image.data_type() == types["image_embeds"]
         self.kv_buffers: list = []  # fused: the preallocated per-tensor buffers (OrtValues)
         self._graph_session = None
         if self.kind == "fused":
@@ -158,9 +209,28 @@ class Engine:
         self.prefix_len = 0
         self.prefix_past: list = [np.zeros((1, d.kv_heads, 0, d.head_dim), self.kv_dtype)] * len(self.past_names)
         cache = self._new_cache()
-        cache.run(prefix_embeds[None], np.zeros(1, np.int64))
+        cache.run(np.zeros(1, np.int64), Rows(embeds=prefix_embeds[None]))
         self.prefix_len = cache.length
         self.prefix_past = cache.past if isinstance(cache, GrowingKV) else []
+
+    def _init_vision(self, ort) -> None:
+        """Bind the vision graph once: pixels in and image embeddings out, both buffers on the device."""
+        d = self.dims
+        out_dtype = _ORT_FLOAT[self.vision.get_outputs()[0].type]
+        self._pixels = ort.OrtValue.ortvalue_from_shape_and_type(self.pixels.shape, np.float32, self.device, 0)
+        self._image = ort.OrtValue.ortvalue_from_shape_and_type((1, d.image_tokens, d.hidden), out_dtype, self.device, 0)
+        self._vision_binding = self.vision.io_binding()
+        self._vision_binding.bind_ortvalue_input("pixels", self._pixels)
+        self._vision_binding.bind_ortvalue_output("image_embeds", self._image)
+
+    def _run_vision(self, pixels: np.ndarray) -> np.ndarray | None:
+        """Upload the pixels into their bound buffer and run vision; the embeddings stay in ``self._image``.
+
+        Returns them on the host (1 row per image token) only when the decoder cannot take them there.
+        """
+        self._pixels.update_inplace(np.ascontiguousarray(pixels, np.float32))
+        self.vision.run_with_iobinding(self._vision_binding)
+        return None if self.image_on_device else self._image.numpy()[0]
 
     def _init_shared_kv(self, ort) -> None:
         """Allocate the fused graph's KV buffers once, on the session's device, and bind them.
@@ -188,9 +258,11 @@ class Engine:
         NOT YET MEASURED: written for onnxruntime-gpu 1.31 and untested here (no GPU). What a CUDA
         graph needs, and how this provides it:
 
-        * every input and output at a fixed device address for the graph's lifetime: the embedding
-          (1,1,H), ``logit_index`` [0], ``seqlens_k`` and the logits (1,1,n_head) are preallocated
-          here and refreshed with ``update_inplace``; the KV buffers are the engine's shared ones;
+        * every input and output at a fixed device address for the graph's lifetime: the token's
+          head index (1,1) int64 (or, for a graph without ``head_index``, its embedding (1,1,H)),
+          ``logit_index`` [0], ``seqlens_k`` and the logits (1,1,n_head) are preallocated here and
+          refreshed with ``update_inplace``; ``image_embeds`` and ``inputs_embeds`` are bound to
+          empty (0-row) device buffers; the KV buffers are the engine's shared ones;
         * no host-side value may change between replays: ``total_sequence_length`` (a CPU input of
           the CUDA GQA kernel) is pinned to ``max_len``; for one-token steps the kernel reads each
           step's real length from ``seqlens_k`` on the device, and the present shape is ``max_len``
@@ -208,14 +280,23 @@ class Engine:
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
         self._graph_session = ort.InferenceSession(str(self.bundle.path("decoder")), so, providers=providers)
         new = ort.OrtValue.ortvalue_from_numpy
+        self._g_empty: list = []
         n_head = len(self.head_ids)
-        self._g_embeds = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, d.hidden), self.act_dtype, "cuda", 0)
+        if self.by_head:
+            self._g_token = ort.OrtValue.ortvalue_from_shape_and_type((1, 1), np.int64, "cuda", 0)
+        else:
+            self._g_token = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, d.hidden), self.act_dtype, "cuda", 0)
         self._g_index = new(np.zeros(1, np.int64), "cuda", 0)
         self._g_seqlens = new(np.zeros(1, np.int32), "cuda", 0)
         self._g_total = new(np.array(d.max_len, np.int32))  # host memory, never changes (see above)
         self._g_logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, n_head), np.float32, "cuda", 0)
         b = self._graph_session.io_binding()
-        b.bind_ortvalue_input("inputs_embeds", self._g_embeds)
+        b.bind_ortvalue_input("head_index" if self.by_head else "inputs_embeds", self._g_token)
+        if self.by_head:
+            for name in ("inputs_embeds", "image_embeds"):
+                empty = ort.OrtValue.ortvalue_from_shape_and_type((1, 0, d.hidden), self.act_dtype, "cuda", 0)
+                self._g_empty.append(empty)  # referenced for the session's lifetime
+                b.bind_ortvalue_input(name, empty)
         b.bind_ortvalue_input("logit_index", self._g_index)
         b.bind_ortvalue_input("seqlens_k", self._g_seqlens)
         b.bind_ortvalue_input("total_sequence_length", self._g_total)
@@ -259,11 +340,11 @@ class Engine:
         if pixels is None:
             pixels = self.prepare_pixels(frames, bgr=bgr)
         t1 = time.perf_counter()
-        image = self.vision.run(None, {"pixels": pixels})[0][0]
+        image = self._run_vision(pixels)
         t2 = time.perf_counter()
-        embeds = self._prompt_embeds(image, state)
+        prompt = self._prompt_rows(image, state)
         t3 = time.perf_counter()
-        head_idx, calls, t_prefill = self._generate(embeds)
+        head_idx, calls, t_prefill = self._generate(prompt)
         t5 = time.perf_counter()
         chunk = self.detokenize(head_idx)
         t6 = time.perf_counter()
@@ -273,25 +354,26 @@ class Engine:
         chunk.decode_calls = calls
         return chunk
 
-    def _prompt_embeds(self, image: np.ndarray, state: np.ndarray) -> np.ndarray:
-        """Everything after the cached system-prompt prefix: image, instruction, proprio, suffix."""
+    def _prompt_rows(self, image: np.ndarray | None, state: np.ndarray) -> Rows:
+        """Everything after the cached system-prompt prefix: image, instruction, proprio, suffix.
+
+        ``image`` is None when the image embeddings stay on the device (joined inside the decoder).
+        """
         proprio = self.kernels.tokenize_proprio(state, self.mean, self.std, self.tokens.vocab_base, self.edges)
-        return np.concatenate(
-            [image, self.instruction_embeds, self._embed(proprio), self.suffix_embeds]
-        )[None]
+        text = [self.instruction_embeds, self._embed(proprio), self.suffix_embeds]
+        if image is not None:
+            return Rows(embeds=np.concatenate([image, *text])[None])
+        return Rows(image_tokens=self.dims.image_tokens, embeds=np.concatenate(text)[None])
 
     def forced_logits(self, pixels: np.ndarray, state: np.ndarray, head_idx: np.ndarray) -> np.ndarray:
         """Cut-head logits at every generated position when the given tokens are fed (teacher forcing).
 
         Used by the parity report to compare logits with PyTorch position by position.
         """
-        image = self.vision.run(None, {"pixels": pixels})[0][0]
-        prompt = self._prompt_embeds(image, np.asarray(state, np.float64))
-        fed = self._embed(self.head_ids[np.asarray(head_idx[:-1], np.int64)])[None]
-        embeds = np.concatenate([prompt, fed], axis=1)
+        prompt = self._prompt_rows(self._run_vision(pixels), np.asarray(state, np.float64))
+        rows = Rows(prompt.image_tokens, prompt.embeds, np.asarray(head_idx[:-1], np.int64)[None])
         k = len(head_idx)
-        index = np.arange(embeds.shape[1] - k, embeds.shape[1], dtype=np.int64)
-        return self._new_cache().run(embeds, index)
+        return self._new_cache().run(np.arange(rows.count - k, rows.count, dtype=np.int64), rows)
 
     def detokenize(self, head_idx: np.ndarray) -> ActionChunk:
         ids = self.head_ids[head_idx]
@@ -317,10 +399,19 @@ class Engine:
             return SharedKV(self, self.prefix_len)
         return GrowingKV(self, self.prefix_past, self.prefix_len)
 
-    def _run_plain(self, embeds: np.ndarray, logit_index: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+    def _host_embeds(self, rows: Rows) -> np.ndarray:
+        """All of ``rows`` as one (1,T,H) host array (graphs without ``head_index``; never the device image)."""
+        if rows.image_tokens:
+            raise EngineError("internal: the image embeddings are on the device but this graph cannot take them")
+        parts = [] if rows.embeds is None else [rows.embeds]
+        if rows.heads is not None:
+            parts.append(self._embed(self.head_ids[rows.heads.ravel()])[None])
+        return np.concatenate(parts, axis=1)
+
+    def _run_plain(self, rows: Rows, logit_index: np.ndarray, past: list) -> tuple[np.ndarray, list]:
         """One plain-graph call with IO binding; ``past`` and the returned cache are OrtValues (or arrays)."""
         b = self.decoder.io_binding()
-        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
+        b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(self._host_embeds(rows), np.float32))
         b.bind_cpu_input("logit_index", logit_index)
         for name, v in zip(self.past_names, past, strict=True):
             if isinstance(v, np.ndarray):
@@ -334,23 +425,37 @@ class Engine:
         outs = b.get_outputs()
         return outs[0].numpy()[0], list(outs[1:])
 
-    def _run_fused(self, embeds: np.ndarray, logit_index: np.ndarray, past_len: int) -> np.ndarray:
+    def _run_fused(self, rows: Rows, logit_index: np.ndarray, past_len: int) -> np.ndarray:
         """One fused-graph call: positions ``past_len .. past_len+T-1`` written into the shared buffers.
 
-        Returns the (K, n_head) logits. One-token steps go to the CUDA graph session when there is one.
+        Returns the (K, n_head) logits, the only output that leaves the device. One-token steps fed by
+        head index go to the CUDA graph session when there is one.
         """
-        t = embeds.shape[1]
+        t = rows.count
         if past_len + t > self.dims.max_len:
             raise EngineError(f"prompt + chunk needs {past_len + t} KV rows; this bundle's decoder has "
                               f"max_len {self.dims.max_len} (re-export with a larger --max-len)")
-        if self._graph_session is not None and t == 1 and logit_index.shape == (1,) and logit_index[0] == 0:
-            self._g_embeds.update_inplace(np.ascontiguousarray(embeds, self.act_dtype))
-            self._g_seqlens.update_inplace(gqa_lengths(past_len, 1)[0])
+        if not self.by_head:
+            rows = Rows(embeds=self._host_embeds(rows))
+        seqlens_k, total = gqa_lengths(past_len, t)
+        one_token = t == 1 and logit_index.shape == (1,) and logit_index[0] == 0
+        if self._graph_session is not None and one_token and (rows.heads is not None or not self.by_head):
+            self._g_token.update_inplace(rows.heads if self.by_head else rows.embeds.astype(self.act_dtype))
+            self._g_seqlens.update_inplace(seqlens_k)
             self._graph_session.run_with_iobinding(self._g_binding)
             return self._g_logits.numpy()[0]
         b = self._kv_binding
-        seqlens_k, total = gqa_lengths(past_len, t)
+        h = self.dims.hidden
+        embeds = rows.embeds if rows.embeds is not None else np.zeros((1, 0, h))
         b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, self.act_dtype))
+        if self.by_head:
+            heads = rows.heads if rows.heads is not None else np.zeros((1, 0), np.int64)
+            b.bind_cpu_input("head_index", np.ascontiguousarray(heads, np.int64))
+        if self.by_head:  # graphs with head_index also take image_embeds
+            if rows.image_tokens:
+                b.bind_ortvalue_input("image_embeds", self._image)
+            else:
+                b.bind_cpu_input("image_embeds", np.zeros((1, 0, h), self.act_dtype))
         b.bind_cpu_input("logit_index", np.ascontiguousarray(logit_index, np.int64))
         b.bind_cpu_input("seqlens_k", seqlens_k)
         b.bind_cpu_input("total_sequence_length", total)
@@ -358,10 +463,10 @@ class Engine:
         self.decoder.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[0]
 
-    def _generate(self, embeds: np.ndarray) -> tuple[np.ndarray, int, float]:
+    def _generate(self, prompt: Rows) -> tuple[np.ndarray, int, float]:
         t0 = time.perf_counter()
         cache = self._new_cache()
-        logits = cache.run(embeds, np.array([embeds.shape[1] - 1], np.int64))
+        logits = cache.run(np.array([prompt.count - 1], np.int64), prompt)
         t_prefill = time.perf_counter() - t0
         grammar = self._grammar()
         first = grammar.step(logits[0])
@@ -376,7 +481,7 @@ class Engine:
         one = np.zeros(1, np.int64)
         calls = 0
         while not grammar.done:
-            logits = cache.run(self._embed([self.head_ids[out[-1]]])[None], one)
+            logits = cache.run(one, Rows(heads=np.array([[out[-1]]], np.int64)))
             calls += 1
             out.append(grammar.step(logits[0]))
         return out, calls
@@ -387,8 +492,10 @@ class Engine:
         Each call feeds ``[last accepted token, guesses...]`` and takes the constrained argmax at
         every position. Prediction ``i`` is exact when the inputs before it were all right, so the
         longest such prefix is accepted (at least one token per call) and the result equals
-        sequential greedy decoding token for token. The cache keeps the rows of accepted inputs
-        (``cache.truncate``: a slice for the plain graph, a lower row count for the fused one).
+        sequential greedy decoding token for token, provided the rows of one call do not interact
+        (the engine refuses ``parallel`` where they do: :func:`parallel_refusal`). The cache keeps
+        the rows of accepted inputs (``cache.truncate``: a slice for the plain graph, a lower row
+        count for the fused one).
         """
         accepted = [first]
         max_tokens = self.policy.chunk_tokens + (3 if self.navigation else 1)
@@ -399,7 +506,7 @@ class Engine:
             guess = (guess + [accepted[-1]] * left)[: left - 1]
             block = np.asarray([accepted[-1]] + guess, np.int64)
             past_len = cache.length
-            logits = cache.run(self._embed(self.head_ids[block])[None], np.arange(len(block), dtype=np.int64))
+            logits = cache.run(np.arange(len(block), dtype=np.int64), Rows(heads=block[None]))
             calls += 1
             pred = grammar.argmax_rows(logits)  # -1 once the grammar is done
             n = 1
@@ -415,16 +522,34 @@ class Engine:
         return accepted, calls
 
 
+@dataclass
+class Rows:
+    """The new positions of one decoder call, in order: image, host embedding rows, head indices.
+
+    ``image_tokens``: how many rows come from the engine's device-side image buffer (0 or the
+    bundle's image tokens); ``embeds``: (1,E,H) host rows; ``heads``: (1,N) int64 cut-head indices.
+    """
+
+    image_tokens: int = 0
+    embeds: np.ndarray | None = None
+    heads: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        e = 0 if self.embeds is None else self.embeds.shape[1]
+        return self.image_tokens + e + (0 if self.heads is None else self.heads.size)
+
+
 class GrowingKV:
     """Plain-graph cache: each call returns a cache T rows longer (the ``present`` OrtValues)."""
 
     def __init__(self, engine: Engine, past: list, length: int):
         self.engine, self.past, self.length = engine, past, length
 
-    def run(self, embeds: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
-        """(1,T,H) embeddings at positions ``length .. length+T-1`` -> (K, n_head) logits."""
-        logits, self.past = self.engine._run_plain(embeds, logit_index, self.past)
-        self.length += embeds.shape[1]
+    def run(self, logit_index: np.ndarray, rows: Rows) -> np.ndarray:
+        """``rows`` at positions ``length .. length+T-1`` -> (K, n_head) logits."""
+        logits, self.past = self.engine._run_plain(rows, logit_index, self.past)
+        self.length += rows.count
         return logits
 
     def truncate(self, length: int) -> None:
@@ -441,10 +566,10 @@ class SharedKV:
     def __init__(self, engine: Engine, length: int):
         self.engine, self.length = engine, length
 
-    def run(self, embeds: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
-        """(1,T,H) embeddings at positions ``length .. length+T-1`` -> (K, n_head) logits."""
-        logits = self.engine._run_fused(embeds, logit_index, self.length)
-        self.length += embeds.shape[1]
+    def run(self, logit_index: np.ndarray, rows: Rows) -> np.ndarray:
+        """``rows`` at positions ``length .. length+T-1`` -> (K, n_head) logits."""
+        logits = self.engine._run_fused(rows, logit_index, self.length)
+        self.length += rows.count
         return logits
 
     def truncate(self, length: int) -> None:

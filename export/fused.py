@@ -17,13 +17,22 @@ then the last residual add + final norm + cut head run only at the ``logit_index
 
 Inputs and outputs (``L`` = ``max_len``, fixed when the graph is built)::
 
-    inputs_embeds          (1, T, H)            float   positions past_len .. past_len+T-1
+    image_embeds           (1, I, H)            float   the vision graph's output, or 0 rows
+    inputs_embeds          (1, E, H)            float   rows from embeddings.npy, or 0 rows
+    head_index             (1, N)               int64   cut-head rows (0..n_head-1), or none
     logit_index            (K,)                 int64   which of the T positions get logits
     seqlens_k              (1,)                 int32   past_len + T - 1 (GQA's convention)
     total_sequence_length  ()                   int32   past_len + T
     past.{i}.key|value     (1, Nkv, L, D)       float   rows < past_len are the cache; the rest unused
     -> logits              (1, K, n_head)       float32 cut head (TokenSpec.head_ids rows)
     -> present.{i}.key|value (1, Nkv, L, D)     float   the same buffer, rows past_len..+T-1 written
+
+The T = I + E + N new positions are ``concat(image_embeds, inputs_embeds, head_table[head_index])``:
+a prefill joins the image embeddings (left on the device by the vision graph) to the text rows, and a
+decode step is fed by *head index*, gathered from the 261 head rows' embeddings (``head.embeddings``,
+a (n_head, H) initializer) inside the graph, so no embedding row is looked up or uploaded by the host.
+Every call feeds all three; the unused ones are empty (0 rows). (Empty initializers as defaults
+would make them optional, but ONNX Runtime's IO binding cannot bind such "overridable initializers".)
 
 Bind each ``present`` to the OrtValue of its ``past`` (IO binding) and nothing is copied: the host
 tracks ``past_len``, and rolling back (Jacobi decoding) is just lowering it. Without binding,
@@ -118,14 +127,20 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
             y = g.node("Add", [y, g.weight(f"{name}.bias", bias)], [f"{name}.out"], f"{name}.Add")[0]
         return y
 
+    head_rows = np.asarray(head_ids, np.int64)
+    head_table = g.weight("head.embeddings", sd["model.embed_tokens.weight"][head_rows])  # (n_head, H)
+    fed = g.node("Gather", [head_table, "head_index"], ["head.fed"], "head.Gather", axis=0)[0]
+    x = g.node("Concat", ["image_embeds", "inputs_embeds", fed], ["embeds"], "embeds.Concat", axis=1)[0]
     inputs = [
-        helper.make_tensor_value_info("inputs_embeds", elem, [1, "new_len", H]),
+        helper.make_tensor_value_info("image_embeds", elem, [1, "image_len", H]),
+        helper.make_tensor_value_info("inputs_embeds", elem, [1, "embeds_len", H]),
+        helper.make_tensor_value_info("head_index", TensorProto.INT64, [1, "head_len"]),
         helper.make_tensor_value_info("logit_index", TensorProto.INT64, ["n_logits"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "n_logits", len(head_ids)])]
-    x, residual, mlp = "inputs_embeds", None, None
+    residual, mlp = None, None
     for i in range(text.layers):
         p = f"model.layers.{i}."
         for kv in ("key", "value"):
@@ -161,7 +176,7 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
     picked = [g.node("Gather", [t, "logit_index"], [f"final.{n}"], f"final.Gather.{n}", axis=1)[0]
               for t, n in ((mlp, "mlp"), (residual, "residual"))]
     h, _ = norm("final_norm", picked[0], "model.norm.weight", skip=picked[1])
-    head = sd["lm_head.weight"][np.asarray(head_ids, np.int64)].T  # (H, n_head)
+    head = sd["lm_head.weight"][head_rows].T  # (H, n_head)
     logits = linear("head", h, head)
     if dtype == "float16":
         logits = g.node("Cast", [logits], ["head.float"], "head.Cast", to=TensorProto.FLOAT)[0]

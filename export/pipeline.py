@@ -7,7 +7,9 @@ Steps (each verifies its own output before the next runs):
 3. decoder   export decoder.onnx (fp32, cut head, KV cache; ``--decoder plain`` TorchScript export or
             ``--decoder fused`` GroupQueryAttention graph); prefill + decode must match a full forward
 4. assets    embeddings.npy, tokenizer.json, prompt template ids
-5. quantize  INT8 copies of both graphs (skipped for --precision fp32)
+5. quantize  the target's copies of both graphs (:func:`precision_plan`): cpu int8 = dynamic QInt8;
+            cuda = float16 vision + float16 fused decoder (+ weight-only 8-bit MatMulNBits for int8),
+            float32 logits; skipped for --precision fp32
 6. parity    PyTorch vs fp32 vs INT8 on fixed inputs -> parity.json; fails if fp32 greedy tokens differ
 7. manifest  every file's sha256; the temporary directory is renamed into place
 
@@ -64,11 +66,12 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     import torch
     from vla_edge.export import fused, graphs, quantize
     from vla_edge.export.model import LlavaVLA
-    from vla_edge.export.parity import compare, fixed_inputs
+    from vla_edge.export.parity import fixed_inputs
     from vla_edge.export.reference import TorchReference
 
     out = Path(opts.out)
     opts.decoder = resolve_decoder(opts.decoder, ckpt.model.text.head_dim)
+    plan = precision_plan(opts.target, opts.precision, opts.decoder, opts.quant_scheme)
     if out.exists() and not opts.force:
         raise ExportError(f"{out} already exists (use --force to replace it)")
     if ckpt.tokenizer_json is None:
@@ -106,15 +109,21 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
             shutil.copy(fp32_decoder, fp32_dir / "decoder.onnx")
             write_manifest(fp32_dir, {**manifest, "precision": "fp32", "quantization": None})
         variants = {"fp32": fp32_dir}
+        manifest["dtypes"] = plan.dtypes()
         if opts.precision == "fp32":
             shutil.copy(fp32_vision, tmp / "vision.onnx")
             shutil.copy(fp32_decoder, tmp / "decoder.onnx")
             manifest["quantization"] = None
+        elif plan.decoder_dtype == "float16":
+            with step(f"float16 graphs for {opts.target}" + (f" + {plan.scheme}" if plan.scheme else "")):
+                manifest["quantization"] = _float16_graphs(model, ckpt.tokens.head_ids, opts, plan, fp32_vision,
+                                                           scratch, tmp)
+            write_manifest(tmp, {**manifest})  # provisional, so the engine can load it for parity
+            variants[opts.precision] = tmp
         else:
-            scheme = opts.quant_scheme or quantize.SCHEMES[opts.target]
-            with step(f"quantize ({scheme})"):
-                qv = quantize.quantize(fp32_vision, tmp / "vision.onnx", scheme)
-                qd = quantize.quantize(fp32_decoder, tmp / "decoder.onnx", scheme)
+            with step(f"quantize ({plan.scheme})"):
+                qv = quantize.quantize(fp32_vision, tmp / "vision.onnx", plan.scheme)
+                qd = quantize.quantize(fp32_decoder, tmp / "decoder.onnx", plan.scheme)
                 manifest["quantization"] = {"vision": qv, "decoder": qd}
             write_manifest(tmp, {**manifest})  # provisional, so the engine can load it for parity
             variants[opts.precision] = tmp
@@ -124,7 +133,10 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
             engines = {name: Engine(Bundle.load(d), provider="cpu") for name, d in variants.items()}
             reference = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, prompt, encode)
             inputs = fixed_inputs(ckpt.layout, ckpt.policy.state_dim, opts.parity_samples)
-            res.parity = compare(reference, engines, inputs)
+            res.parity, gpu_error = _parity(reference, engines, inputs, tmp if opts.target == "cuda" else None,
+                                            opts.precision)
+            if gpu_error:
+                res.parity["gpu_error"] = gpu_error
             res.parity["checkpoint_sha256"] = ckpt.sha256
             (tmp / "parity.json").write_text(json.dumps(res.parity, indent=2) + "\n")
             if not res.parity["variants"]["fp32"]["chunks_identical"]:
@@ -148,6 +160,91 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What ``--target`` and ``--precision`` make of the two graphs (recorded in the manifest)."""
+
+    vision_dtype: str  # "float32" | "float16" (activations and weights)
+    decoder_dtype: str
+    scheme: str | None  # weight quantisation (quantize.SCHEMES), None for none
+
+    def dtypes(self) -> dict:
+        return {"vision": {"pixels": "float32", "image_embeds": self.vision_dtype, "activations": self.vision_dtype},
+                "decoder": {"activations": self.decoder_dtype, "kv_cache": self.decoder_dtype, "logits": "float32"}}
+
+
+def precision_plan(target: str, precision: str, decoder: str, quant_scheme: str | None = None) -> PrecisionPlan:
+    """Validate ``--target``/``--precision``/``--decoder`` together, before any slow work.
+
+    cuda + fused: float16 graphs (ONNX Runtime's CUDA GroupQueryAttention has float16/bfloat16 kernels
+    only: a float32 fused graph would run attention on the CPU provider), ``int8`` adding weight-only
+    MatMulNBits. cpu: float32 graphs, ``int8`` = dynamic QInt8. ``fp16`` is for the GPU only.
+    """
+    from vla_edge.export import quantize
+
+    if target not in quantize.SCHEMES:
+        raise ExportError(f"unknown target {target!r} ({', '.join(quantize.SCHEMES)})")
+    if precision not in ("int8", "fp16", "fp32"):
+        raise ExportError(f"unknown precision {precision!r} (int8, fp16, fp32)")
+    scheme = (quant_scheme or quantize.SCHEMES[target]) if precision == "int8" else None
+    if target == "cuda" and decoder == "fused":
+        if precision == "fp32":
+            raise ExportError("--target cuda --precision fp32: ONNX Runtime's CUDA GroupQueryAttention has float16 "
+                              "kernels only, so attention would run on the CPU; use --precision fp16 or int8")
+        return PrecisionPlan("float16", "float16", scheme)
+    if precision == "fp16":
+        raise ExportError("--precision fp16 needs --target cuda and the fused decoder (the CPU runs float32 graphs)")
+    return PrecisionPlan("float32", "float32", scheme)
+
+
+def _parity(reference, engines: dict, inputs, cuda_bundle: Path | None, precision: str) -> tuple[dict, str | None]:
+    """The parity report of ``engines`` (CPU provider) and, when this machine has CUDA and the bundle is
+    for it, of the bundle on the GPU too (variant ``<precision>@cuda``: the GPU parity check).
+
+    A GPU failure does not fail the export (the bundle is the same either way): it is returned, recorded
+    in parity.json as ``gpu_error`` and logged; the CPU report is computed without it.
+    """
+    from vla_edge.edge.engine import Engine, available_providers
+    from vla_edge.export.parity import compare
+
+    gpu_error = None
+    if cuda_bundle is not None and "CUDAExecutionProvider" in available_providers():
+        try:
+            with_gpu = {**engines, f"{precision}@cuda": Engine(Bundle.load(cuda_bundle), provider="cuda")}
+            report = compare(reference, with_gpu, inputs)
+            report["providers"] = {name: e.provider for name, e in with_gpu.items()}
+            return report, None
+        except Exception as e:  # noqa: BLE001 - any ONNX Runtime failure on the GPU is reported, not fatal
+            gpu_error = f"{type(e).__name__}: {e}".splitlines()[0]
+            log.warning("parity on the GPU failed (%s); the report covers the CPU provider only", gpu_error)
+    report = compare(reference, engines, inputs)
+    report["providers"] = {name: e.provider for name, e in engines.items()}
+    return report, gpu_error
+
+
+def _float16_graphs(model, head_ids, opts: ExportOptions, plan: PrecisionPlan, fp32_vision: Path, scratch: Path,
+                    out: Path) -> dict:
+    """The GPU graphs into ``out``: float16 vision (pixels stay float32), float16 fused decoder with
+    float32 logits, its MatMuls weight-only quantised when ``plan.scheme``; each checked against PyTorch."""
+    from vla_edge.export import fused, quantize
+
+    rec = {"vision": quantize.to_float16(fp32_vision, out / "vision.onnx", keep_float32=["pixels"])}
+    _check_vision(model, out / "vision.onnx", tol=FLOAT16_TOL)
+    dec16 = scratch / "decoder.float16.onnx"
+    fused.export_fused_decoder(model, head_ids, dec16, max_len=opts.max_len, dtype="float16")
+    _check_decoder(model, head_ids, dec16, "fused", opts.max_len, tol=FLOAT16_TOL)
+    if plan.scheme:
+        rec["decoder"] = quantize.quantize(dec16, out / "decoder.onnx", plan.scheme)
+    else:
+        shutil.copy(dec16, out / "decoder.onnx")
+        rec["decoder"] = {"scheme": "float16", "rows_interact": False}
+    rec["decoder"]["activations"] = "float16"
+    return rec
+
+
+FLOAT16_TOL = 2e-2
+"""Export check of the float16 graphs against PyTorch fp32: max abs error <= this x max(1, max |ref|)."""
 
 FUSED_HEAD_DIM_MULTIPLE = 16
 """ONNX Runtime's GroupQueryAttention kernels need a head size that is a multiple of 16."""
@@ -211,7 +308,9 @@ def _graph_io(m, decoder: str = "plain", max_len: int = 0) -> dict:
     dec_in = {"inputs_embeds": [1, "new_len", t.hidden], "logit_index": ["n_logits"]}
     dec_out = {"logits": [1, "n_logits", "n_head"]}
     if decoder == "fused":
-        dec_in.update(seqlens_k=[1], total_sequence_length=[])
+        dec_in = {"image_embeds": [1, "image_len", t.hidden], "inputs_embeds": [1, "embeds_len", t.hidden],
+                  "head_index": [1, "head_len"], "logit_index": ["n_logits"], "seqlens_k": [1],
+                  "total_sequence_length": []}
         past = present = [1, t.kv_heads, max_len, t.head_dim]  # one shared buffer per tensor
     else:
         past = [1, t.kv_heads, "past_len", t.head_dim]
@@ -260,13 +359,18 @@ def _check_decoder(model, head_ids, path: Path, kind: str = "plain", max_len: in
     with torch.no_grad():
         full = model.lm(inputs_embeds=emb).logits[0][:, torch.as_tensor(head_ids)].numpy()
     sess = _session(path)
+    types = {i.name: i.type for i in sess.get_inputs()}
+    act = np.float16 if types["inputs_embeds"] == "tensor(float16)" else np.float32  # the cuda graph: float16
     rows = max_len if kind == "fused" else 0  # fused: fixed-length buffers; plain: the cache grows
-    past = [np.zeros((1, t.kv_heads, rows, t.head_dim), np.float32)] * (2 * t.layers)
+    past = [np.zeros((1, t.kv_heads, rows, t.head_dim), act)] * (2 * t.layers)
     got = []
     for lo, hi in ((0, 8), (8, 9), (9, 12)):
-        feed = {"inputs_embeds": emb[:, lo:hi].numpy(), "logit_index": np.arange(hi - lo, dtype=np.int64)}
+        feed = {"inputs_embeds": emb[:, lo:hi].numpy().astype(act), "logit_index": np.arange(hi - lo, dtype=np.int64)}
         if kind == "fused":
             feed["seqlens_k"], feed["total_sequence_length"] = gqa_lengths(lo, hi - lo)
+        if "head_index" in types:  # the fused graph's other row sources, empty here
+            feed["head_index"] = np.zeros((1, 0), np.int64)
+            feed["image_embeds"] = np.zeros((1, 0, t.hidden), act)
         for i in range(t.layers):
             feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
         outs = sess.run(None, feed)
@@ -363,8 +467,6 @@ def main(args) -> int:
     opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
                          parity_samples=args.parity_samples, force=args.force, decoder=args.decoder,
                          max_len=args.max_len or DEFAULT_MAX_LEN)
-    if opts.precision == "fp16":
-        raise ExportError("--precision fp16 is not implemented yet: use fp32 for parity work or int8")
     t0 = time.perf_counter()
     extras = LoadOptions(stats=_path(args.stats), tokenizer=_path(args.tokenizer), layout=args.layout,
                          vision_tower=args.vision_tower, bins=args.bins)

@@ -3,6 +3,16 @@
 Used by the export parity report and by ``vla-edge bench --baseline torch``: PIL composition
 (:mod:`vla_edge.kernels.reference`), eager ``LlavaVLA``, greedy ``generate`` with the output
 grammar applied as a logits processor (the same decisions as the engine's constrained decoder).
+
+On a GPU (``device="cuda"``, ``dtype=torch.float16``) it is the baseline ``vla-edge bench --provider
+cuda --baseline torch`` measures: HF eager attention in float16 on the same card; each stage is timed
+after ``torch.cuda.synchronize()``.
+
+Usage::
+
+    ref = TorchReference(model, tokens, policy, layout, prompt, encode)                   # CPU fp32
+    ref = TorchReference(model, tokens, policy, layout, prompt, encode, "cuda", torch.float16)
+    step = ref.step(ref.pixels(frames), state, "pick up the red cube", navigation=False)
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ class GrammarProcessor:
         self.chosen: list[int] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        row = scores[0, self.head_ids].float().numpy()
+        row = scores[0, self.head_ids.to(scores.device)].float().cpu().numpy()
         self.raw.append(row)
         j = self.grammar.step(np.ascontiguousarray(row, np.float32))
         self.chosen.append(j)
@@ -44,7 +54,10 @@ class GrammarProcessor:
 
 class TorchReference:
     def __init__(self, model: LlavaVLA, tokens: TokenSpec, policy: PolicySpec, layout: ImageLayout,
-                 prompt: PromptTemplate, encode):
+                 prompt: PromptTemplate, encode, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = torch.device(device), dtype
+        if self.device.type != "cpu" or dtype != torch.float32:
+            model = model.to(device=self.device, dtype=dtype)
         self.model = model
         self.tokens = tokens
         self.policy = policy
@@ -65,8 +78,11 @@ class TorchReference:
         from vla_edge.kernels import reference
 
         m = self.model
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         t0 = time.perf_counter()
-        image = m.image_embeds(torch.as_tensor(pixels))[0]
+        image = m.image_embeds(torch.as_tensor(pixels).to(self.device, self.dtype))[0]
+        sync()
         t1 = time.perf_counter()
         proprio = reference.tokenize_proprio(
             np.asarray(state, np.float64), np.asarray(self.policy.proprio_mean), np.asarray(self.policy.proprio_std),
@@ -74,20 +90,22 @@ class TorchReference:
         )
         after = self.prompt.instruction_ids(self.encode, instruction, navigation) + list(proprio) + self.prompt.suffix
         emb = m.embed_tokens
-        embeds = torch.cat([emb(torch.tensor(self.prompt.prefix)), image, emb(torch.tensor(after))])[None]
+        ids = {k: torch.tensor(v, device=self.device) for k, v in (("prefix", self.prompt.prefix), ("after", after))}
+        embeds = torch.cat([emb(ids["prefix"]), image, emb(ids["after"])])[None]
         grammar = kernels.ChunkGrammar(self.tokens.n_bins, self.policy.chunk_tokens, navigation)
         proc = GrammarProcessor(grammar, self.tokens.head_ids)
         from transformers import LogitsProcessorList
 
         m.lm.generate(
             inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
             max_new_tokens=self.policy.chunk_tokens + 4,
             do_sample=False,
             logits_processor=LogitsProcessorList([proc]),
             eos_token_id=self.tokens.im_end,
             pad_token_id=self.tokens.im_end,
         )
+        sync()
         t2 = time.perf_counter()
         return ReferenceStep(
             head_idx=np.asarray(proc.chosen, np.int64),
