@@ -12,6 +12,7 @@ Usage::
     base = TracerBase(TracerBaseConfig(port="/dev/ttyUSB0"))
     base.connect()                      # opens the port, waits for feedback
     base.send_velocity(0.2, 0.0)        # m/s, rad/s; call at the control rate
+    base.stop_now()                     # e-stop: a zero frame on the wire now, not at the next 50 Hz slot
     state = base.read_state()           # measured vx_mps, wz_radps, fault bits, timestamps
     base.disconnect()                   # zero command, then close
 
@@ -87,6 +88,9 @@ class TracerBase:
         self.config = config or TracerBaseConfig()
         self._ser: serial.Serial | None = None
         self._lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        """Held from computing a command frame to the end of its write: a zero written by :meth:`stop_now`
+        is never followed by a frame computed before it."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._reader = tp.FrameReader()
@@ -143,9 +147,10 @@ class TracerBase:
         if ser is None:
             return
         try:
-            for _ in range(2):
-                ser.write(tp.motion_command(0.0, 0.0, self._next_counter()))
-            ser.flush()
+            with self._tx_lock:  # a stop_now() from another thread may be writing
+                for _ in range(2):
+                    ser.write(tp.motion_command(0.0, 0.0, self._next_counter()))
+                ser.flush()
         except (serial.SerialException, OSError) as e:
             log.warning("TRACER %s: zero command on close failed: %s", self.config.port, e)
         finally:
@@ -168,10 +173,13 @@ class TracerBase:
         """Target zero (ramped down at the deceleration limits)."""
         self.send_velocity(0.0, 0.0)
 
-    def halt(self) -> None:
-        """Command zero at once, skipping the ramp (e-stop: the base brakes with its own limits)."""
-        with self._lock:
-            self._target = self._command = (0.0, 0.0)
+    def stop_now(self) -> None:
+        """E-stop: target and command zero, skipping the ramp, and a zero frame written to the port in
+        this thread at once (the stream keeps sending zeros). Never raises: a write error is a link fault."""
+        with self._tx_lock:
+            with self._lock:
+                self._target = self._command = (0.0, 0.0)
+            self._write_command(0.0, 0.0)
 
     # -- state -----------------------------------------------------------------------------------
     def read_state(self) -> BaseState:
@@ -226,36 +234,44 @@ class TracerBase:
         self._counter = (c + 1) & 0xFF
         return c
 
+    def _write_command(self, vx_mps: float, wz_radps: float) -> None:
+        """Write one motion command frame; the caller holds ``_tx_lock``. Errors become ``_link_error``."""
+        ser = self._ser
+        if ser is None:
+            return
+        try:
+            ser.write(tp.motion_command(vx_mps, wz_radps, self._next_counter()))
+            with self._lock:
+                self._frames_sent += 1
+            if self._link_error.startswith("serial write timeout"):
+                self._link_error = ""
+        except serial.SerialTimeoutException as e:  # the device is not draining: report, keep trying
+            self._link_error = f"serial write timeout: {e}"
+            log.warning("TRACER %s: %s", self.config.port, self._link_error)
+        except (serial.SerialException, OSError, TypeError, AttributeError) as e:
+            # TypeError/AttributeError: pyserial's port object after close from another thread.
+            self._link_error = f"serial write: {e}"
+            log.error("TRACER %s: %s", self.config.port, self._link_error)
+
     def _tx_loop(self) -> None:
         cfg = self.config
         period = 1.0 / cfg.stream_hz
         next_t = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                target = self._target
-                if target != (0.0, 0.0) and now - self._target_stamp_s > cfg.command_timeout_s:
-                    target = self._target = (0.0, 0.0)
-                    self._command_expired = True
-                vx = _step_toward(self._command[0], target[0], cfg.max_linear_accel_mps2 * period)
-                wz = _step_toward(self._command[1], target[1], cfg.max_angular_accel_radps2 * period)
-                self._command = (vx, wz)
-            ser = self._ser
-            if ser is None:
+            if self._ser is None:
                 return
-            try:
-                ser.write(tp.motion_command(vx, wz, self._next_counter()))
+            with self._tx_lock:
+                now = time.monotonic()
                 with self._lock:
-                    self._frames_sent += 1
-                if self._link_error.startswith("serial write timeout"):
-                    self._link_error = ""
-            except serial.SerialTimeoutException as e:  # the device is not draining: report, keep trying
-                self._link_error = f"serial write timeout: {e}"
-                log.warning("TRACER %s: %s", cfg.port, self._link_error)
-            except (serial.SerialException, OSError, TypeError, AttributeError) as e:
-                # TypeError/AttributeError: pyserial's port object after close from another thread.
-                self._link_error = f"serial write: {e}"
-                log.error("TRACER %s: %s", cfg.port, self._link_error)
+                    target = self._target
+                    if target != (0.0, 0.0) and now - self._target_stamp_s > cfg.command_timeout_s:
+                        target = self._target = (0.0, 0.0)
+                        self._command_expired = True
+                    vx = _step_toward(self._command[0], target[0], cfg.max_linear_accel_mps2 * period)
+                    wz = _step_toward(self._command[1], target[1], cfg.max_angular_accel_radps2 * period)
+                    self._command = (vx, wz)
+                self._write_command(vx, wz)
+            if self._link_error.startswith("serial write:"):
                 return
             next_t += period
             self._stop.wait(max(0.0, next_t - time.monotonic()))
