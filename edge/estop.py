@@ -192,8 +192,8 @@ class StopRequest:
     """A request to end the run from outside the loop: which signal (or ``SIGHUP`` for a lost terminal),
     why, when, and how many arrived. Set from any thread; :attr:`event` is what the loop waits on."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
         self.signum: int | None = None
         self.reason = ""
         self.t_s: float | None = None
@@ -252,13 +252,13 @@ def install_signal_handlers(estop: EStop, stop: StopRequest, signums=SIGNALS) ->
                 return
             for signum in data:
                 name = signal.Signals(signum).name
-                if stop.requested:  # a second signal during shutdown: counted, nothing else
-                    stop.request(signum, f"signal {name}", t)
+                if stop.signum is not None:  # a second signal during shutdown: counted, nothing else
+                    stop.request(signum, name, t)
                     continue
                 try:
-                    estop.trigger(f"signal {name}", t)
+                    estop.trigger(name, t)
                 finally:
-                    stop.request(signum, f"signal {name}", t)
+                    stop.request(signum, name, t)
 
     watcher = threading.Thread(target=watch, name="estop-signals", daemon=True)
     watcher.start()

@@ -143,21 +143,20 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
             if profile.sim is None:
                 raise VlaEdgeError(f"robot {profile.name}: give --bundle (the demo bundle is only for the sim robot)")
             bundle_path = str(ensure_demo_bundle())
-        checkpoint("the bundle")
+        checkpoint("loading the bundle")
         bundle = Bundle.load(bundle_path)
         threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
         policy = Engine(bundle, provider=provider, threads=threads)
         if policy_wrapper is not None:
             policy = policy_wrapper(policy)
-        checkpoint("the model")
+        checkpoint("connecting the robot")
         robot = Robot(profile)
         robot.connect()
-        checkpoint("connecting the robot")
+        checkpoint("starting the loop")
     except _StartupStopped as e:
         if robot is not None:
             robot.disconnect()  # nothing was commanded: arms hold, base zero
-        print(f"vla-edge run: stopped by {signal.Signals(stop.signum).name} during start-up (at {e}); "
-              "nothing moved", file=sys.stderr)
+        print(f"vla-edge run: stopped by {stop.reason} during start-up (before {e}); nothing moved", file=sys.stderr)
         return stop.exit_code
     cfg = LoopConfig(rate_hz=rate_hz or profile.control_rate_hz, mode=mode, seconds=seconds, max_ticks=max_ticks,
                      navigation=navigation, nav_max_m=bundle.policy.d_max_m, nav_max_deg=bundle.policy.theta_max_deg)
@@ -229,9 +228,8 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
     if fault:
         print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr)
         return 3
-    if stop.requested:
-        print(f"vla-edge run: stopped by {signal.Signals(stop.signum).name} ({stop.reason}): e-stop latched, "
-              "robot in the safe state", file=sys.stderr)
+    if stop.signum is not None:  # an operator stop (a plain ``loop.stop_requested.set()`` is an ordinary end)
+        print(f"vla-edge run: stopped by {stop.reason}: e-stop latched, robot in the safe state", file=sys.stderr)
         return stop.exit_code
     return 0
 

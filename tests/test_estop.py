@@ -253,7 +253,7 @@ def test_signals_trip_and_request_the_stop_without_raising(signum):
     try:
         os.kill(os.getpid(), signum)  # nothing may be raised here or in the sleep
         assert stop.event.wait(WAIT_S)
-        assert estop.is_latched and estop.reason == f"signal {signal.Signals(signum).name}"
+        assert estop.is_latched and estop.reason == signal.Signals(signum).name
         assert stop.signum == signum and stop.exit_code == 128 + signum and stop.count == 1
         os.kill(os.getpid(), signal.SIGTERM)  # a second signal while stopping: counted, nothing else
         assert wait_for(lambda: stop.count == 2)
