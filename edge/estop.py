@@ -68,6 +68,21 @@ CONFIRM_KEY = "y"
 CTRL_C = "\x03"
 
 
+ESTOP_THREAD_NICE = -10
+"""Niceness asked for the threads that detect a stop (keyboard, signals), so that the kernel runs them
+first when they wake on a loaded machine. Needs CAP_SYS_NICE (root); without it they keep the default."""
+
+
+def prefer_this_thread(nice: int = ESTOP_THREAD_NICE) -> bool:
+    """Give the calling thread (Linux: a task of its own) niceness ``nice``; False if not permitted."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        return True
+    except OSError as e:
+        log.debug("e-stop: cannot raise the priority of %s: %s", threading.current_thread().name, e)
+        return False
+
+
 class EStop:
     """Thread-safe e-stop latch.
 
@@ -242,6 +257,7 @@ def install_signal_handlers(estop: EStop, stop: StopRequest, signums=SIGNALS) ->
     done = threading.Event()
 
     def watch() -> None:
+        prefer_this_thread()
         while not done.is_set():
             if not select.select([rfd], [], [], POLL_S * 10)[0]:
                 continue
@@ -475,6 +491,7 @@ class KeyboardListener:
 
     def _run_tty(self) -> None:
         fd = self._fd
+        prefer_this_thread()
         try:
             while not self._stop.is_set():
                 ready, _, _ = select.select([fd], [], [], POLL_S)
@@ -505,6 +522,7 @@ class KeyboardListener:
 
         names = {evdev.ecodes.KEY_SPACE: TRIP_KEY, evdev.ecodes.KEY_R: RESUME_KEY, evdev.ecodes.KEY_Y: CONFIRM_KEY}
         devices = {dev.fd: dev for dev in self._evdev_devices}
+        prefer_this_thread()
         try:
             while not self._stop.is_set() and devices:
                 ready, _, _ = select.select(list(devices), [], [], POLL_S)

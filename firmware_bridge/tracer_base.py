@@ -23,6 +23,7 @@ never raise from the threads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -235,20 +236,28 @@ class TracerBase:
         return c
 
     def _write_command(self, vx_mps: float, wz_radps: float) -> None:
-        """Write one motion command frame; the caller holds ``_tx_lock``. Errors become ``_link_error``."""
+        """Write one motion command frame; the caller holds ``_tx_lock``. Errors become ``_link_error``.
+
+        A plain non-blocking ``write(2)`` on the port (pyserial opens it ``O_NONBLOCK``): it never
+        waits, and a full output buffer is reported at once. (pyserial's own ``write`` with a
+        ``write_timeout`` raises a timeout after a complete write when the thread was descheduled
+        for longer than the timeout: a false link fault on a loaded machine.)
+        """
         ser = self._ser
         if ser is None:
             return
+        frame = tp.motion_command(vx_mps, wz_radps, self._next_counter())
         try:
-            ser.write(tp.motion_command(vx_mps, wz_radps, self._next_counter()))
+            if os.write(ser.fileno(), frame) != len(frame):
+                raise BlockingIOError("partial frame written")
             with self._lock:
                 self._frames_sent += 1
             if self._link_error.startswith("serial write timeout"):
                 self._link_error = ""
-        except serial.SerialTimeoutException as e:  # the device is not draining: report, keep trying
-            self._link_error = f"serial write timeout: {e}"
+        except BlockingIOError as e:  # the device is not draining: report, keep trying
+            self._link_error = f"serial write timeout: output buffer full ({e})"
             log.warning("TRACER %s: %s", self.config.port, self._link_error)
-        except (serial.SerialException, OSError, TypeError, AttributeError) as e:
+        except (serial.SerialException, OSError, TypeError, AttributeError, ValueError) as e:
             # TypeError/AttributeError: pyserial's port object after close from another thread.
             self._link_error = f"serial write: {e}"
             log.error("TRACER %s: %s", self.config.port, self._link_error)
