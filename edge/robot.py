@@ -335,10 +335,11 @@ class Robot:
         slot), then the arms hold their last commanded target (software) or get the Piper firmware
         e-stop 0x150 (``firmware=True``: the damped arms sink slowly). Commands are ignored until
         :meth:`resume`."""
+        base = self.base
+        if base is not None:  # first, and outside the command lock: a send in progress cannot delay it
+            base.stop_now()
         with self._command_lock:
             self._estopped = True
-            if self.base is not None:
-                self.base.stop_now()
             self._firmware_estop = self._firmware_estop or firmware
             for arm in self.arms.values():
                 try:
@@ -359,6 +360,8 @@ class Robot:
                     arm.resume()
                 else:
                     arm.hold()
+            if self.base is not None:
+                self.base.release()
             self._firmware_estop = False
             self._estopped = False
 

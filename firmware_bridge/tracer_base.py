@@ -13,6 +13,7 @@ Usage::
     base.connect()                      # opens the port, waits for feedback
     base.send_velocity(0.2, 0.0)        # m/s, rad/s; call at the control rate
     base.stop_now()                     # e-stop: a zero frame on the wire now, not at the next 50 Hz slot
+    base.release()                      # after the e-stop: targets accepted again
     state = base.read_state()           # measured vx_mps, wz_radps, fault bits, timestamps
     base.disconnect()                   # zero command, then close
 
@@ -105,6 +106,8 @@ class TracerBase:
         self._link_error = ""
         self._last_bad_frame_s = -1e9
         self._command_expired = False
+        self._halted = False
+        """Set by :meth:`stop_now`, cleared by :meth:`release`: velocity targets are ignored meanwhile."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -166,6 +169,8 @@ class TracerBase:
         vx = max(-cfg.max_linear_mps, min(cfg.max_linear_mps, float(vx_mps)))
         wz = max(-cfg.max_angular_radps, min(cfg.max_angular_radps, float(wz_radps)))
         with self._lock:
+            if self._halted:
+                return
             self._target = (vx, wz)
             self._target_stamp_s = time.monotonic()
             self._command_expired = False
@@ -176,11 +181,18 @@ class TracerBase:
 
     def stop_now(self) -> None:
         """E-stop: target and command zero, skipping the ramp, and a zero frame written to the port in
-        this thread at once (the stream keeps sending zeros). Never raises: a write error is a link fault."""
+        this thread at once (the stream keeps sending zeros). Targets are ignored until :meth:`release`,
+        so no other thread's :meth:`send_velocity` can undo it. Never raises: a write error is a link fault."""
         with self._tx_lock:
             with self._lock:
+                self._halted = True
                 self._target = self._command = (0.0, 0.0)
             self._write_command(0.0, 0.0)
+
+    def release(self) -> None:
+        """Accept velocity targets again after :meth:`stop_now` (the base starts from rest)."""
+        with self._lock:
+            self._halted = False
 
     # -- state -----------------------------------------------------------------------------------
     def read_state(self) -> BaseState:
