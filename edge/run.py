@@ -78,7 +78,7 @@ e-stop's) gets it within about this long while another thread runs Python code (
 def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str = "sync", seconds: float = 0.0,
         rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
         provider: str = "auto", keyboard: str = "auto", keyboard_tty=None, max_ticks: int = 0,
-        firmware_estop: bool = False, policy_wrapper=None, on_connected=None) -> int:
+        firmware_estop: bool = False, policy_wrapper=None, on_connected=None, restore_signals: bool = True) -> int:
     """Connect, run the loop, make everything safe, print the summary. Returns the exit code.
 
     Exit codes: 0 the run ended by itself (``seconds``, ``max_ticks``); 3 a fault (safe stop, the
@@ -89,14 +89,15 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
 
     ``keyboard``/``keyboard_tty``: the e-stop key source and, for ``tty``, the terminal (an fd or a
     path; default stdin). ``policy_wrapper(engine) -> policy`` and ``on_connected(robot, loop, estop)``
-    are hooks for tests and evaluation (a slowed-down policy, fault injection).
+    are hooks for tests and evaluation (a slowed-down policy, fault injection). ``restore_signals``:
+    put the previous SIGINT/SIGTERM/SIGHUP handlers back at the end (False: the process exits next).
     """
     import signal
 
     from vla_edge.edge.estop import EStop, StopRequest, install_signal_handlers
 
     estop, stop = EStop(), StopRequest()
-    restore_signals = install_signal_handlers(estop, stop)
+    restore = install_signal_handlers(estop, stop)
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
@@ -110,7 +111,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         return stop.exit_code
     finally:
         sys.setswitchinterval(switch_interval)
-        restore_signals()
+        if restore_signals:
+            restore()
 
 
 class _StartupStopped(Exception):
@@ -235,9 +237,20 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
 
 
 def main(args) -> int:
-    return run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
-               navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
-               max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop)
+    import signal
+
+    from vla_edge.edge.estop import SIGNALS
+
+    # The process exits after the run: a late second signal (after the summary, during the
+    # interpreter's exit, which puts Python-handled signals back to their default) must not change
+    # the exit code or print a traceback. So run()'s handlers stay until they are replaced by SIG_IGN.
+    rc = run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
+             navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
+             max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop,
+             restore_signals=False)
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    return rc
 
 
 def demo(args) -> int:

@@ -110,17 +110,20 @@ def test_a_signal_latches_and_ends_the_run_with_the_summary(fused_int8_bundle, t
     assert_operator_stop(cli, rc, expected_rc, signal.Signals(signum).name, tmp_path)
 
 
-def test_two_signals_20ms_apart_end_the_run_once(fused_int8_bundle, tmp_path):
+@pytest.mark.parametrize("gap_s", [0.02, 0.1], ids=["20ms", "100ms"])
+def test_two_signals_end_the_run_once(fused_int8_bundle, tmp_path, gap_s):
     cli = start_running(fused_int8_bundle, tmp_path)
     try:
         cli.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.02)
-        cli.proc.send_signal(signal.SIGINT)  # during the shutdown: must not break it
+        time.sleep(gap_s)
+        if cli.proc.poll() is None:
+            cli.proc.send_signal(signal.SIGINT)  # during the shutdown or the exit: must not break either
         rc, _ = cli.finish()
     finally:
         cli.kill()
     assert_operator_stop(cli, rc, 143, "SIGTERM", tmp_path)  # the first one decides
-    assert "ignored" in cli.err  # the second was seen and logged
+    if gap_s == 0.02:
+        assert "ignored" in cli.err  # the second was seen during the shutdown and logged
 
 
 def test_losing_the_terminal_ends_the_run_like_sighup(fused_int8_bundle, tmp_path):
