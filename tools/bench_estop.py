@@ -17,7 +17,8 @@ the GIL). Both clocks are this machine's CLOCK_MONOTONIC; this process's own wak
 
 Usage::
 
-    python -m vla_edge.tools.bench_estop --bundle BUNDLE [--trips 30] [--load idle inference] [--json out.json]
+    python -m vla_edge.tools.bench_estop --bundle BUNDLE [--trips 30] [--load idle inference] [--nice -5]
+                                         [--json out.json]
 
 Prints p50/p99/max (ms) over the trips of each load, and the child's own e-stop latency from its
 summary (key read -> every stop command written: base frame and both arms' hold frames on CAN).
@@ -120,7 +121,7 @@ def wait_until(cond, timeout_s: float, what: str, child: subprocess.Popen) -> No
         time.sleep(0.001)
 
 
-def measure(bundle: str, load: str, trips: int, workdir: Path) -> dict:
+def measure(bundle: str, load: str, trips: int, workdir: Path, nice: int = 0) -> dict:
     base = PtyBase()
     profile = workdir / f"sim_{load}.toml"
     # This measures the e-stop, not the watchdogs: on a loaded machine a stall of either process must
@@ -132,7 +133,7 @@ def measure(bundle: str, load: str, trips: int, workdir: Path) -> dict:
     summary = workdir / f"summary_{load}.json"
     kbd_master, kbd_slave = os.openpty()
     child = subprocess.Popen(
-        [sys.executable, "-m", "vla_edge.tools.bench_estop", "--child", "--load", load, "--bundle", bundle,
+        (["nice", "-n", str(nice)] if nice else []) + [sys.executable, "-m", "vla_edge.tools.bench_estop", "--child", "--load", load, "--bundle", bundle,
          "--profile", str(profile), "--json", str(summary)],
         stdin=kbd_slave, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     os.close(kbd_slave)
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", required=True)
     p.add_argument("--trips", type=int, default=30)
     p.add_argument("--load", nargs="+", choices=["idle", "inference"], default=["idle", "inference"])
+    p.add_argument("--nice", type=int, default=0,
+                   help="run vla-edge under nice -n N (negative: ahead of other processes; needs root)")
     p.add_argument("--json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", help=argparse.SUPPRESS)
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for load in args.load:
-            r = measure(args.bundle, load, args.trips, Path(workdir))
+            r = measure(args.bundle, load, args.trips, Path(workdir), args.nice)
             results.append(r)
             inside = r["child_summary_ms"]
             print(f"{load:10s} trips {r['trips']:3d}  key -> zero frame on the base's serial line: "
