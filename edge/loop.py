@@ -281,7 +281,11 @@ class ControlLoop:
                 if end >= next_status and self.on_status is not None:
                     next_status = end + cfg.status_every_s
                     self.stats.estop(self.estop.is_latched, self.estop.reason)
-                    self.on_status(self.stats.status_line())
+                    try:
+                        self.on_status(self.stats.status_line())
+                    except OSError as e:  # the terminal is gone: no more status lines, the loop goes on
+                        log.warning("status line off: %s", e)
+                        self.on_status = None
         except VlaEdgeError as e:
             self._safe_stop(str(e))
         except BaseException as e:  # a bug, or a KeyboardInterrupt raised by other code: still safe

@@ -211,7 +211,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
                 fault = loop.run()
         finally:
             if interactive:
-                print(file=sys.stderr)
+                _to_terminal(lambda: print(file=sys.stderr))
     finally:
         try:
             robot.disconnect()
@@ -222,18 +222,27 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
                 recorder.close()
     for ms in estop.trip_latencies_ms:  # one per trip: a Ctrl+C and its SIGINT are one trip
         stats.estop_latency(ms)
-    stats.print_summary(console)
-    if json_path:
+    if json_path:  # first: the terminal may be gone (SIGHUP), the file is not
         stats.write_json(json_path)
+    _to_terminal(lambda: stats.print_summary(console))
     if loop is not None:
         loop.finish(loop.cfg.inference_deadline_s)  # after the robot is safe and the summary is out
     if fault:
-        print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr)
+        _to_terminal(lambda: print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr))
         return 3
     if stop.signum is not None:  # an operator stop (a plain ``loop.stop_requested.set()`` is an ordinary end)
-        print(f"vla-edge run: stopped by {stop.reason}: e-stop latched, robot in the safe state", file=sys.stderr)
+        _to_terminal(lambda: print(f"vla-edge run: stopped by {stop.reason}: e-stop latched, robot in the safe state",
+                                   file=sys.stderr))
         return stop.exit_code
     return 0
+
+
+def _to_terminal(write) -> None:
+    """Call ``write()``; a terminal that is gone (SSH dropped: EIO) must not turn a safe stop into a traceback."""
+    try:
+        write()
+    except OSError as e:
+        log.debug("terminal gone: %s", e)
 
 
 def main(args) -> int:

@@ -233,3 +233,33 @@ def test_ctrl_c_on_the_terminal_is_one_trip_and_exit_130(fused_int8_bundle, tmp_
         os.close(master)
         os.close(slave)
     assert_operator_stop(cli, rc, 130, "ctrl+c", tmp_path)
+
+
+def test_a_closed_terminal_that_was_also_stderr_still_stops_cleanly(fused_int8_bundle, tmp_path):
+    """SSH drops: the keyboard reads EOF and every write to the terminal fails (EIO). The run must
+    still end as an operator stop (129) with its JSON summary written, not with a traceback or 3."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle",
+                             str(fused_int8_bundle), "--keyboard", "tty", "--json", str(tmp_path / "summary.json")],
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"vla-edge run" not in seen:  # the banner, on the terminal
+            assert time.monotonic() < deadline and proc.poll() is None, seen[-2000:]
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        time.sleep(1.0)
+        os.close(master)
+        master = -1
+        rc = proc.wait(EXIT_S)
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert rc == 129
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ticks"] > 0 and summary["estop_trips"] == 1
