@@ -30,22 +30,26 @@ SIM_PROFILE = Path(__file__).parents[1] / "edge" / "robots" / "sim.toml"
 
 
 class Cli:
-    """The real CLI in a subprocess; stderr is collected on a thread, line by line, with arrival times."""
+    """The real CLI in a subprocess; stdout and stderr are collected on threads, line by line, with
+    arrival times (results may go to either: the tests look at both)."""
 
     def __init__(self, *args: str, stdin=subprocess.DEVNULL):
         self.proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "run", *args], stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         self.lines: list[tuple[float, str]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._readers = [threading.Thread(target=self._read, args=(f,), daemon=True)
+                         for f in (self.proc.stdout, self.proc.stderr)]
+        for t in self._readers:
+            t.start()
 
-    def _read(self) -> None:
-        for line in self.proc.stderr:
+    def _read(self, stream) -> None:
+        for line in stream:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
 
     @property
     def err(self) -> str:
+        """Everything the run printed, both streams."""
         return "\n".join(line for _, line in self.lines)
 
     def wait_for_line(self, text: str, timeout: float = 120.0) -> None:
@@ -63,7 +67,8 @@ class Cli:
             self.proc.kill()
             raise AssertionError(f"did not exit within {timeout} s: {self.err[-3000:]}") from None
         t = time.monotonic()
-        self._reader.join(5)
+        for r in self._readers:
+            r.join(5)
         return rc, t
 
     def kill(self) -> None:
@@ -87,7 +92,7 @@ def assert_operator_stop(cli: Cli, rc: int, expected_rc: int, name: str, tmp_pat
     assert "stopped safely" not in err  # that line is for faults
     stopped = [line for _, line in cli.lines if line.startswith("vla-edge run: stopped by")]
     assert len(stopped) == 1 and name in stopped[0], stopped
-    assert "ticks in" in err  # the summary table's title
+    assert "ticks in" in err  # the summary table's title (stdout or stderr)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ticks"] > 0
     assert summary["estop_trips"] == 1  # one stop, one trip
