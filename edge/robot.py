@@ -222,7 +222,7 @@ class Robot:
             raise VlaEdgeError(f"robot {cfg.name}: connect failed: {type(e).__name__}: {e}") from e
 
     def disconnect(self) -> None:
-        """Safe stop: base zero, arms hold their measured pose (never disabled), cameras closed."""
+        """Safe stop: base zero, arms hold their last commanded target (never disabled), cameras closed."""
         steps = []
         if self.base is not None:
             steps.append(self.base.disconnect)
