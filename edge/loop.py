@@ -290,7 +290,9 @@ class ControlLoop:
             self._safe_stop(str(e))
         except BaseException as e:  # a bug, or a KeyboardInterrupt raised by other code: still safe
             self.estop.trigger(f"{type(e).__name__}: {e}")
-            if not isinstance(e, KeyboardInterrupt):
+            if isinstance(e, KeyboardInterrupt):
+                self._hold()
+            else:
                 self._safe_stop(f"{type(e).__name__}: {e}")
             raise
         finally:
@@ -307,6 +309,9 @@ class ControlLoop:
         if self.fault is None:
             self.fault = message
             log.error("safe stop: %s", message)
+        self._hold()
+
+    def _hold(self) -> None:
         try:
             self.robot.hold()
         except Exception as e:
