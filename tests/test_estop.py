@@ -336,3 +336,82 @@ def test_terminal_is_restored_at_exit_without_stop(pty):
     proc = subprocess.run([sys.executable, "-c", child], stdin=slave, capture_output=True, text=True, timeout=60)
     assert "crash without stop()" in proc.stderr and "AssertionError" not in proc.stderr, proc.stderr
     assert termios.tcgetattr(slave) == before
+
+
+# -- the base's stop frame ------------------------------------------------------------------------
+def _base_on_a_pty():
+    """A TracerBase driver on a pty this test owns; the test answers motion feedback (manual section 3.4,
+    frames built by hand) and returns a reader of every command frame ``(t_read_s, linear_pct)``."""
+    from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig
+
+    master, slave = os.openpty()
+    stop = threading.Event()
+    frames: list[tuple[float, int]] = []
+
+    def feedback_and_read():
+        buf, n = b"", 0
+        while not stop.is_set():
+            body = bytes([0x5A, 0xA5, 0x0A, 0xAA, 0x02, 0, 0, 0, 0, 0, 0, n & 0xFF])
+            os.write(master, body + bytes([sum(body) & 0xFF]))
+            n += 1
+            deadline = time.monotonic() + 0.02
+            while (left := deadline - time.monotonic()) > 0 and select.select([master], [], [], left)[0]:
+                t = time.monotonic()
+                buf += os.read(master, 4096)
+                while len(buf) >= 13:
+                    i = buf.find(b"\x5a\xa5")
+                    if i < 0:
+                        buf = b""
+                        break
+                    frame, buf = buf[i:i + 13], buf[i + 13:]
+                    if len(frame) == 13 and frame[3] == 0x55 and frame[4] == 0x01:
+                        frames.append((t, int.from_bytes(frame[7:8], "big", signed=True)))  # linear %
+
+    th = threading.Thread(target=feedback_and_read, daemon=True)
+    th.start()
+    base = TracerBase(TracerBaseConfig(port=os.ttyname(slave), max_linear_mps=1.5))
+    base.connect()
+
+    def close():
+        base.disconnect()
+        stop.set()
+        th.join(WAIT_S)
+        os.close(master)
+        os.close(slave)
+
+    return base, frames, close
+
+
+def test_stop_now_puts_a_zero_frame_on_the_line_at_once_and_nothing_moving_after_it():
+    base, frames, close = _base_on_a_pty()
+    try:
+        sending = threading.Event()
+        sending.set()
+
+        def control_thread():  # keeps asking for motion, as the loop would, also after the stop
+            while sending.is_set():
+                base.send_velocity(0.3, 0.0)
+                time.sleep(0.003)
+
+        ctl = threading.Thread(target=control_thread, daemon=True)
+        ctl.start()
+        delays_ms = []
+        for _ in range(10):
+            base.release()
+            assert wait_for(lambda: frames and frames[-1][1] > 0), "the base never got a moving command"
+            time.sleep(0.01 + 0.02 * (len(delays_ms) % 3) / 3)  # anywhere in the 20 ms stream period
+            n, t0 = len(frames), time.monotonic()
+            base.stop_now()
+            assert wait_for(lambda n=n: any(pct == 0 for _, pct in frames[n:]))
+            first_zero = next(i for i in range(n, len(frames)) if frames[i][1] == 0)
+            delays_ms.append(1e3 * (frames[first_zero][0] - t0))
+            time.sleep(0.1)  # five stream periods with the control thread still asking for 0.3 m/s
+            after = [pct for _, pct in frames[first_zero:]]
+            assert after and all(pct == 0 for pct in after), f"a moving frame after the stop frame: {after}"
+        sending.clear()
+        ctl.join(WAIT_S)
+    finally:
+        close()
+    print(f"stop_now -> zero frame read: {sorted(round(d, 2) for d in delays_ms)} ms")
+    # Median over the trips (a loaded box may delay one); waiting for the 50 Hz stream slot averages 10 ms.
+    assert statistics.median(delays_ms) < 5.0
