@@ -160,6 +160,8 @@ class Engine:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        # Idle intra-op threads sleep instead of spinning: spinning ones starve the e-stop and the tick.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.vision = ort.InferenceSession(str(bundle.path("vision")), so, providers=providers)
         self.decoder = ort.InferenceSession(str(bundle.path("decoder")), so, providers=providers)
         self.provider = self.decoder.get_providers()[0]

@@ -10,7 +10,8 @@ then :meth:`EStop.resume`, which runs ``on_resume`` callbacks (re-arm from the c
 queued actions).
 
 :class:`KeyboardListener` turns keys into those calls: space trips, ``r`` asks "resume? press y",
-``y`` confirms (any other key cancels), Ctrl+C trips and interrupts the main thread. Sources:
+``y`` confirms (any other key cancels), Ctrl+C trips and then calls ``on_interrupt`` (the run ends), a
+lost terminal or keyboard trips and then calls ``on_lost``. Sources:
 
 * ``tty``: the terminal (stdin by default, works over SSH) in raw-input mode; output processing is
   kept so the rest of the program's prints still look right. Restored on :meth:`~KeyboardListener.stop`,
@@ -20,8 +21,23 @@ queued actions).
 * ``none``: no keyboard (the e-stop is then only reachable by signals or code);
 * ``auto``: the first of tty, evdev, pynput that works, else none.
 
-:func:`install_signal_handlers` makes SIGINT and SIGTERM trip the latch and then end the run by
-raising :class:`Interrupted` (a ``KeyboardInterrupt``) in the main thread.
+:class:`StopRequest` is how the run is told to end from outside (a signal, Ctrl+C, a lost terminal):
+state plus an event the control loop waits on. :func:`install_signal_handlers` makes SIGINT, SIGTERM
+and SIGHUP latch the e-stop and set that request. The handlers raise nothing: the C-level handler
+writes the signal number to a wakeup pipe and a watcher thread (started before the signal) latches
+the e-stop and sets the request, so a signal landing in a weakref callback, a ``__del__``, a lock or
+a C call can neither be swallowed nor deadlock. A second signal during shutdown is counted and
+otherwise ignored.
+
+Usage::
+
+    estop, stop = EStop(), StopRequest()
+    restore = install_signal_handlers(estop, stop)   # main thread; SIGINT/SIGTERM/SIGHUP
+    with KeyboardListener(estop, on_interrupt=lambda: stop.request(signal.SIGINT, "ctrl+c"),
+                          on_lost=lambda why: stop.request(signal.SIGHUP, why)):
+        loop.run()                                    # ends when stop.event is set
+    restore()
+    sys.exit(stop.exit_code)                          # 128 + signal number (130 SIGINT, 143 SIGTERM, 129 SIGHUP)
 """
 
 from __future__ import annotations
@@ -50,8 +66,21 @@ TRIP_KEY = " "
 RESUME_KEY = "r"
 CONFIRM_KEY = "y"
 CTRL_C = "\x03"
-SIGNAL_TRIP_WAIT_S = 0.5
-"""How long a signal handler waits for its trip before ending the run anyway (see install_signal_handlers)."""
+
+
+ESTOP_THREAD_NICE = -10
+"""Niceness asked for the threads that detect a stop (keyboard, signals), so that the kernel runs them
+first when they wake on a loaded machine. Needs CAP_SYS_NICE (root); without it they keep the default."""
+
+
+def prefer_this_thread(nice: int = ESTOP_THREAD_NICE) -> bool:
+    """Give the calling thread (Linux: a task of its own) niceness ``nice``; False if not permitted."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        return True
+    except OSError as e:
+        log.debug("e-stop: cannot raise the priority of %s: %s", threading.current_thread().name, e)
+        return False
 
 
 class EStop:
@@ -64,6 +93,8 @@ class EStop:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
+        self.trip_latencies_ms: list[float] = []
+        """One entry per trip that latched (re-triggers while latched add none): detection to callbacks done."""
         self._lock = threading.RLock()  # reentrant: a signal handler may trigger while main holds it
         self._latched = threading.Event()
         self._resume_pending = False
@@ -127,6 +158,8 @@ class EStop:
                     log.exception("e-stop: on_trip callback %r failed", fn)
                     self._event("callback_error", f"{getattr(fn, '__name__', fn)}: {e}")
             self.last_trip_ms = (self._clock() - t0) * 1e3
+            if newly:
+                self.trip_latencies_ms.append(self.last_trip_ms)
         if newly:
             log.warning("E-STOP latched: %s", reason)
         return newly
@@ -170,41 +203,98 @@ class EStop:
         return True
 
 
-class Interrupted(KeyboardInterrupt):
-    """Raised in the main thread by :func:`install_signal_handlers` after the e-stop tripped."""
+class StopRequest:
+    """A request to end the run from outside the loop: which signal (or ``SIGHUP`` for a lost terminal),
+    why, when, and how many arrived. Set from any thread; :attr:`event` is what the loop waits on."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
+        self.signum: int | None = None
+        self.reason = ""
+        self.t_s: float | None = None
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def request(self, signum: int, reason: str, t_s: float | None = None) -> bool:
+        """Ask the run to end; returns True for the first request (later ones are only counted)."""
+        with self._lock:
+            self.count += 1
+            first = self.signum is None
+            if first:
+                self.signum, self.reason = int(signum), reason
+                self.t_s = time.monotonic() if t_s is None else t_s
+        self.event.set()
+        if not first:
+            log.warning("stop requested again (%s) while stopping: ignored", reason)
+        return first
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number (the shell's convention): 130 SIGINT/Ctrl+C, 143 SIGTERM, 129 SIGHUP; 0 if none."""
+        return 128 + self.signum if self.signum is not None else 0
 
 
-def install_signal_handlers(estop: EStop, signums=(signal.SIGINT, signal.SIGTERM)) -> Callable[[], None]:
-    """SIGINT/SIGTERM: trip ``estop`` (on a thread of its own), then raise :class:`Interrupted` in the main thread.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    Must be called from the main thread. Returns a function that restores the previous handlers.
+
+def install_signal_handlers(estop: EStop, stop: StopRequest, signums=SIGNALS) -> Callable[[], None]:
+    """SIGINT/SIGTERM/SIGHUP latch ``estop`` and set ``stop``; nothing is raised in the main thread.
+
+    Python's C-level handler writes each signal's number to a wakeup pipe the moment it arrives; a
+    daemon thread started here reads it, trips the e-stop (detection time: when the byte was read)
+    and then sets ``stop``. The Python-level handlers do nothing, so wherever the main thread was
+    (a weakref callback, a ``__del__``, inside a lock) it just carries on. Must be called from the
+    main thread. Returns a function that restores the previous handlers and wakeup fd.
     """
     if threading.current_thread() is not threading.main_thread():
         raise VlaEdgeError("e-stop: signal handlers can only be installed from the main thread")
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)  # the C handler must never block
+    done = threading.Event()
 
-    def handler(signum, frame):
-        # The handler runs in the main thread between two of its bytecodes, possibly while it holds
-        # a (non-reentrant) lock the trip needs, e.g. inside a piper_sdk getter: tripping right here
-        # would deadlock. Trip on a thread of its own; if it is not done soon, unwinding the main
-        # thread releases what it holds and the trip completes.
-        t_detected = time.monotonic()
-        trip = threading.Thread(target=estop.trigger, args=(f"signal {signal.Signals(signum).name}", t_detected),
-                                name="estop-signal", daemon=True)
-        trip.start()
-        trip.join(SIGNAL_TRIP_WAIT_S)
-        raise Interrupted(signum)
+    def watch() -> None:
+        prefer_this_thread()
+        while not done.is_set():
+            if not select.select([rfd], [], [], POLL_S * 10)[0]:
+                continue
+            t = time.monotonic()
+            try:
+                data = os.read(rfd, 64)
+            except OSError:
+                return
+            for signum in data:
+                name = signal.Signals(signum).name
+                if stop.signum is not None:  # a second signal during shutdown: counted, nothing else
+                    stop.request(signum, name, t)
+                    continue
+                try:
+                    estop.trigger(name, t)
+                finally:
+                    stop.request(signum, name, t)
 
-    previous = {s: signal.signal(s, handler) for s in signums}
+    watcher = threading.Thread(target=watch, name="estop-signals", daemon=True)
+    watcher.start()
+    previous_fd = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    previous = {s: signal.signal(s, _ignore_in_python) for s in signums}
 
     def restore() -> None:
         for s, h in previous.items():
             signal.signal(s, h)
+        signal.set_wakeup_fd(previous_fd)
+        done.set()
+        watcher.join(1.0)
+        for fd in (rfd, wfd):
+            os.close(fd)
 
     return restore
+
+
+def _ignore_in_python(signum, frame) -> None:
+    """The Python half of a signal: nothing (the wakeup pipe's watcher acts; see install_signal_handlers)."""
 
 
 def _tty_keys(data: bytes) -> list[str]:
@@ -229,10 +319,11 @@ class KeyboardListener:
 
     ``tty_fd``: for ``source="tty"``, a terminal file descriptor or a device path (default: stdin if it
     is a terminal). ``on_interrupt``: what Ctrl+C does after tripping (default: raise
-    ``KeyboardInterrupt`` in the main thread). ``confirm_timeout_s``: an unanswered "resume?" expires.
-    ``self.source`` is the source actually in use once constructed. ``on_key(key)`` gets every other
-    key (lower-case letters, ``"right"``, ``"esc"``; e.g. ``vla-edge record``'s episode keys), never
-    the e-stop keys.
+    ``KeyboardInterrupt`` in the main thread). ``on_lost(why)``: what a lost terminal or keyboard does
+    after tripping (default: nothing more; the e-stop stays latched). ``confirm_timeout_s``: an unanswered
+    "resume?" expires. ``self.source`` is the source actually in use once constructed. ``on_key(key)`` gets
+    every other key (lower-case letters, ``"right"``, ``"esc"``; e.g. ``vla-edge record``'s episode keys),
+    never the e-stop keys.
     """
 
     SOURCES = ("auto", "tty", "evdev", "pynput", "none")
@@ -245,11 +336,13 @@ class KeyboardListener:
         on_interrupt: Callable[[], None] | None = None,
         confirm_timeout_s: float = 10.0,
         on_key: Callable[[str], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ):
         if source not in self.SOURCES:
             raise VlaEdgeError(f"e-stop: unknown keyboard source {source!r} (one of {', '.join(self.SOURCES)})")
         self.estop = estop
         self.on_interrupt = on_interrupt or (lambda: _thread.interrupt_main(signal.SIGINT))
+        self.on_lost = on_lost or (lambda why: None)
         self.confirm_timeout_s = confirm_timeout_s
         self.on_key = on_key
         self._stop = threading.Event()
@@ -421,6 +514,7 @@ class KeyboardListener:
 
     def _run_tty(self) -> None:
         fd = self._fd
+        prefer_this_thread()
         try:
             while not self._stop.is_set():
                 ready, _, _ = select.select([fd], [], [], POLL_S)
@@ -435,6 +529,7 @@ class KeyboardListener:
                     why = "end of input"
                 if not data:  # the operator can no longer stop the robot: that is a stop
                     self.estop.trigger(f"keyboard lost ({why})", t)
+                    self.on_lost(f"terminal lost ({why})")
                     return
                 for key in _tty_keys(data):
                     self._key(key, t)
@@ -452,6 +547,7 @@ class KeyboardListener:
                  evdev.ecodes.KEY_N: "n", evdev.ecodes.KEY_B: "b", evdev.ecodes.KEY_Q: "q",
                  evdev.ecodes.KEY_RIGHT: "right", evdev.ecodes.KEY_ESC: "esc"}
         devices = {dev.fd: dev for dev in self._evdev_devices}
+        prefer_this_thread()
         try:
             while not self._stop.is_set() and devices:
                 ready, _, _ = select.select(list(devices), [], [], POLL_S)
@@ -462,6 +558,8 @@ class KeyboardListener:
                     except OSError as e:  # keyboard unplugged
                         self.estop.trigger(f"keyboard lost ({e})", t)
                         del devices[fd]
+                        if not devices:
+                            self.on_lost(f"keyboard lost ({e})")
                         continue
                     for ev in events:
                         if ev.type == evdev.ecodes.EV_KEY and ev.value == 1:  # key down

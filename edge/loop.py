@@ -17,7 +17,12 @@ same ticks (temporal ensembling, weight ``exp(-k i)``, ``i = 0`` the oldest). Pl
 kept per tick, so an unfilled tick is *absent*, never a zero.
 
 Any fault (stale camera, lost arm feedback, base link, an unsafe or late inference) puts the robot
-in the safe state (arms hold the measured pose, base zero velocity) and ends the run with a message.
+in the safe state (arms hold their last commanded target, base zero velocity) and ends the run with a
+message. A stop request (``stop_requested``: a signal, Ctrl+C, a lost terminal; the e-stop has
+latched already) ends the run at once without a fault: the tick's sleep wakes on it.
+
+Navigation values are clipped to the bundle's full scale (``nav_max_m``, ``nav_max_deg``) and the
+base's velocity plan is computed per tick in O(1) (:class:`BaseProfile`), so no value stalls a tick.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class LoopConfig:
     inference_deadline_s: float = 10.0
     navigation: bool = False
     status_every_s: float = 0.5
+    nav_max_m: float = 1.0
+    """Forward distance full scale (the bundle's ``d_max_m``): larger values are clipped to it."""
+    nav_max_deg: float = 90.0
+    """Turn angle full scale (the bundle's ``theta_max_deg``)."""
 
 
 class ActionSchedule:
@@ -86,12 +95,62 @@ class ActionSchedule:
         self._plan.clear()
 
 
+class BaseProfile:
+    """Per-tick ``(vx_mps, wz_radps)`` of a trapezoidal velocity profile, computed on demand.
+
+    Behaves like the list of its ticks (``len``, indexing, iteration, truthiness) and is consumed with
+    ``pop(0)``, each in O(1): a long move costs nothing up front. Its last tick is ``(0.0, 0.0)``.
+    """
+
+    def __init__(self, dist: float, vmax: float, amax: float, dt_s: float, sign: float, linear: bool):
+        t_acc = vmax / amax
+        if amax * t_acc**2 >= dist:  # triangular: never reaches vmax
+            t_acc = math.sqrt(dist / amax)
+            vmax = amax * t_acc
+            t_flat = 0.0
+        else:
+            t_flat = (dist - amax * t_acc**2) / vmax
+        self._t_acc, self._t_flat, self._vmax, self._amax = t_acc, t_flat, vmax, amax
+        self._total = 2 * t_acc + t_flat
+        self._dt, self._sign, self._linear = dt_s, sign, linear
+        self._n = int(math.ceil(self._total / dt_s)) + 1  # moving ticks, then one zero
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self._n - self._next
+
+    def __getitem__(self, i: int) -> tuple[float, float]:
+        if not isinstance(i, int):
+            raise TypeError("BaseProfile indices are integers")
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = self._next + i
+        if k == self._n - 1:
+            return (0.0, 0.0)
+        t = (k + 0.5) * self._dt
+        a, t_acc, t_flat = self._amax, self._t_acc, self._t_flat
+        v = a * t if t < t_acc else self._vmax if t < t_acc + t_flat else max(0.0, a * (self._total - t))
+        return (self._sign * v, 0.0) if self._linear else (0.0, self._sign * v)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def pop(self, i: int = 0) -> tuple[float, float]:
+        if i != 0:
+            raise IndexError("a BaseProfile is consumed from the front")
+        out = self[0]
+        self._next += 1
+        return out
+
+
 def base_profile(direction: str, value: float, dt_s: float, max_v: float, max_a: float, max_w: float,
-                 max_alpha: float) -> list[tuple[float, float]]:
+                 max_alpha: float) -> BaseProfile | list:
     """Per-tick ``(vx_mps, wz_radps)`` moving ``value`` metres forward or turning ``value`` degrees.
 
     A trapezoidal (or triangular) velocity profile within the speed and acceleration limits, ending
-    at zero velocity.
+    at zero velocity (a :class:`BaseProfile`; ``[]`` for ``stop`` or a zero move). Clip ``value`` to
+    the policy's full scale first (the loop does).
     """
     if direction == "forward":
         dist, vmax, amax, sign, linear = abs(value), max_v, max_a, 1.0, True
@@ -102,20 +161,7 @@ def base_profile(direction: str, value: float, dt_s: float, max_v: float, max_a:
         return []
     if dist <= 0:
         return []
-    t_acc = vmax / amax
-    if amax * t_acc**2 >= dist:  # triangular: never reaches vmax
-        t_acc = math.sqrt(dist / amax)
-        vmax = amax * t_acc
-        t_flat = 0.0
-    else:
-        t_flat = (dist - amax * t_acc**2) / vmax
-    total = 2 * t_acc + t_flat
-    out = []
-    for k in range(int(math.ceil(total / dt_s))):
-        t = (k + 0.5) * dt_s
-        v = amax * t if t < t_acc else vmax if t < t_acc + t_flat else max(0.0, amax * (total - t))
-        out.append((sign * v, 0.0) if linear else (0.0, sign * v))
-    return out + [(0.0, 0.0)]
+    return BaseProfile(dist, vmax, amax, dt_s, sign, linear)
 
 
 class InferenceWorker:
@@ -177,7 +223,7 @@ class ControlLoop:
     """Drives ``robot`` with ``policy`` until a limit, a fault or a stop request."""
 
     def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats, recorder=None,
-                 cameras: list[str] | None = None):
+                 cameras: list[str] | None = None, stop_requested: threading.Event | None = None):
         self.robot = robot
         self.policy = policy
         self.instruction = instruction
@@ -189,8 +235,9 @@ class ControlLoop:
         self.cameras = cameras or list(robot.camera_names)
         self.schedule = ActionSchedule(cfg.ensemble_k if cfg.mode == "async" else None)
         self.worker = InferenceWorker(policy, robot, self.cameras)
-        self.base_plan: list[tuple[float, float]] = []
-        self.stop_requested = threading.Event()
+        self.base_plan: BaseProfile | list[tuple[float, float]] = []
+        self.stop_requested = stop_requested or threading.Event()
+        """Set from any thread to end the run after the current tick (no fault)."""
         self.on_status = None  # called with the one-line status every ``status_every_s``
         self.fault: str | None = None
         self.ticks = 0
@@ -208,7 +255,7 @@ class ControlLoop:
         cfg = self.cfg
         dt = 1.0 / cfg.rate_hz
         self.policy.start_episode(self.instruction, navigation=cfg.navigation)
-        self._target = self.robot.read_state().qpos.copy()
+        self._target = self._commanded()
         t0 = time.monotonic()
         next_status = t0
         k = 0
@@ -216,8 +263,8 @@ class ControlLoop:
             while not self.stop_requested.is_set():
                 deadline = t0 + k * dt
                 now = time.monotonic()
-                if now < deadline:
-                    time.sleep(deadline - now)
+                if now < deadline and self.stop_requested.wait(deadline - now):
+                    break
                 start = time.monotonic()
                 self.tick = k
                 self._tick(k, start)
@@ -234,28 +281,46 @@ class ControlLoop:
                 if end >= next_status and self.on_status is not None:
                     next_status = end + cfg.status_every_s
                     self.stats.estop(self.estop.is_latched, self.estop.reason)
-                    self.on_status(self.stats.status_line())
+                    try:
+                        self.on_status(self.stats.status_line())
+                    except OSError as e:  # the terminal is gone: no more status lines, the loop goes on
+                        log.warning("status line off: %s", e)
+                        self.on_status = None
         except VlaEdgeError as e:
             self._safe_stop(str(e))
-        except KeyboardInterrupt as e:  # Ctrl+C or SIGTERM: the e-stop has already tripped
-            signum = getattr(e, "signum", None)
-            self._safe_stop("stopped by SIGTERM" if signum == 15 else "stopped by Ctrl+C")
-        except Exception as e:  # a bug must still leave the robot safe
-            self._safe_stop(f"{type(e).__name__}: {e}")
+        except BaseException as e:  # a bug, or a KeyboardInterrupt raised by other code: still safe
+            self.estop.trigger(f"{type(e).__name__}: {e}")
+            if isinstance(e, KeyboardInterrupt):
+                self._hold()
+            else:
+                self._safe_stop(f"{type(e).__name__}: {e}")
             raise
         finally:
-            self.worker.join(self.cfg.inference_deadline_s)
+            if not self.stop_requested.is_set():  # a stop request must not wait for a long inference
+                self.finish(self.cfg.inference_deadline_s)
         return self.fault
 
+    def finish(self, timeout_s: float) -> None:
+        """Wait for a running inference step (ONNX Runtime must not be torn down mid-run)."""
+        self.worker.join(timeout_s)
+
     def _safe_stop(self, message: str) -> None:
-        """Arms hold the measured pose, base zero velocity; remember why."""
+        """Arms hold their last commanded target, base zero velocity; remember why."""
         if self.fault is None:
             self.fault = message
             log.error("safe stop: %s", message)
+        self._hold()
+
+    def _hold(self) -> None:
         try:
             self.robot.hold()
         except Exception as e:
             log.error("safe stop: hold failed: %s", e)
+
+    def _commanded(self) -> np.ndarray:
+        """What the arms were last told (the step limit's reference); the measured pose before any command."""
+        q = self.robot.commanded_qpos()
+        return q.copy() if q is not None else self.robot.read_state().qpos.copy()
 
     # -- one tick ------------------------------------------------------------------------------------
     def _tick(self, k: int, now: float) -> None:
@@ -267,14 +332,14 @@ class ControlLoop:
         latched = self.estop.is_latched
         if latched:
             self._was_latched = True
-            self._record(k, now, state, self._target, (0.0, 0.0), 0)
+            self._record(k, now, state, self._commanded(), (0.0, 0.0), 0)
             return
-        if self._was_latched:  # resumed: re-arm from the current pose, forget queued actions
+        if self._was_latched:  # resumed: re-arm from what the arms hold now, forget queued actions
             self._was_latched = False
             self.schedule.clear()
             self.base_plan = []
-            self._target = state.qpos.copy()
-            self.safety.reset(state.qpos)
+            self._target = self._commanded()
+            self.safety.reset(self._target)
             self._base_cmd = (0.0, 0.0)
             # Chunks of observations made before the stop are out of date, whether their inference
             # is still running or finished while latched: requests up to now observed ticks <= k.
@@ -288,7 +353,7 @@ class ControlLoop:
         q = self.schedule.pop(k)
         clamps = 0
         if q is not None:
-            safe, clamped = self.safety.filter_joints(q, state.qpos)
+            safe, clamped = self.safety.filter_joints(q, self._target)
             clamps += len(clamped)
             self._target = safe
             robot.send_joint_targets(safe)
@@ -306,7 +371,7 @@ class ControlLoop:
                     self.worker.request(k + 1)
             elif self.schedule.remaining(k + 1) <= self._async_margin():
                 self.worker.request(k + 1)
-        self._record(k, now, state, self._target, (vx, wz), clamps)
+        self._record(k, now, state, self._commanded(), (vx, wz), clamps)
 
     def _async_margin(self) -> int:
         """Request the next chunk when fewer planned steps remain than the inference takes, in ticks.
@@ -336,12 +401,17 @@ class ControlLoop:
         if self.recorder is not None:
             self.recorder.record_inference(time.monotonic(), chunk.timings_ms, chunk.token_ids)
         if chunk.base is not None and chunk.base[0] != "stop":
-            if not math.isfinite(chunk.base[1]):
+            direction, value = chunk.base
+            if not math.isfinite(value):
                 raise VlaEdgeError(f"policy returned a non-finite navigation step {chunk.base!r}")
+            full_scale = self.cfg.nav_max_m if direction == "forward" else self.cfg.nav_max_deg
+            if not 0.0 <= value <= full_scale:
+                log.warning("navigation: %s %g outside [0, %g]: clipped", direction, value, full_scale)
+                value = min(max(value, 0.0), full_scale)
             lim = self.safety.limits
-            self.base_plan = base_profile(chunk.base[0], chunk.base[1], 1.0 / self.cfg.rate_hz, lim.max_vx_mps,
+            self.base_plan = base_profile(direction, value, 1.0 / self.cfg.rate_hz, lim.max_vx_mps,
                                           lim.max_ax_mps2, lim.max_wz_radps, lim.max_aw_radps2)
-            log.info("navigation: %s %.2f -> %d ticks of base motion", chunk.base[0], chunk.base[1], len(self.base_plan))
+            log.info("navigation: %s %.2f -> %d ticks of base motion", direction, value, len(self.base_plan))
             return
         joints = chunk.joints
         if joints is None or not np.isfinite(joints).all():
@@ -362,5 +432,5 @@ class ControlLoop:
                 frames[name], stamps[name] = f.image, f.stamp_s
         if len(frames) != len(self.cameras):
             return
-        action = target if target is not None else state.qpos
-        self.recorder.record_tick(frames, stamps, state.qpos, action, np.asarray(base, np.float64), now, clamps)
+        # ``action``: the command in force this tick, as sent (a hold included), not the policy's wish.
+        self.recorder.record_tick(frames, stamps, state.qpos, target, np.asarray(base, np.float64), now, clamps)

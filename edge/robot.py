@@ -11,8 +11,13 @@ loop uses::
     robot.send_joint_targets(q14)             # clamped to the profile's joint limits
     robot.send_base_velocity(0.1, 0.0)        # m/s, rad/s; clamped, ramped, streamed at 50 Hz
     robot.faults()                            # [] when healthy
-    robot.estop(); robot.resume()
-    robot.disconnect()                        # base zero, arms hold (never disabled)
+    robot.commanded_qpos()                    # (14,) what the arms were last told (holds included)
+    robot.hold()                              # base ramps to zero, arms re-sent their last target
+    robot.estop(); robot.resume()             # base zero frame at once; arms hold or firmware e-stop
+    robot.disconnect()                        # base zero, arms hold their last target (never disabled)
+
+Holds never move: an arm holds its last *commanded* target (re-sent), never a measured pose, so no
+hold differs from the last command by more than the safety filter's step (by nothing at all).
 
 Thread model: one control thread calls ``send_*``/``read_*``; :meth:`Robot.estop` may come from
 another thread (a keyboard), each arm's commands are serialised by the arm's lock.
@@ -217,7 +222,7 @@ class Robot:
             raise VlaEdgeError(f"robot {cfg.name}: connect failed: {type(e).__name__}: {e}") from e
 
     def disconnect(self) -> None:
-        """Safe stop: base zero, arms hold their measured pose (never disabled), cameras closed."""
+        """Safe stop: base zero, arms hold their last commanded target (never disabled), cameras closed."""
         steps = []
         if self.base is not None:
             steps.append(self.base.disconnect)
@@ -225,7 +230,7 @@ class Robot:
         if self.cameras is not None:
             steps.append(self.cameras.stop)
         if self.sim is not None:
-            steps += [s.stop for s in self.sim.arms.values()] + [self.sim.base.stop]
+            steps += [s.stop for s in self.sim.arms.values()] + ([self.sim.base.stop] if self.sim.base else [])
         for step in steps:
             try:
                 step()
@@ -309,20 +314,33 @@ class Robot:
                 return
             self._base().send_velocity(vx_mps, wz_radps)
 
+    def commanded_qpos(self) -> np.ndarray | None:
+        """(14,) the targets the arms were last sent (holds included), None before both had one."""
+        targets = [self._arm(side).last_target for side in SIDES]
+        return None if any(t is None for t in targets) else np.concatenate(targets)
+
     def hold(self) -> None:
-        """Arms hold their measured pose, base target zero."""
-        self._base().stop()
-        for side in SIDES:
-            self._arm(side).hold()
+        """Safe state after a fault: base target zero (ramped), arms re-sent their last commanded target."""
+        errors = []
+        for step in [self._base().stop, *(self._arm(side).hold for side in SIDES)]:
+            try:
+                step()
+            except VlaEdgeError as e:  # the other devices must still be made safe
+                errors.append(str(e))
+        if errors:
+            raise VlaEdgeError("; ".join(errors))
 
     def estop(self, firmware: bool = False) -> None:
-        """Latch an e-stop: base commanded to zero at once, arms hold (software) or get the Piper
-        firmware e-stop 0x150 (``firmware=True``: the damped arms sink slowly). Commands are
-        ignored until :meth:`resume`."""
+        """Latch an e-stop: a zero-velocity frame written to the base at once (not at the next stream
+        slot), then the arms hold their last commanded target (software) or get the Piper firmware
+        e-stop 0x150 (``firmware=True``: the damped arms sink slowly). Commands are ignored until
+        :meth:`resume`."""
+        base = self.base
+        if base is not None:  # first, and outside the command lock: a send in progress cannot delay it
+            base.stop_now()
         with self._command_lock:
             self._estopped = True
-            if self.base is not None:
-                self.base.halt()
+            self._firmware_estop = self._firmware_estop or firmware
             for arm in self.arms.values():
                 try:
                     if firmware:
@@ -331,17 +349,19 @@ class Robot:
                         arm.hold()
                 except VlaEdgeError as e:
                     log.error("estop: %s", e)
-            self._firmware_estop = self._firmware_estop or firmware
 
     def resume(self) -> None:
         """Clear the e-stop. After a firmware e-stop this resets and re-enables the arms (the Piper
-        cuts motor power briefly on reset); either way the arms then hold their measured pose."""
+        cuts motor power briefly on reset; enable is sent at least twice), which then hold the pose
+        they woke up in; after a software e-stop the arms keep holding their last commanded target."""
         with self._command_lock:
             for arm in self.arms.values():
                 if self._firmware_estop:
                     arm.resume()
                 else:
                     arm.hold()
+            if self.base is not None:
+                self.base.release()
             self._firmware_estop = False
             self._estopped = False
 
@@ -395,8 +415,10 @@ class Robot:
             q0 = tuple(s.initial_qpos[:6])
             sims[side] = PiperSim(PiperSimConfig(channel=channel, feedback_hz=s.feedback_hz,
                                                  joint_speed_radps=s.joint_speed_radps, initial_q_rad=q0)).start()
-        base_sim = TracerSim().start()
-        base_cfg = TracerBaseConfig(**{**cfg.base.__dict__, "port": base_sim.port})
+        base_cfg, base_sim = cfg.base, None
+        if cfg.base.port == "sim":  # else a real serial device (or another process's pty) on that path
+            base_sim = TracerSim().start()
+            base_cfg = TracerBaseConfig(**{**cfg.base.__dict__, "port": base_sim.port})
         scene = Scene(target_xy_m=tuple(s.target_xy_m))
         self.sim = SimHandle(arms=sims, base=base_sim, scene=scene, cameras={})
         scene.joint_state = self.sim.joint_state

@@ -70,45 +70,100 @@ def safety_limits(profile):
                         max_aw_radps2=base.max_angular_accel_radps2)
 
 
+SWITCH_INTERVAL_S = 0.001
+"""GIL switch interval during a run (Python's default is 5 ms): a thread waiting for the GIL (the
+e-stop's) gets it within about this long while another thread runs Python code (decode steps)."""
+
+
 def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str = "sync", seconds: float = 0.0,
         rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
         provider: str = "auto", keyboard: str = "auto", keyboard_tty=None, max_ticks: int = 0,
-        firmware_estop: bool = False, policy_wrapper=None, on_connected=None) -> int:
+        firmware_estop: bool = False, policy_wrapper=None, on_connected=None, restore_signals: bool = True) -> int:
     """Connect, run the loop, make everything safe, print the summary. Returns the exit code.
+
+    Exit codes: 0 the run ended by itself (``seconds``, ``max_ticks``); 3 a fault (safe stop, the
+    reason on one line); 128 + the signal number for an operator stop: 130 SIGINT or Ctrl+C, 143
+    SIGTERM, 129 SIGHUP or a lost terminal. Every signal latches the e-stop at once and ends the
+    run through the same path as the end of a run (robot safe, recording closed, summary printed);
+    a signal during start-up ends it after the current start-up step, with one line.
 
     ``keyboard``/``keyboard_tty``: the e-stop key source and, for ``tty``, the terminal (an fd or a
     path; default stdin). ``policy_wrapper(engine) -> policy`` and ``on_connected(robot, loop, estop)``
-    are hooks for tests and evaluation (a slowed-down policy, fault injection).
+    are hooks for tests and evaluation (a slowed-down policy, fault injection). ``restore_signals``:
+    put the previous SIGINT/SIGTERM/SIGHUP handlers back at the end (False: the process exits next).
     """
+    import signal
+
+    from vla_edge.edge.estop import EStop, StopRequest, install_signal_handlers
+
+    estop, stop = EStop(), StopRequest()
+    restore = install_signal_handlers(estop, stop)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        return _run(robot_name, bundle_path, instruction, estop, stop, mode=mode, seconds=seconds, rate_hz=rate_hz,
+                    navigation=navigation, record=record, json_path=json_path, provider=provider, keyboard=keyboard,
+                    keyboard_tty=keyboard_tty, max_ticks=max_ticks, firmware_estop=firmware_estop,
+                    policy_wrapper=policy_wrapper, on_connected=on_connected)
+    except KeyboardInterrupt:  # raised by code that is not ours (our handlers raise nothing)
+        stop.request(signal.SIGINT, "interrupted")
+        print("vla-edge run: interrupted", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        sys.setswitchinterval(switch_interval)
+        if restore_signals:
+            restore()
+
+
+class _StartupStopped(Exception):
+    """A stop request arrived before the loop ran."""
+
+
+def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, rate_hz, navigation, record,
+         json_path, provider, keyboard, keyboard_tty, max_ticks, firmware_estop, policy_wrapper, on_connected) -> int:
+    import signal
     import time
 
     from rich.console import Console
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
-    from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
+    from vla_edge.edge.estop import KeyboardListener
     from vla_edge.edge.loop import ControlLoop, LoopConfig
     from vla_edge.edge.robot import Robot, load_profile
     from vla_edge.edge.safety import SafetyFilter
     from vla_edge.edge.telemetry import RunStats
 
+    def checkpoint(step: str) -> None:
+        if stop.requested:
+            raise _StartupStopped(step)
+
     console = Console(stderr=True)
-    profile = load_profile(robot_name)
-    if bundle_path is None:
-        if profile.sim is None:
-            raise VlaEdgeError(f"robot {profile.name}: give --bundle (the demo bundle is only for the sim robot)")
-        bundle_path = str(ensure_demo_bundle())
-    bundle = Bundle.load(bundle_path)
-    threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
-    policy = Engine(bundle, provider=provider, threads=threads)
-    if policy_wrapper is not None:
-        policy = policy_wrapper(policy)
+    robot = None
+    try:
+        profile = load_profile(robot_name)
+        if bundle_path is None:
+            if profile.sim is None:
+                raise VlaEdgeError(f"robot {profile.name}: give --bundle (the demo bundle is only for the sim robot)")
+            bundle_path = str(ensure_demo_bundle())
+        checkpoint("loading the bundle")
+        bundle = Bundle.load(bundle_path)
+        threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
+        policy = Engine(bundle, provider=provider, threads=threads)
+        if policy_wrapper is not None:
+            policy = policy_wrapper(policy)
+        checkpoint("connecting the robot")
+        robot = Robot(profile)
+        robot.connect()
+        checkpoint("starting the loop")
+    except _StartupStopped as e:
+        if robot is not None:
+            robot.disconnect()  # nothing was commanded: arms hold, base zero
+        print(f"vla-edge run: stopped by {stop.reason} during start-up (before {e}); nothing moved", file=sys.stderr)
+        return stop.exit_code
     cfg = LoopConfig(rate_hz=rate_hz or profile.control_rate_hz, mode=mode, seconds=seconds, max_ticks=max_ticks,
-                     navigation=navigation)
+                     navigation=navigation, nav_max_m=bundle.policy.d_max_m, nav_max_deg=bundle.policy.theta_max_deg)
     stats = RunStats(period_s=1.0 / cfg.rate_hz)
-    estop = EStop()
     recorder = None
-    robot = Robot(profile)
-    robot.connect()
     loop = None
     fault = None
     try:
@@ -126,7 +181,6 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
 
         def on_trip(reason: str) -> None:  # runs in the thread that saw the key: acts at once
             robot.estop(firmware=firmware_estop)
-            stats.estop_latency((time.monotonic() - estop.trip_t) * 1e3 if estop.trip_t else 0.0)
             if recorder is not None:
                 recorder.record_event(time.monotonic(), "estop", reason)
 
@@ -137,13 +191,16 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
 
         estop.on_trip(on_trip)
         estop.on_resume(on_resume)
+        if estop.is_latched:  # a signal between the last checkpoint and here: its trip ran no callbacks
+            estop.trigger(estop.reason)
         loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
-                           recorder, cameras=bundle.layout.cameras)
+                           recorder, cameras=bundle.layout.cameras, stop_requested=stop.event)
         interactive = sys.stderr.isatty()
         if interactive:
             loop.on_status = lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)
-        listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty)
-        restore = install_signal_handlers(estop)
+        listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty,
+                                    on_interrupt=lambda: stop.request(signal.SIGINT, "ctrl+c"),
+                                    on_lost=lambda why: stop.request(signal.SIGHUP, why))
         console.print(f"[bold]vla-edge run[/] robot={profile.name} bundle={bundle.root} ({bundle.precision}, "
                       f"{getattr(policy, 'provider', '?')}) mode={mode} rate={cfg.rate_hz:g} Hz, keyboard: "
                       f"{listener.source} - [bold]space[/]: e-stop, [bold]r[/] then [bold]y[/]: resume, Ctrl+C: stop")
@@ -153,9 +210,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
             with listener:
                 fault = loop.run()
         finally:
-            restore()
             if interactive:
-                print(file=sys.stderr)
+                _to_terminal(lambda: print(file=sys.stderr))
     finally:
         try:
             robot.disconnect()
@@ -164,19 +220,46 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
                 if fault:
                     recorder.record_event(time.monotonic(), "fault", fault)
                 recorder.close()
-    stats.print_summary(console)
-    if json_path:
+    for ms in estop.trip_latencies_ms:  # one per trip: a Ctrl+C and its SIGINT are one trip
+        stats.estop_latency(ms)
+    if json_path:  # first: the terminal may be gone (SIGHUP), the file is not
         stats.write_json(json_path)
+    _to_terminal(lambda: stats.print_summary(console))
+    if loop is not None:
+        loop.finish(loop.cfg.inference_deadline_s)  # after the robot is safe and the summary is out
     if fault:
-        print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr)
+        _to_terminal(lambda: print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr))
         return 3
+    if stop.signum is not None:  # an operator stop (a plain ``loop.stop_requested.set()`` is an ordinary end)
+        _to_terminal(lambda: print(f"vla-edge run: stopped by {stop.reason}: e-stop latched, robot in the safe state",
+                                   file=sys.stderr))
+        return stop.exit_code
     return 0
 
 
+def _to_terminal(write) -> None:
+    """Call ``write()``; a terminal that is gone (SSH dropped: EIO) must not turn a safe stop into a traceback."""
+    try:
+        write()
+    except OSError as e:
+        log.debug("terminal gone: %s", e)
+
+
 def main(args) -> int:
-    return run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
-               navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
-               max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop)
+    import signal
+
+    from vla_edge.edge.estop import SIGNALS
+
+    # The process exits after the run: a late second signal (after the summary, during the
+    # interpreter's exit, which puts Python-handled signals back to their default) must not change
+    # the exit code or print a traceback. So run()'s handlers stay until they are replaced by SIG_IGN.
+    rc = run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
+             navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
+             max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop,
+             restore_signals=False)
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    return rc
 
 
 def demo(args) -> int:

@@ -105,7 +105,8 @@ class SafetyFilter:
     """Clamps joint targets and base commands to :class:`SafetyLimits`; counts and logs every clamp.
 
     Keeps the last commanded targets (arms and base) to apply the per-tick step/acceleration limits.
-    Call :meth:`reset` with the measured pose when (re-)arming, e.g. after an e-stop resume.
+    Call :meth:`reset` with what the arms hold when (re-)arming, e.g. after an e-stop resume (the loop
+    passes the last commanded target, or the measured pose after a firmware reset re-enabled the arms).
     """
 
     def __init__(self, limits: SafetyLimits | None = None):

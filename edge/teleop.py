@@ -204,6 +204,7 @@ class Recorder:
         self.episode_open = False
         self.live = None
         self.ticks = 0
+        self.stop = None  # StopRequest: a signal or a lost terminal ends the session
 
     # -- devices --------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -263,13 +264,14 @@ class Recorder:
 
     # -- the session ------------------------------------------------------------------------------
     def run(self) -> int:
-        from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
+        from vla_edge.edge.estop import EStop, KeyboardListener, StopRequest, install_signal_handlers
         from vla_edge.edge.recorder import EpisodeRecorder
         from vla_edge.edge.run import safety_limits
         from vla_edge.edge.safety import SafetyFilter
 
         cfg = self.cfg
         estop = EStop()
+        self.stop = stop = StopRequest()
         writer = EpisodeRecorder(cfg.out, cameras=list(CAMERAS), compress="lzf")
         fault = None
         try:
@@ -291,7 +293,7 @@ class Recorder:
             estop.on_trip(on_trip)
             estop.on_resume(on_resume)
             listener = KeyboardListener(estop, source=cfg.keyboard, tty_fd=cfg.keyboard_tty, on_key=self.keys.on_key)
-            restore = install_signal_handlers(estop)
+            restore = install_signal_handlers(estop, stop)
             wiring = "forwarding through the safety filter" if self.forward else "puppets follow the masters"
             print(f"vla-edge record: robot={self.profile.name} ({wiring}), {cfg.episodes} episodes of up to "
                   f"{cfg.episode_s:g} s into {cfg.out}; keyboard {listener.source}: n/right = next, b = re-record, "
@@ -315,6 +317,9 @@ class Recorder:
                 if self.live is not None:
                     self.live.close()
         print(f"vla-edge record: {len(self.saved)} episodes saved in {cfg.out}", file=sys.stderr)
+        if stop.requested and not fault:
+            print(f"vla-edge record: stopped by {stop.reason}", file=sys.stderr)
+            return stop.exit_code
         if fault:
             print(f"vla-edge record: stopped safely: {fault}", file=sys.stderr)
             return 3
@@ -334,11 +339,11 @@ class Recorder:
 
     def _episodes(self, writer, safety, estop) -> str | None:
         cfg, i, first = self.cfg, 0, True
-        while len(self.saved) < cfg.episodes and not self.keys.quit:
+        while len(self.saved) < cfg.episodes and not self.keys.quit and not self.stop.requested:
             self.keys.clear()
             if fault := self._reset_period(safety, estop, i, first):
                 return fault
-            if self.keys.quit:
+            if self.keys.quit or self.stop.requested:
                 break
             self.keys.clear()
             meta = {"instruction": cfg.instruction, "robot": self.profile.name, "sim": self.robot.sim is not None,
@@ -358,7 +363,7 @@ class Recorder:
                 writer.record_event(time.monotonic(), "fault", fault)
             self.episode_open = False
             writer.close()
-            if self.keys.rerecord and not fault:
+            if self.keys.rerecord and not fault and not self.stop.requested:
                 path.unlink(missing_ok=True)
                 print(f"  discarded {path.name}: recording it again", file=sys.stderr)
                 continue
@@ -390,7 +395,7 @@ class Recorder:
         dt = 1.0 / self.rate_hz
         t0 = time.monotonic()
         k = 0
-        while not done() and k * dt < seconds - 1e-9:
+        while not done() and not self.stop.requested and k * dt < seconds - 1e-9:
             deadline = t0 + k * dt
             if (now := time.monotonic()) < deadline:
                 time.sleep(deadline - now)

@@ -10,9 +10,10 @@ Usage::
     arm.connect()                   # open the bus, enable all motors, hold the measured pose
     s = arm.read_state()            # q_rad (6,), gripper_m, monotonic timestamps, status
     arm.send_targets(q_rad, 0.04)   # clamped to the configured limits
+    arm.hold()                      # re-send the last commanded target (never a measured pose)
     arm.faults()                    # [] when healthy; "no feedback for 80 ms" on a silent bus
-    arm.estop(); arm.resume()       # firmware e-stop (0x150 0x01) and reset + re-enable
-    arm.disconnect()                # hold the measured pose; never disables (a disabled arm drops)
+    arm.estop(); arm.resume()       # firmware e-stop (0x150 0x01); reset (0x150 0x02) + enable >= 2 times
+    arm.disconnect()                # hold the last commanded target; never disables (a disabled arm drops)
 
 Threads: the SDK shares one transmit message object per interface, so every command goes through
 one lock here; in practice one control thread sends for one arm. The SDK's own thread reads.
@@ -138,6 +139,10 @@ class PiperArm:
         self._lock = threading.RLock()
         self._connect_wall_s = 0.0
         self._firmware: str | None = None
+        self._last_target: np.ndarray | None = None
+        """(7,) j1..j6 rad, gripper m: the last target sent, as it went on the bus (None: none yet)."""
+        self._firmware_estopped = False
+        """Between :meth:`estop` and the end of :meth:`resume`: the arm's e-stop status is ours, not a fault."""
         self._lo = np.asarray(self.config.joint_lo, dtype=np.float64)
         self._hi = np.asarray(self.config.joint_hi, dtype=np.float64)
         # Limits in bus units, rounded inward: a clamped target never rounds past a limit.
@@ -190,12 +195,11 @@ class PiperArm:
             raise
 
     def disconnect(self) -> None:
-        """Hold the measured pose and close the port. Motors stay enabled: the arm never drops."""
+        """Hold the last commanded target and close the port. Motors stay enabled: the arm never drops."""
         if self._sdk is None:
             return
         try:
-            if self._feedback_age_s() < 1.0:
-                self.hold()
+            self.hold()
         finally:
             self._close_port()
 
@@ -217,40 +221,68 @@ class PiperArm:
             sdk.ModeCtrl(0x01, 0x01, self.config.speed_pct, 0x00)  # CAN control, MOVE J, pos-vel
             sdk.JointCtrl(*mdeg)
             sdk.GripperCtrl(m_to_um(g), effort, 0x01, 0x00)
+            self._last_target = np.append(np.asarray(mdeg, np.float64) / MDEG_PER_RAD, g)
+
+    @property
+    def last_target(self) -> np.ndarray | None:
+        """(7,) the last target commanded (j1..j6 rad, gripper m), or None before the first."""
+        t = self._last_target
+        return None if t is None else t.copy()
 
     def hold(self) -> None:
-        """Command the measured pose (the arm has no watchdog: it keeps its last target)."""
-        s = self.read_state()
-        self.send_targets(s.q_rad, s.gripper_m)
+        """Stay put: re-send the last commanded target (the arm has no watchdog and keeps it anyway).
+
+        Never a measured pose, which may be stale (lost feedback) or lag the arm. Before any command
+        (just enabled), the measured pose is the arm's own current target: that is sent instead.
+        """
+        with self._lock:
+            t = self._last_target
+            if t is None:
+                s = self.read_state()
+                t = np.append(s.q_rad, s.gripper_m)
+            self.send_targets(t[:6], t[6])
 
     def estop(self) -> None:
-        """Firmware e-stop (0x150 byte0 0x01): targets are ignored, the damped arm sinks slowly."""
-        sdk = self._require()
-        with self._lock:
-            sdk.EmergencyStop(0x01)
+        """Firmware e-stop (0x150 byte0 0x01): targets are ignored, the damped arm sinks slowly.
 
-    def resume(self) -> None:
-        """Leave a firmware e-stop: reset (0x150 byte0 0x02), re-enable, hold the measured pose.
-
-        Per the Piper firmware, the reset cuts motor power for a moment (the arm drops until the
-        enable frames land; they are repeated until every motor reports enabled).
+        Until :meth:`resume` returns, the arm's own e-stop status (0x2A1 byte1 = 1) is expected, not a fault.
         """
         sdk = self._require()
         with self._lock:
-            sdk.EmergencyStop(0x02)
-            self._enable()
+            self._firmware_estopped = True
+            sdk.EmergencyStop(0x01)
 
-    def _enable(self) -> None:
+    def resume(self) -> None:
+        """Leave a firmware e-stop: reset (0x150 byte0 0x02), enable (at least twice, CONTRACT
+        section 2) until every motor reports enabled, then hold the pose the arm woke up in.
+
+        The reset cuts motor power for a moment (the arm drops until the enable frames land). The
+        last commanded target is forgotten: the arm sank while e-stopped, and going back to it would
+        be a jump. Raises :class:`ArmFault` if the motors do not come back (the e-stop stays ours).
+        """
+        sdk = self._require()
+        with self._lock:
+            self._firmware_estopped = True
+            sdk.EmergencyStop(0x02)
+            self._last_target = None
+            self._enable(min_frames=2)
+            self._firmware_estopped = False
+
+    def _enable(self, min_frames: int = 1) -> None:
+        """Send enable (0x471, all motors) every 30 ms, at least ``min_frames`` times, until every
+        motor reports enabled in fresh driver state; then CAN joint mode and :meth:`hold`."""
         sdk = self._require()
         cfg = self.config
         start_wall = time.time()
         deadline = time.monotonic() + cfg.enable_timeout_s
         with self._lock:
+            sent = 0
             while True:
                 sdk.EnableArm(7, 0x02)
+                sent += 1
                 time.sleep(0.03)
                 low = sdk.GetArmLowSpdInfoMsgs()
-                if low.time_stamp > start_wall and all(sdk.GetArmEnableStatus()):
+                if sent >= min_frames and low.time_stamp > start_wall and all(sdk.GetArmEnableStatus()):
                     break
                 if time.monotonic() > deadline:
                     off = [f"J{i + 1}" for i, e in enumerate(sdk.GetArmEnableStatus()) if not e]
@@ -288,6 +320,9 @@ class PiperArm:
         if age > self.config.feedback_timeout_s:
             return [f"{name}: no feedback for {age * 1000:.0f} ms (silent bus)"]
         s = self.read_state()
+        if self._firmware_estopped:  # our own e-stop (status 1, sinking, or being reset): expected
+            if s.status in (0x00, 0x01):
+                return []
         out = []
         if s.status:
             detail = ARM_STATUS.get(s.status, "unknown")

@@ -12,6 +12,8 @@ Usage::
     base = TracerBase(TracerBaseConfig(port="/dev/ttyUSB0"))
     base.connect()                      # opens the port, waits for feedback
     base.send_velocity(0.2, 0.0)        # m/s, rad/s; call at the control rate
+    base.stop_now()                     # e-stop: a zero frame on the wire now, not at the next 50 Hz slot
+    base.release()                      # after the e-stop: targets accepted again
     state = base.read_state()           # measured vx_mps, wz_radps, fault bits, timestamps
     base.disconnect()                   # zero command, then close
 
@@ -22,6 +24,7 @@ never raise from the threads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,6 +90,9 @@ class TracerBase:
         self.config = config or TracerBaseConfig()
         self._ser: serial.Serial | None = None
         self._lock = threading.Lock()
+        self._tx_lock = threading.Lock()
+        """Held from computing a command frame to the end of its write: a zero written by :meth:`stop_now`
+        is never followed by a frame computed before it."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._reader = tp.FrameReader()
@@ -100,6 +106,8 @@ class TracerBase:
         self._link_error = ""
         self._last_bad_frame_s = -1e9
         self._command_expired = False
+        self._halted = False
+        """Set by :meth:`stop_now`, cleared by :meth:`release`: velocity targets are ignored meanwhile."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -143,9 +151,10 @@ class TracerBase:
         if ser is None:
             return
         try:
-            for _ in range(2):
-                ser.write(tp.motion_command(0.0, 0.0, self._next_counter()))
-            ser.flush()
+            with self._tx_lock:  # a stop_now() from another thread may be writing
+                for _ in range(2):
+                    ser.write(tp.motion_command(0.0, 0.0, self._next_counter()))
+                ser.flush()
         except (serial.SerialException, OSError) as e:
             log.warning("TRACER %s: zero command on close failed: %s", self.config.port, e)
         finally:
@@ -160,6 +169,8 @@ class TracerBase:
         vx = max(-cfg.max_linear_mps, min(cfg.max_linear_mps, float(vx_mps)))
         wz = max(-cfg.max_angular_radps, min(cfg.max_angular_radps, float(wz_radps)))
         with self._lock:
+            if self._halted:
+                return
             self._target = (vx, wz)
             self._target_stamp_s = time.monotonic()
             self._command_expired = False
@@ -168,10 +179,20 @@ class TracerBase:
         """Target zero (ramped down at the deceleration limits)."""
         self.send_velocity(0.0, 0.0)
 
-    def halt(self) -> None:
-        """Command zero at once, skipping the ramp (e-stop: the base brakes with its own limits)."""
+    def stop_now(self) -> None:
+        """E-stop: target and command zero, skipping the ramp, and a zero frame written to the port in
+        this thread at once (the stream keeps sending zeros). Targets are ignored until :meth:`release`,
+        so no other thread's :meth:`send_velocity` can undo it. Never raises: a write error is a link fault."""
+        with self._tx_lock:
+            with self._lock:
+                self._halted = True
+                self._target = self._command = (0.0, 0.0)
+            self._write_command(0.0, 0.0)
+
+    def release(self) -> None:
+        """Accept velocity targets again after :meth:`stop_now` (the base starts from rest)."""
         with self._lock:
-            self._target = self._command = (0.0, 0.0)
+            self._halted = False
 
     # -- state -----------------------------------------------------------------------------------
     def read_state(self) -> BaseState:
@@ -226,36 +247,52 @@ class TracerBase:
         self._counter = (c + 1) & 0xFF
         return c
 
+    def _write_command(self, vx_mps: float, wz_radps: float) -> None:
+        """Write one motion command frame; the caller holds ``_tx_lock``. Errors become ``_link_error``.
+
+        A plain non-blocking ``write(2)`` on the port (pyserial opens it ``O_NONBLOCK``): it never
+        waits, and a full output buffer is reported at once. (pyserial's own ``write`` with a
+        ``write_timeout`` raises a timeout after a complete write when the thread was descheduled
+        for longer than the timeout: a false link fault on a loaded machine.)
+        """
+        ser = self._ser
+        if ser is None:
+            return
+        frame = tp.motion_command(vx_mps, wz_radps, self._next_counter())
+        try:
+            if os.write(ser.fileno(), frame) != len(frame):
+                raise BlockingIOError("partial frame written")
+            with self._lock:
+                self._frames_sent += 1
+            if self._link_error.startswith("serial write timeout"):
+                self._link_error = ""
+        except BlockingIOError as e:  # the device is not draining: report, keep trying
+            self._link_error = f"serial write timeout: output buffer full ({e})"
+            log.warning("TRACER %s: %s", self.config.port, self._link_error)
+        except (serial.SerialException, OSError, TypeError, AttributeError, ValueError) as e:
+            # TypeError/AttributeError: pyserial's port object after close from another thread.
+            self._link_error = f"serial write: {e}"
+            log.error("TRACER %s: %s", self.config.port, self._link_error)
+
     def _tx_loop(self) -> None:
         cfg = self.config
         period = 1.0 / cfg.stream_hz
         next_t = time.monotonic()
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                target = self._target
-                if target != (0.0, 0.0) and now - self._target_stamp_s > cfg.command_timeout_s:
-                    target = self._target = (0.0, 0.0)
-                    self._command_expired = True
-                vx = _step_toward(self._command[0], target[0], cfg.max_linear_accel_mps2 * period)
-                wz = _step_toward(self._command[1], target[1], cfg.max_angular_accel_radps2 * period)
-                self._command = (vx, wz)
-            ser = self._ser
-            if ser is None:
+            if self._ser is None:
                 return
-            try:
-                ser.write(tp.motion_command(vx, wz, self._next_counter()))
+            with self._tx_lock:
+                now = time.monotonic()
                 with self._lock:
-                    self._frames_sent += 1
-                if self._link_error.startswith("serial write timeout"):
-                    self._link_error = ""
-            except serial.SerialTimeoutException as e:  # the device is not draining: report, keep trying
-                self._link_error = f"serial write timeout: {e}"
-                log.warning("TRACER %s: %s", cfg.port, self._link_error)
-            except (serial.SerialException, OSError, TypeError, AttributeError) as e:
-                # TypeError/AttributeError: pyserial's port object after close from another thread.
-                self._link_error = f"serial write: {e}"
-                log.error("TRACER %s: %s", cfg.port, self._link_error)
+                    target = self._target
+                    if target != (0.0, 0.0) and now - self._target_stamp_s > cfg.command_timeout_s:
+                        target = self._target = (0.0, 0.0)
+                        self._command_expired = True
+                    vx = _step_toward(self._command[0], target[0], cfg.max_linear_accel_mps2 * period)
+                    wz = _step_toward(self._command[1], target[1], cfg.max_angular_accel_radps2 * period)
+                    self._command = (vx, wz)
+                self._write_command(vx, wz)
+            if self._link_error.startswith("serial write:"):
                 return
             next_t += period
             self._stop.wait(max(0.0, next_t - time.monotonic()))
