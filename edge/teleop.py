@@ -43,6 +43,7 @@ Robot-side: no torch.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 import time
@@ -292,7 +293,9 @@ class Recorder:
 
             estop.on_trip(on_trip)
             estop.on_resume(on_resume)
-            listener = KeyboardListener(estop, source=cfg.keyboard, tty_fd=cfg.keyboard_tty, on_key=self.keys.on_key)
+            listener = KeyboardListener(estop, source=cfg.keyboard, tty_fd=cfg.keyboard_tty, on_key=self.keys.on_key,
+                                        on_interrupt=lambda: stop.request(signal.SIGINT, "ctrl+c"),
+                                        on_lost=lambda why: stop.request(signal.SIGHUP, why))
             restore = install_signal_handlers(estop, stop)
             wiring = "forwarding through the safety filter" if self.forward else "puppets follow the masters"
             print(f"vla-edge record: robot={self.profile.name} ({wiring}), {cfg.episodes} episodes of up to "
@@ -303,8 +306,6 @@ class Recorder:
                     fault = self._episodes(writer, safety, estop)
             finally:
                 restore()
-        except KeyboardInterrupt as e:
-            fault = "stopped by SIGTERM" if getattr(e, "signum", None) == 15 else "stopped by Ctrl+C"
         finally:
             try:
                 if self.episode_open:
