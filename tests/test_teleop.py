@@ -254,3 +254,30 @@ def test_b_discards_and_records_again_n_ends_early(tmp_path):
         tick_t = f["vla_edge/tick_t"][()]
         assert f.attrs["seed"] == 2
     assert tick_t[-1] - tick_t[0] < 10.0  # n ended it long before --episode-seconds
+
+
+def test_sigterm_ends_a_recording_as_an_operator_stop(tmp_path):
+    """SIGTERM (systemctl/docker stop) while recording: the session ends through the same path as run,
+    exit 143, and the episode being recorded is kept, readable, with equal row counts."""
+    import signal as sig
+
+    out = tmp_path / "ep"
+    proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "record", "--robot", "sim", "--instruction",
+                             "x", "--episodes", "3", "--out", str(out), "--episode-seconds", "30",
+                             "--keyboard", "none", "--seed", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith("recording episode 1/3"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(sig.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped by" in err and "1 episodes saved" in err, err
+    with h5py.File(out / "episode_0.hdf5", "r") as f:
+        rows = {len(f["action"]), len(f["observations/qpos"])} | {len(f[f"observations/images/{c}"])
+                                                                     for c in f["observations/images"]}
+    assert len(rows) == 1 and rows.pop() > 5
