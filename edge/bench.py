@@ -17,7 +17,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle
+from vla_edge.edge.bundle import Bundle, BundleError
 from vla_edge.edge.engine import STAGES, Engine
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.telemetry import percentiles
@@ -49,7 +49,12 @@ def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object
 
     out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
     ckpt = None
-    if not (out / "manifest.json").exists():
+    try:
+        Bundle.load(out, verify=False)
+        fresh = False
+    except BundleError:  # not there yet, or written by an older vla-edge
+        fresh = True
+    if fresh:
         log.info("exporting %s (random weights) into %s: several minutes on a CPU, once", shape, out)
         ckpt = random_checkpoint(shape)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),

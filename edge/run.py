@@ -32,9 +32,8 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     d = demo_dir(workdir)
     bundle = d / "bundle"
     wanted = policy.name if policy is not None else "tiny.pt"
-    if (bundle / "manifest.json").exists():
-        if json.loads((bundle / "manifest.json").read_text()).get("source", {}).get("name") == wanted:
-            return bundle
+    if _loads(bundle) and json.loads((bundle / "manifest.json").read_text())["source"]["name"] == wanted:
+        return bundle
     try:
         from vla_edge.export.checkpoint import load_checkpoint
         from vla_edge.export.pipeline import ExportOptions, export_bundle
@@ -58,6 +57,17 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
                   console=Console(stderr=True)) as progress:
         export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
     return bundle
+
+
+def _loads(bundle: Path) -> bool:
+    """Whether a cached bundle loads with this vla-edge (an older one is exported again)."""
+    from vla_edge.edge.bundle import Bundle, BundleError
+
+    try:
+        Bundle.load(bundle, verify=False)
+    except BundleError:
+        return False
+    return True
 
 
 def safety_limits(profile):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle, write_manifest
+from vla_edge.edge.bundle import Bundle, check_replaceable, write_manifest
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
 from vla_edge.export.fused import DEFAULT_MAX_LEN
@@ -58,6 +58,15 @@ class ExportResult:
     parity: dict = field(default_factory=dict)
 
 
+def check_out(out: Path, force: bool, ckpt_path: Path | None = None) -> None:
+    """Refuse (one line) an ``--out`` that exists unless ``force`` and it is a vla-edge bundle directory."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ExportError(f"{out} already exists (use --force to replace a bundle)")
+        check_replaceable(out, keep=[ckpt_path] if ckpt_path is not None else [])
+
+
 def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     """Export a loaded :class:`~vla_edge.export.checkpoint.Checkpoint` to ``opts.out``."""
     import onnxruntime as ort
@@ -68,9 +77,8 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     from vla_edge.export.reference import TorchReference
 
     out = Path(opts.out)
+    check_out(out, opts.force, ckpt.path)
     opts.decoder = resolve_decoder(opts.decoder, ckpt.model.text.head_dim)
-    if out.exists() and not opts.force:
-        raise ExportError(f"{out} already exists (use --force to replace it)")
     if ckpt.tokenizer_json is None:
         raise ExportError("checkpoint has no tokenizer (wrapper 'tokenizer_json' or tokenizer.json in the directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,10 +145,9 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
             Bundle.load(tmp)  # verify what we wrote
             if out.exists():
                 shutil.rmtree(out)
+            tmp.chmod(0o755)  # mkdtemp made it 0700; a bundle is read by other users (the robot's service)
             tmp.rename(out)
         res.sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-        res.sizes["fp32 vision.onnx"] = fp32_vision.stat().st_size
-        res.sizes["fp32 decoder.onnx"] = fp32_decoder.stat().st_size
         return res
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -329,7 +336,7 @@ def random_checkpoint(shape: str):
 def print_summary(res: ExportResult, console) -> None:
     from rich.table import Table
 
-    sizes = Table(title=f"bundle {res.bundle}")
+    sizes = Table(title=f"files in {res.bundle}", title_justify="left")
     sizes.add_column("file")
     sizes.add_column("MB", justify="right")
     for name, n in res.sizes.items():
@@ -355,6 +362,7 @@ def main(args) -> int:
     console = Console(stderr=True)
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
+    check_out(Path(args.out), args.force, Path(args.ckpt) if args.ckpt else None)
     opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
                          parity_samples=args.parity_samples, force=args.force, decoder=args.decoder,
                          max_len=args.max_len or DEFAULT_MAX_LEN)
