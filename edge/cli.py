@@ -285,7 +285,7 @@ def in_checkpoint(path, what: str = "--ckpt") -> None:
         return
     p = Path(path)
     if not p.exists():
-        raise ArgumentError(f"{what} {path}: no such file or directory")
+        raise ArgumentError(f"{what} {path}: not found")
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ArgumentError(f"{what} {path}: directory has no config.json (expected an HF save_pretrained directory)")

@@ -1,4 +1,15 @@
-"""Run telemetry: a one-line live status and an end-of-run summary (``--json PATH`` writes it).
+"""Run telemetry and the terminal: a one-line live status, the end-of-run summary, where output goes.
+
+Every command writes its **results** (tables, summaries, the demo's verdict) to stdout through
+:func:`out_console`, and its **logs, progress and live status** to stderr through :func:`log_console`,
+one shared rich console, so log lines appear above a live region instead of inside it.
+:func:`setup_logging` routes log records there and hides third-party warnings unless ``--debug``.
+
+Usage::
+
+    setup_logging(debug=False)
+    with rich.live.Live(console=log_console()) as live: ...   # status region; logs print above it
+    out_console().print(table)
 
 :class:`RunStats` collects per-tick timing, frame ages and skew, inference latencies, safety clamps
 and e-stop latencies. Samples live in ring buffers of bounded size (the last ``max_samples``), so a
@@ -9,7 +20,10 @@ long run uses constant memory; counters (ticks, overruns, clamps) cover the whol
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +33,47 @@ from rich.table import Table
 MAX_SAMPLES = 100_000
 LIVE_WINDOW = 300
 """Samples the live status line looks at (10 s at 30 Hz)."""
+
+
+@cache
+def log_console() -> Console:
+    """The one stderr console: logs, progress bars, the live status line."""
+    return Console(stderr=True)
+
+
+@cache
+def out_console() -> Console:
+    """The stdout console: results a user may pipe or keep."""
+    return Console()
+
+
+class _OursOrErrors(logging.Filter):
+    """Keep vla-edge's own records, and other libraries' errors; drop libraries' info and warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("vla_edge") or record.levelno >= logging.ERROR
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Logs to :func:`log_console` (info for vla-edge, errors only for libraries; everything with ``debug``).
+
+    Without ``debug``, Python warnings from libraries (ONNX Runtime's quantiser, python-can and
+    piper_sdk deprecations) are hidden too.
+    """
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=log_console(), show_path=debug, show_time=debug, rich_tracebacks=False,
+                          markup=False)
+    if not debug:
+        handler.addFilter(_OursOrErrors())
+        warnings.filterwarnings("ignore")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)  # libraries: warnings and up reach the filter
+    logging.getLogger("vla_edge").setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.captureWarnings(debug)
 
 
 def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
