@@ -190,10 +190,17 @@ def main(args) -> int:
 
 
 def demo(args) -> int:
-    """Trained tiny reach policy -> INT8 bundle -> the simulated robot touches a red target -> summary."""
+    """Trained tiny reach policy -> INT8 bundle -> the simulated robot reaches a red target -> verdict.
+
+    The run ends as soon as ``vla-edge eval``'s success test has held (the fingertip within the
+    task's tolerance of the target and low enough, for ``hold_ticks`` ticks in a row), or after
+    ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
+    """
     import random
 
+    from vla_edge.edge.evaluate import _SuccessMonitor
     from vla_edge.edge.task import INSTRUCTION, ReachTask
+    from vla_edge.edge.telemetry import out_console
 
     ensure_demo_bundle(args.workdir)
     task = ReachTask()
@@ -205,12 +212,22 @@ def demo(args) -> int:
         robot.sim.scene.target_radius_m = task.target_radius_m
         robot.sim.set_target(*episode.target_xy_m)
         seen["sim"] = robot.sim
+        seen["monitor"] = _SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
 
-    code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
-               on_connected=place_target)
+    try:
+        code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
+                   on_connected=place_target)
+    finally:
+        if "monitor" in seen:
+            seen["monitor"].__exit__(None, None, None)
     if "sim" in seen:  # the simulators keep their last state after the robot disconnected
+        mon = seen["monitor"]
         err_m, _ = task.tip_error(seen["sim"].joint_state(), episode.target_xy_m)
-        print(f"demo: target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
-              f"{episode.side} arm; the fingertip ended {100 * err_m:.1f} cm from it "
-              f"({'reached' if err_m <= task.tolerance_m else 'not reached'})", file=sys.stderr)
+        where = (f"target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
+                 f"{episode.side} arm (seed {seed})")
+        verdict = (f"success after {mon.success_t:.2f} s" if mon.success_t is not None
+                   else f"no success within {args.seconds:g} s")
+        out_console().print(f"demo: {where}: {verdict} (eval's test: fingertip within "
+                            f"{100 * task.tolerance_m:.0f} cm, held {task.hold_ticks} ticks); it ended "
+                            f"{100 * err_m:.1f} cm from the target", highlight=False)
     return code
