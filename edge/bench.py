@@ -20,7 +20,7 @@ import numpy as np
 from vla_edge.edge.bundle import Bundle, BundleError
 from vla_edge.edge.engine import STAGES, Engine
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.telemetry import percentiles
+from vla_edge.edge.telemetry import out_console, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def synthetic_inputs(layout, state_dim: int, seed: int = 0):
 
 def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object]:
     """Export (once) and return the cached bundle of a real shape with random weights."""
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.telemetry import log_console
     from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
     out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
@@ -58,7 +58,7 @@ def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object
         log.info("exporting %s (random weights) into %s: several minutes on a CPU, once", shape, out)
         ckpt = random_checkpoint(shape)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=Console(stderr=True)) as progress:
+                      console=log_console()) as progress:
             export_bundle(ckpt, ExportOptions(out=out, target=target, precision=precision, force=True), progress)
     return out, ckpt
 
@@ -99,10 +99,9 @@ def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, step
 
 
 def main(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = out_console()
     if args.kernels:
         from vla_edge.kernels import bench as kbench
 

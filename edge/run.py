@@ -43,8 +43,8 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
             f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
             "pip install 'vla-edge[export]' or pass --bundle"
         ) from None
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.telemetry import log_console
 
     ckpt = policy
     if ckpt is None:
@@ -54,7 +54,7 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
             write_tiny_checkpoint(ckpt, seed=0)
     log.info("exporting %s -> %s", ckpt, bundle)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as progress:
+                  console=log_console()) as progress:
         export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
     return bundle
 
@@ -92,16 +92,15 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
     """
     import time
 
-    from rich.console import Console
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
     from vla_edge.edge.loop import ControlLoop, LoopConfig
     from vla_edge.edge.robot import Robot, load_profile
     from vla_edge.edge.safety import SafetyFilter
-    from vla_edge.edge.telemetry import RunStats
+    from vla_edge.edge.telemetry import RunStats, log_console
 
-    console = Console(stderr=True)
+    console = log_console()
     profile = load_profile(robot_name)
     if bundle_path is None:
         if profile.sim is None:
@@ -130,9 +129,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
             from vla_edge.edge.recorder import EpisodeRecorder
 
             recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"])
-            path = recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root),
-                                           "robot": profile.name, "sim": profile.sim is not None})
-            log.info("recording to %s", path)
+            recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root),  # logs its path
+                                    "robot": profile.name, "sim": profile.sim is not None})
 
         def on_trip(reason: str) -> None:  # runs in the thread that saw the key: acts at once
             robot.estop(firmware=firmware_estop)
@@ -149,23 +147,27 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         estop.on_resume(on_resume)
         loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
                            recorder, cameras=bundle.layout.cameras)
-        interactive = sys.stderr.isatty()
-        if interactive:
-            loop.on_status = lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)
+        status = _status_region(console, stats) if console.is_terminal else None
+        if status is not None:
+            loop.on_status = lambda _line: status.update(stats.status_line(console.width - 1), refresh=True)
         listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty)
         restore = install_signal_handlers(estop)
-        console.print(f"[bold]vla-edge run[/] robot={profile.name} bundle={bundle.root} ({bundle.precision}, "
-                      f"{getattr(policy, 'provider', '?')}) mode={mode} rate={cfg.rate_hz:g} Hz, keyboard: "
-                      f"{listener.source} - [bold]space[/]: e-stop, [bold]r[/] then [bold]y[/]: resume, Ctrl+C: stop")
+        keys = ("space: e-stop, r then y: resume, Ctrl+C: stop" if listener.source != "none"
+                else "no e-stop keys, Ctrl+C stops")
+        log.info("vla-edge run: robot=%s bundle=%s (%s, %s) mode=%s rate=%g Hz; keyboard %s: %s", profile.name,
+                 bundle.root, bundle.precision, getattr(policy, "provider", "?"), mode, cfg.rate_hz, listener.source,
+                 keys)
         if on_connected is not None:
             on_connected(robot, loop, estop)
         try:
+            if status is not None:
+                status.start()
             with listener:
                 fault = loop.run()
         finally:
             restore()
-            if interactive:
-                print(file=sys.stderr)
+            if status is not None:
+                status.stop()
     finally:
         try:
             robot.disconnect()
@@ -174,13 +176,21 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
                 if fault:
                     recorder.record_event(time.monotonic(), "fault", fault)
                 recorder.close()
-    stats.print_summary(console)
+    stats.print_summary()  # results: stdout
     if json_path:
         stats.write_json(json_path)
     if fault:
         print(f"vla-edge run: stopped safely: {fault}", file=sys.stderr)
         return 3
     return 0
+
+
+def _status_region(console, stats):
+    """The live status line: one rich region at the bottom of the terminal; log lines print above it."""
+    from rich.live import Live
+
+    return Live(stats.status_line(console.width - 1), console=console, auto_refresh=False, transient=True,
+                redirect_stdout=False, redirect_stderr=False)
 
 
 def main(args) -> int:
@@ -197,6 +207,7 @@ def demo(args) -> int:
     ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
     """
     import random
+    import time
 
     from vla_edge.edge.evaluate import _SuccessMonitor
     from vla_edge.edge.task import INSTRUCTION, ReachTask
@@ -211,6 +222,7 @@ def demo(args) -> int:
     def place_target(robot, loop, estop) -> None:
         robot.sim.scene.target_radius_m = task.target_radius_m
         robot.sim.set_target(*episode.target_xy_m)
+        time.sleep(0.1)  # as eval's reset does: the first frames the policy sees show the target
         seen["sim"] = robot.sim
         seen["monitor"] = _SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
 

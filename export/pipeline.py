@@ -355,11 +355,10 @@ def print_summary(res: ExportResult, console) -> None:
 
 
 def main(args) -> int:
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.telemetry import log_console, out_console
     from vla_edge.export.checkpoint import load_checkpoint
 
-    console = Console(stderr=True)
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
     check_out(Path(args.out), args.force, Path(args.ckpt) if args.ckpt else None)
@@ -371,7 +370,8 @@ def main(args) -> int:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else random_checkpoint(args.shape)
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=log_console()) as progress:  # progress and logs: stderr
         res = export_bundle(ckpt, opts, progress)
-    print_summary(res, console)
+    print_summary(res, out_console())  # results: stdout
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import select
 import signal
 import subprocess
@@ -597,14 +598,17 @@ def test_cli_run_writes_the_json_summary(int8_bundle, tmp_path):
 
 
 def test_demo_from_a_fresh_workdir(tmp_path):
-    """The README's first command: the shipped policy, INT8 export, 3 s on the simulated robot, summary,
-    and the arm reaches the target (seed 1001: the right arm's outer spot, reached in ~1 s in eval)."""
+    """The README's first command: the shipped policy, INT8 export, the simulated robot until eval's success
+    test holds, the summary on stdout (seed 1001: the right arm's outer spot, reached in ~1 s in eval)."""
     from vla_edge.tools.package_data import shipped_policy
 
     work = tmp_path / "demo"
-    r = run_cli("demo", "--seconds", "3", "--workdir", str(work), "--seed", "1001")
+    r = run_cli("demo", "--seconds", "8", "--workdir", str(work), "--seed", "1001")
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((work / "bundle" / "manifest.json").read_text())
     assert shipped_policy() is not None and manifest["source"]["name"] == "tiny_policy.pt"
-    assert "run: " in r.stderr and "ticks in 3.0 s" in r.stderr
-    assert "for the right arm; the fingertip ended" in r.stderr and "(reached)" in r.stderr, r.stderr[-2000:]
+    assert "ticks in" in r.stdout and "ticks in" not in r.stderr  # results on stdout, logs on stderr
+    verdict = " ".join(r.stdout.split())  # the line may wrap at 80 columns
+    assert "for the right arm (seed 1001): success after" in verdict, r.stdout[-2000:]
+    ticks = int(re.search(r"run: (\d+) ticks", verdict).group(1))
+    assert ticks < 8 * RATE_HZ  # ended on success, not at the time limit
