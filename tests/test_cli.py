@@ -7,6 +7,7 @@ and a phrase the one error line must contain. Run as a user would, in a subproce
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -108,3 +109,16 @@ def test_text_and_random_checkpoints_get_a_short_correct_message(scratch, monkey
         r = run_cli("export", "--ckpt", name, "--out", "new")
         line = r.stderr.strip()
         assert r.returncode == 2 and "non-tensor" not in line and line.endswith("neither)"), line
+
+
+def test_bench_parallel_labels_the_decoder_call_row(fused_int8_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--bundle", str(fused_int8_bundle), "--steps", "1", "--warmup", "0", "--parallel",
+                "--provider", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "per token (decode)" in r.stdout and "per decoder call" in r.stdout
+    report = json.loads(out.read_text())
+    calls = report["decoder_calls_per_step"]
+    assert 1 <= calls <= report["tokens_per_step"] - 1  # Jacobi: at most one call per token
+    per_token, per_call = report["per_token_ms"]["p50"], report["per_decoder_call_ms"]["p50"]
+    assert per_call == pytest.approx(per_token * (report["tokens_per_step"] - 1) / calls, rel=1e-6)
