@@ -181,7 +181,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="success rate of a bundle on the simulated reach task (optionally vs PyTorch)",
         description="Run N seeded episodes of the simulated reach task (a red target on the table; the "
         "arm on its side must touch it) through the normal control loop and report the success rate "
-        "with a 95%% Wilson interval and the mean time to success. --baseline torch also runs the "
+        "with a 95 % Wilson interval and the mean time to success. --baseline torch also runs the "
         "checkpoint's PyTorch model on the same seeds and reports per-step token agreement.",
     )
     p.add_argument("--bundle", help="bundle directory (default: the demo bundle)")

@@ -92,6 +92,7 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
     """
     import time
 
+    from rich.text import Text
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
@@ -149,7 +150,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
                            recorder, cameras=bundle.layout.cameras)
         status = _status_region(console, stats) if console.is_terminal else None
         if status is not None:
-            loop.on_status = lambda _line: status.update(stats.status_line(console.width - 1), refresh=True)
+            loop.on_status = lambda _line: status.update(Text(stats.status_line(console.width - 1), no_wrap=True),
+                                                         refresh=True)
         listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty)
         restore = install_signal_handlers(estop)
         keys = ("space: e-stop, r then y: resume, Ctrl+C: stop" if listener.source != "none"
@@ -188,8 +190,9 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
 def _status_region(console, stats):
     """The live status line: one rich region at the bottom of the terminal; log lines print above it."""
     from rich.live import Live
+    from rich.text import Text
 
-    return Live(stats.status_line(console.width - 1), console=console, auto_refresh=False, transient=True,
+    return Live(Text(stats.status_line(console.width - 1), no_wrap=True), console=console, auto_refresh=False, transient=True,
                 redirect_stdout=False, redirect_stderr=False)
 
 

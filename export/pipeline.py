@@ -303,7 +303,7 @@ class _Steps:
             yield
             self.seconds[name] = time.perf_counter() - t0
             if self.progress:
-                self.progress.update(task, completed=1, description=f"{name} [dim]({self.seconds[name]:.1f} s)[/]")
+                self.progress.update(task, completed=1)  # the elapsed column shows its time
 
         return run()
 
