@@ -336,7 +336,7 @@ def random_checkpoint(shape: str):
 def print_summary(res: ExportResult, console) -> None:
     from rich.table import Table
 
-    sizes = Table(title=f"files in {res.bundle}", title_justify="left")
+    sizes = Table(title="bundle files", title_justify="left")
     sizes.add_column("file")
     sizes.add_column("MB", justify="right")
     for name, n in res.sizes.items():
@@ -351,7 +351,7 @@ def print_summary(res: ExportResult, console) -> None:
                     f"{v['logit_cosine_min']:.6f}", f"{v['token_agreement']:.3f}", str(v["chunks_identical"]),
                     f"{v['action_max_abs_err']:.4f}")
     console.print(par)
-    console.print(f"total {sum(res.seconds.values()):.1f} s")
+    console.print(f"wrote bundle {res.bundle} in {sum(res.seconds.values()):.1f} s", soft_wrap=True, highlight=False)
 
 
 def main(args) -> int:

@@ -43,7 +43,7 @@ CASES = [
     ("run --rate nan", "--rate: nan must be > 0"),
     ("run --seconds -1", "--seconds: -1 must be >= 0"),
     ("run --max-ticks -1", "--max-ticks: -1 must be >= 0"),
-    ("bench --kernels --steps 0", "--steps: 0 must be >= 1"),
+    ("bench --steps 0", "--steps: 0 must be >= 1"),
     ("bench --kernels --warmup -1", "--warmup: -1 must be >= 0"),
     ("eval --episodes 0", "--episodes: 0 must be >= 1"),
     ("eval --max-seconds 0", "--max-seconds: 0 must be > 0"),
@@ -122,3 +122,22 @@ def test_bench_parallel_labels_the_decoder_call_row(fused_int8_bundle, tmp_path)
     assert 1 <= calls <= report["tokens_per_step"] - 1  # Jacobi: at most one call per token
     per_token, per_call = report["per_token_ms"]["p50"], report["per_decoder_call_ms"]["p50"]
     assert per_call == pytest.approx(per_token * (report["tokens_per_step"] - 1) / calls, rel=1e-6)
+
+
+def test_export_prints_results_to_stdout_and_each_step_once_to_stderr(tiny_ckpt, tmp_path):
+    out = tmp_path / "bundle"
+    r = run_cli("export", "--ckpt", str(tiny_ckpt), "--out", str(out), "--precision", "int8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"wrote bundle {out} in " in r.stdout and "bundle bundle" not in r.stdout
+    assert "fp32 vision" not in r.stdout and "parity vs PyTorch fp32" in r.stdout  # only the bundle's files
+    for step in ("build PyTorch model", "quantize (dynamic-qint8)", "parity on 2 fixed inputs"):
+        assert r.stderr.count(step) == 1, (step, r.stderr)
+    assert "pre-processing" not in r.stderr  # ONNX Runtime's quantiser warning: shown with --debug only
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_help_texts():
+    r = run_cli("eval", "--help")
+    assert "95 % Wilson" in " ".join(r.stdout.split()) and "%%" not in r.stdout
+    r = run_cli("check", "--help")
+    assert "one row per device" in " ".join(r.stdout.split())
