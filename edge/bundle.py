@@ -242,6 +242,7 @@ def check_manifest(m: dict) -> str | None:
         if m["roles"].get(role) not in m["files"]:
             return f"roles.{role}: {m['roles'].get(role)!r} is not a file listed in the manifest"
     return (_check_model(m["model"]) or _check_tokens(m["tokens"], m["head_ids"], m.get("graphs"))
+            or ("bin_edges" in m and _check_bin_edges(m["bin_edges"], m["tokens"].get("n_bins", 256)) or None)
             or _check_policy(m["policy"]) or _check_layout(m["image_layout"]) or _check_prompt(m["prompt"])
             or _check_decoder(m))
 
@@ -280,6 +281,19 @@ def _check_tokens(t: dict, head_ids: list, graphs) -> str | None:
     if head_ids != want:
         return (f"head_ids ({len(head_ids)} ids) do not match tokens (n_bins {n_bins} bins below vocab_base "
                 f"{t['vocab_base']}, then im_end and the {len(DIRECTIONS)} directions: {len(want)} ids)")
+    if "bins" in t and not isinstance(t["bins"], str):
+        return f"tokens.bins: expected a name (uniform, norm), got {t['bins']!r}"
+    return _check_width(graphs, head_ids)
+
+
+def _check_bin_edges(edges, n_bins: int) -> str | None:
+    if not (_reals(edges, n_bins) and all(a < b for a, b in zip(edges, edges[1:], strict=False))
+            and -1.0 <= edges[0] and edges[-1] <= 1.0):
+        return f"bin_edges: expected {n_bins} ascending numbers in [-1, 1]"
+    return None
+
+
+def _check_width(graphs, head_ids: list) -> str | None:
     try:
         width = graphs["decoder"]["outputs"]["logits"][-1]
     except (TypeError, KeyError, IndexError):

@@ -65,6 +65,7 @@ SCHEMA_CASES = {
     "fused without max_len": (lambda m: m.update(decoder_kind="fused", max_len=None), "max_len"),
     "path in files": (lambda m: m["files"].__setitem__("../x", {"sha256": "0" * 64, "bytes": 1}), "plain file name"),
     "no hash (older vla-edge)": (lambda m: m.pop("manifest_sha256"), "re-export"),
+    "bin edges not ascending": (lambda m: m.update(bin_edges=[0.5] * m["tokens"]["n_bins"]), "bin_edges"),
 }
 
 
