@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import warnings
 from functools import cache
 from pathlib import Path
@@ -62,8 +63,11 @@ def setup_logging(debug: bool = False) -> None:
     """
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=log_console(), show_path=debug, show_time=debug, rich_tracebacks=False,
-                          markup=False)
+    if log_console().is_terminal:  # above the live region and progress bars, wrapped to the width
+        handler = RichHandler(console=log_console(), show_path=debug, show_time=debug, markup=False)
+    else:  # a pipe or a file: plain lines, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     if not debug:
         handler.addFilter(_OursOrErrors())
         warnings.filterwarnings("ignore")
