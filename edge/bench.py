@@ -17,7 +17,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle, BundleError
+from vla_edge.edge.bundle import Bundle
 from vla_edge.edge.engine import STAGES, Engine
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.telemetry import out_console, percentiles
@@ -44,6 +44,7 @@ def synthetic_inputs(layout, state_dim: int, seed: int = 0):
 def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object]:
     """Export (once) and return the cached bundle of a real shape with random weights."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.bundle import BundleError
     from vla_edge.edge.telemetry import log_console
     from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
@@ -72,9 +73,8 @@ def run_engine(engine: Engine, frames, state, instruction: str, navigation: bool
     # decode covers the tokens after the first (prefill yields the first); with --parallel a decoder call
     # yields several tokens, so per token and per decoder call differ
     per_token = [c.timings_ms["decode"] / max(len(c.token_ids) - 1, 1) for c in chunks]
-    per_call = [c.timings_ms["decode"] / max(c.decode_calls, 1) for c in chunks]
     n_tokens = [len(c.token_ids) for c in chunks]
-    return chunks, stages, per_token, per_call, n_tokens
+    return chunks, stages, per_token, n_tokens
 
 
 def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, steps, warmup):
@@ -124,7 +124,7 @@ def main(args) -> int:
     engine = Engine(bundle, provider=args.provider, parallel=args.parallel)
     frames, state = synthetic_inputs(bundle.layout, bundle.policy.state_dim)
     instruction = "pick up the red cube"
-    chunks, stages, per_token, per_call, n_tokens = run_engine(
+    chunks, stages, per_token, n_tokens = run_engine(
         engine, frames, state, instruction, args.navigation, args.steps, args.warmup
     )
     report: dict = {
@@ -137,7 +137,7 @@ def main(args) -> int:
         "steps": args.steps,
         "stages_ms": {k: percentiles(v) for k, v in stages.items()},
         "per_token_ms": percentiles(per_token),
-        "per_decoder_call_ms": percentiles(per_call),
+        "per_decoder_call_ms": percentiles([c.timings_ms["decode"] / max(c.decode_calls, 1) for c in chunks]),
         "decoder_calls_per_step": int(np.median([c.decode_calls for c in chunks])),
         "tokens_per_step": int(np.median(n_tokens)),
         "tokens_per_s": float(np.median(n_tokens) / (np.median(stages["decode"]) + np.median(stages["prefill"])) * 1e3),
