@@ -28,6 +28,7 @@ import numpy as np
 from vla_edge.edge.bundle import Bundle, check_replaceable, write_manifest
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+from vla_edge.edge.telemetry import log_console, out_console
 from vla_edge.export.fused import DEFAULT_MAX_LEN
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     from vla_edge.export.reference import TorchReference
 
     out = Path(opts.out)
-    check_out(out, opts.force, ckpt.path)
+    check_out(out, opts.force, ckpt.path)  # before any slow work: --force replaces only a bundle
     opts.decoder = resolve_decoder(opts.decoder, ckpt.model.text.head_dim)
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out} already exists (use --force to replace it)")
     if ckpt.tokenizer_json is None:
         raise ExportError("checkpoint has no tokenizer (wrapper 'tokenizer_json' or tokenizer.json in the directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,10 +358,11 @@ def print_summary(res: ExportResult, console) -> None:
 
 
 def main(args) -> int:
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.edge.telemetry import log_console, out_console
     from vla_edge.export.checkpoint import load_checkpoint
 
+    console: Console = log_console()  # progress and logs: stderr, one console (logs print above the progress)
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
     check_out(Path(args.out), args.force, Path(args.ckpt) if args.ckpt else None)
@@ -370,8 +374,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.ckpt) if args.ckpt else random_checkpoint(args.shape)
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=log_console()) as progress:  # progress and logs: stderr
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         res = export_bundle(ckpt, opts, progress)
     print_summary(res, out_console())  # results: stdout
     return 0
