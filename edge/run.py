@@ -92,16 +92,14 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
     """
     import time
 
-    from rich.text import Text
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import EStop, KeyboardListener, install_signal_handlers
     from vla_edge.edge.loop import ControlLoop, LoopConfig
     from vla_edge.edge.robot import Robot, load_profile
     from vla_edge.edge.safety import SafetyFilter
-    from vla_edge.edge.telemetry import RunStats, log_console
+    from vla_edge.edge.telemetry import RunStats
 
-    console = log_console()
     profile = load_profile(robot_name)
     if bundle_path is None:
         if profile.sim is None:
@@ -148,28 +146,17 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         estop.on_resume(on_resume)
         loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
                            recorder, cameras=bundle.layout.cameras)
-        status = _status_region(console, stats) if console.is_terminal else None
-        if status is not None:
-            loop.on_status = lambda _line: status.update(Text(stats.status_line(console.width - 1), no_wrap=True),
-                                                         refresh=True)
+        status = live_status(stats, loop)
         listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty)
         restore = install_signal_handlers(estop)
-        keys = ("space: e-stop, r then y: resume, Ctrl+C: stop" if listener.source != "none"
-                else "no e-stop keys, Ctrl+C stops")
-        log.info("vla-edge run: robot=%s bundle=%s (%s, %s) mode=%s rate=%g Hz; keyboard %s: %s", profile.name,
-                 bundle.root, bundle.precision, getattr(policy, "provider", "?"), mode, cfg.rate_hz, listener.source,
-                 keys)
+        log_banner(profile, bundle, policy, mode, cfg.rate_hz, listener.source)
         if on_connected is not None:
             on_connected(robot, loop, estop)
         try:
-            if status is not None:
-                status.start()
-            with listener:
+            with status, listener:
                 fault = loop.run()
         finally:
             restore()
-            if status is not None:
-                status.stop()
     finally:
         try:
             robot.disconnect()
@@ -187,13 +174,35 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
     return 0
 
 
-def _status_region(console, stats):
-    """The live status line: one rich region at the bottom of the terminal; log lines print above it."""
+def live_status(stats, loop):
+    """The live status line as a context manager: one rich region at the bottom of a terminal (log lines
+    print above it, the line is cut to the width, it is removed at the end); nothing when stderr is no terminal.
+    Sets ``loop.on_status``."""
+    import contextlib
+
     from rich.live import Live
     from rich.text import Text
+    from vla_edge.edge.telemetry import log_console
 
-    return Live(Text(stats.status_line(console.width - 1), no_wrap=True), console=console, auto_refresh=False, transient=True,
-                redirect_stdout=False, redirect_stderr=False)
+    console = log_console()
+    if not console.is_terminal:
+        return contextlib.nullcontext()
+
+    def line() -> Text:
+        return Text(stats.status_line(console.width - 1), no_wrap=True)
+
+    live = Live(line(), console=console, auto_refresh=False, transient=True, redirect_stdout=False,
+                redirect_stderr=False)
+    loop.on_status = lambda _line: live.update(line(), refresh=True)
+    return live
+
+
+def log_banner(profile, bundle, policy, mode: str, rate_hz: float, keyboard_source: str) -> None:
+    """One log line: what runs where, and the keys (none advertised when there is no keyboard)."""
+    keys = ("space: e-stop, r then y: resume, Ctrl+C: stop" if keyboard_source != "none"
+            else "no e-stop keys, Ctrl+C stops")
+    log.info("vla-edge run: robot=%s bundle=%s (%s, %s) mode=%s rate=%g Hz; keyboard %s: %s", profile.name,
+             bundle.root, bundle.precision, getattr(policy, "provider", "?"), mode, rate_hz, keyboard_source, keys)
 
 
 def main(args) -> int:
