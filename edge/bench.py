@@ -31,7 +31,7 @@ import numpy as np
 from vla_edge.edge.bundle import Bundle
 from vla_edge.edge.engine import STAGES, Engine, EngineError, parallel_refusal
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.telemetry import percentiles
+from vla_edge.edge.telemetry import out_console, percentiles
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,23 @@ def synthetic_inputs(layout, state_dim: int, seed: int = 0):
 
 def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object]:
     """Export (once) and return the cached bundle of a real shape with random weights."""
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.bundle import BundleError
+    from vla_edge.edge.telemetry import log_console
     from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
     out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
     ckpt = None
-    if not (out / "manifest.json").exists():
+    try:
+        Bundle.load(out, verify=False)
+        fresh = False
+    except BundleError:  # not there yet, or written by an older vla-edge
+        fresh = True
+    if fresh:
         log.info("exporting %s (random weights) into %s: several minutes on a CPU, once", shape, out)
         ckpt = random_checkpoint(shape)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=Console(stderr=True)) as progress:
+                      console=log_console()) as progress:
             export_bundle(ckpt, ExportOptions(out=out, target=target, precision=precision, force=True), progress)
     return out, ckpt
 
@@ -101,7 +107,9 @@ def run_engine(engine: Engine, frames, state, instruction: str, navigation: bool
         engine.step(frames, state)
     chunks = [engine.step(frames, state) for _ in range(steps)]
     stages = {s: [c.timings_ms[s] for c in chunks] for s in (*STAGES, "total")}
-    per_token = [c.timings_ms["decode"] / max(c.decode_calls, 1) for c in chunks]
+    # decode covers the tokens after the first (prefill yields the first); with --parallel a decoder call
+    # yields several tokens, so per token and per decoder call differ
+    per_token = [c.timings_ms["decode"] / max(len(c.token_ids) - 1, 1) for c in chunks]
     n_tokens = [len(c.token_ids) for c in chunks]
     return chunks, stages, per_token, n_tokens
 
@@ -135,10 +143,9 @@ def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, step
 
 
 def main(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = out_console()
     if args.kernels:
         from vla_edge.kernels import bench as kbench
 
@@ -181,6 +188,8 @@ def main(args) -> int:
         "steps": args.steps,
         "stages_ms": {k: percentiles(v) for k, v in stages.items()},
         "per_token_ms": percentiles(per_token),
+        "per_decoder_call_ms": percentiles([c.timings_ms["decode"] / max(c.decode_calls, 1) for c in chunks]),
+        "decoder_calls_per_step": int(np.median([c.decode_calls for c in chunks])),
         "tokens_per_step": int(np.median(n_tokens)),
         "tokens_per_s": float(np.median(n_tokens) / (np.median(stages["decode"]) + np.median(stages["prefill"])) * 1e3),
         "decode_calls_per_chunk": percentiles([c.decode_calls for c in chunks]),
@@ -206,7 +215,10 @@ def main(args) -> int:
         table.add_column(q, justify="right")
     for k, v in report["stages_ms"].items():
         table.add_row(k, *(f"{v[q]:.2f}" for q in ("p50", "p95", "p99")))
-    table.add_row("per token", *(f"{report['per_token_ms'][q]:.2f}" for q in ("p50", "p95", "p99")))
+    table.add_row("per token (decode)", *(f"{report['per_token_ms'][q]:.2f}" for q in ("p50", "p95", "p99")))
+    if args.parallel:
+        table.add_row(f"per decoder call ({report['decoder_calls_per_step']} a step)",
+                      *(f"{report['per_decoder_call_ms'][q]:.2f}" for q in ("p50", "p95", "p99")))
     console.print(table)
     console.print(f"{report['tokens_per_step']} tokens per step, {report['tokens_per_s']:.1f} tokens/s (prefill + decode)")
     if sequential is not None:

@@ -1,75 +1,154 @@
-"""``vla-edge check``: connect to every device of a robot profile, print what was found, exit.
+"""``vla-edge check``: probe every device of a robot profile, print one row each, exit.
 
-Exit status 0 when every device answered and no fault is active, 1 when connected but with
-faults; a device that cannot be reached raises :class:`VlaEdgeError` (one line from the CLI, 2).
+Usage::
+
+    vla-edge check --robot cobot_magic     # the real robot: both CAN buses, the serial port, each camera
+    vla-edge check --robot sim             # the simulators, probed the same way
+
+Each device is probed on its own, so one missing device does not hide the others: the left and right
+Piper arms (SocketCAN interface up, feedback, motors enabled; the arms hold their pose, nothing moves),
+the TRACER base (serial port present and writable, feedback frames), and each camera (opens, delivers
+frames for ``--seconds``; fps measured). The table (stdout) says for each: found or missing, what was
+seen or why not, and how to fix it. Exit status 0 when every device was found, 1 otherwise.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
-from vla_edge.edge.cameras import CameraFault
+from rich.text import Text
+from vla_edge.edge.cameras import Camera
 from vla_edge.edge.robot import SIDES, Robot, load_profile
+from vla_edge.edge.telemetry import out_console
 from vla_edge.firmware_bridge import tracer_protocol as tp
+from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig, can_interface_problem
+from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One device's row: ``found`` or not, what was seen (or why not), and how to fix it."""
+
+    device: str
+    where: str
+    found: bool
+    detail: str
+    fix: str = ""
+
+
+def can_fix(name: str, why: str) -> str:
+    if f"CAN interface {name}" in why:  # not found, or down
+        return f"plug in its USB-CAN adapter, then: sudo ip link set {name} up type can bitrate 1000000"
+    return f"power the arm on; is {name} its bus? (candump {name})"
+
+
+def probe_arm(side: str, cfg: PiperArmConfig) -> Probe:
+    device, where = f"arm {side}", f"CAN {cfg.can_name}"
+    if cfg.bustype == "socketcan" and (why := can_interface_problem(cfg.can_name)):
+        return Probe(device, where, False, why, can_fix(cfg.can_name, why))
+    arm = PiperArm(cfg)
+    try:
+        arm.connect()
+        s = arm.read_state()
+        q = " ".join(f"{v:+.2f}" for v in s.qpos)
+        return Probe(device, where, True, f"firmware {arm.firmware or '?'}, enabled {all(s.enabled)}, "
+                     f"status {s.status:#04x}, qpos {q}")
+    except Exception as e:  # any failure is this device's row, not the end of the check
+        return Probe(device, where, False, str(e), can_fix(cfg.can_name, str(e)))
+    finally:
+        arm.disconnect()
+
+
+def probe_base(cfg: TracerBaseConfig) -> Probe:
+    device, where = "TRACER base", f"serial {cfg.port}"
+    port = Path(cfg.port)
+    if not port.exists():
+        return Probe(device, where, False, f"{cfg.port} not found",
+                     "plug in the USB-RS232 cable (ls /dev/ttyUSB*); [base] port in the profile")
+    if not os.access(port, os.R_OK | os.W_OK):
+        return Probe(device, where, False, f"no permission to open {cfg.port}",
+                     "sudo usermod -aG dialout $USER, then log in again")
+    base = TracerBase(cfg)
+    try:
+        base.connect()
+        b = base.read_state()
+        state = tp.VEHICLE_STATES.get(b.vehicle_state, hex(b.vehicle_state))
+        return Probe(device, where, True, f"{state}, battery {b.battery_v:.1f} V, faults "
+                     f"{', '.join(b.fault_names) or 'none'}")
+    except Exception as e:
+        return Probe(device, where, False, str(e),
+                     "switch the base on, in serial control mode (115200 baud)")
+    finally:
+        base.disconnect()
+
+
+def probe_cameras(cameras: dict[str, Camera], seconds: float, devices: dict) -> list[Probe]:
+    started, rows = {}, {}
+    for name, cam in cameras.items():
+        where = str(devices.get(name, type(cam.source).__name__.removesuffix("Source").lower()))
+        try:
+            cam.start()
+            started[name] = where
+        except Exception as e:
+            rows[name] = Probe(f"camera {name}", where, False, str(e).removeprefix(f"camera {name}: "),
+                               "plug it in (v4l2-ctl --list-devices); [cameras.devices] in the profile; "
+                               "permission: sudo usermod -aG video $USER")
+    try:
+        if started:
+            time.sleep(seconds)
+        for name, where in started.items():
+            cam = cameras[name]
+            frame = cam.latest()
+            if frame is None or cam.error:
+                rows[name] = Probe(f"camera {name}", where, False, cam.error or f"no frame in {seconds:g} s",
+                                   "check the cable; one camera per USB controller")
+            else:
+                h, w = frame.image.shape[:2]
+                rows[name] = Probe(f"camera {name}", where, True, f"{w}x{h} at {cam.fps_measured:.1f} fps, "
+                                   f"newest frame {1e3 * (time.monotonic() - frame.stamp_s):.0f} ms old")
+    finally:
+        for name in started:
+            cameras[name].stop()
+    return [rows[name] for name in cameras]
+
+
+def probe_all(robot_name: str, seconds: float = 1.0) -> list[Probe]:
+    """One :class:`Probe` per device of the profile (arms, base, cameras), in that order."""
+    config = load_profile(robot_name)
+    robot = Robot(config)
+    try:
+        if config.sim is not None:  # start the simulators, then probe them like hardware
+            arm_cfgs, base_cfg, rig = robot._start_sim()
+        else:
+            arm_cfgs, base_cfg, rig = dict(config.arms), config.base, None
+        rig = rig or robot._make_rig()
+        rows = [probe_arm(side, arm_cfgs[side]) for side in SIDES]
+        rows.append(probe_base(base_cfg))
+        rows += probe_cameras(rig.cameras, seconds, config.cameras.devices if config.sim is None else {})
+        return rows
+    finally:
+        robot.disconnect()  # stops the simulators
 
 
 def main(args) -> int:
     config = load_profile(args.robot)
-    console = Console()
     kind = "simulated" if config.sim is not None else "hardware"
-    console.print(f"[bold]vla-edge check[/bold]: robot profile [cyan]{config.name}[/cyan] ({kind})")
-    robot = Robot(config)
-    robot.connect()
-    try:
-        time.sleep(max(0.0, getattr(args, "seconds", 1.0)))  # let the camera fps estimate settle
-        frames = None
-        for attempt in range(5):  # a diagnostic: tolerate a momentary hiccup, report a lasting one
-            try:
-                frames = robot.read_frames()
-                break
-            except CameraFault:
-                if attempt == 4:
-                    raise
-                time.sleep(0.2)
-        state = robot.read_state()
-
-        arms = Table(title="Piper arms", title_justify="left")
-        for col in ("side", "bus", "firmware", "enabled", "status", "qpos (rad, gripper m)"):
-            arms.add_column(col)
-        for i, side in enumerate(SIDES):
-            arm = robot.arms[side]
-            s = arm.read_state()
-            q = state.qpos[7 * i : 7 * i + 7]
-            arms.add_row(side, arm.name, arm.firmware or "?", "yes" if all(s.enabled) else str(s.enabled),
-                         f"{s.status:#04x}", " ".join(f"{v:+.3f}" for v in q))
-        console.print(arms)
-
-        b = robot.base.read_state()
-        base = Table(title="TRACER base", title_justify="left")
-        for col in ("port", "state", "battery", "velocity", "fault bits"):
-            base.add_column(col)
-        base.add_row(robot.base.config.port, tp.VEHICLE_STATES.get(b.vehicle_state, hex(b.vehicle_state)),
-                     f"{b.battery_v:.1f} V", f"{b.vx_mps:+.3f} m/s {b.wz_radps:+.3f} rad/s",
-                     ", ".join(b.fault_names) or "none")
-        console.print(base)
-
-        cams = Table(title="Cameras", title_justify="left")
-        for col in ("camera", "size", "fps measured", "age", "skew"):
-            cams.add_column(col)
-        for name, cam in robot.cameras.cameras.items():
-            img = frames.images[name]
-            cams.add_row(name, f"{img.shape[1]}x{img.shape[0]}", f"{cam.fps_measured:.1f}",
-                         f"{frames.ages_s[name] * 1000:.0f} ms", f"{frames.skew_s * 1000:.1f} ms")
-        console.print(cams)
-
-        faults = robot.faults()
-    finally:
-        robot.disconnect()
-    if faults:
-        for f in faults:
-            console.print(f"[red]fault[/red] {f}")
+    rows = probe_all(args.robot, getattr(args, "seconds", 1.0))
+    table = Table(title=f"vla-edge check: robot profile {config.name} ({kind})", title_justify="left")
+    for col in ("device", "where", "", "seen / why", "how to fix"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.device, r.where, Text("found", "green") if r.found else Text("missing", "red"),
+                      Text(r.detail), Text(r.fix))
+    console = out_console()
+    console.print(table)
+    missing = [r.device for r in rows if not r.found]
+    if missing:
+        console.print(f"[red]{len(missing)} of {len(rows)} devices missing[/]: {', '.join(missing)}")
         return 1
-    console.print("[green]all devices OK[/green]")
+    console.print(f"[green]all {len(rows)} devices found[/]")
     return 0

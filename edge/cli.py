@@ -10,10 +10,45 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
+import zipfile
+from pathlib import Path
 
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger("vla_edge")
+
+
+class ArgumentError(VlaEdgeError):
+    """An argument that cannot work (a range, a path, a missing companion flag), found before any slow work."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``vla-edge CMD: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, lo, strict: bool):
+    """An argparse type: ``kind`` with a lower bound (``> lo`` when strict, else ``>= lo``)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or v in (float("inf"), float("-inf")) or (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {lo}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _number(float, 0, strict=True)
+NON_NEGATIVE = _number(float, 0, strict=False)
+COUNT = _number(int, 1, strict=False)  # >= 1
+NON_NEGATIVE_INT = _number(int, 0, strict=False)
 
 
 def _add_tiny_ckpt(sub: argparse._SubParsersAction) -> None:
@@ -68,11 +103,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "fused: GroupQueryAttention graph with fused rotary and one preallocated KV buffer "
         "per layer; plain: TorchScript export of transformers' Qwen2, KV cache grows every step",
     )
-    p.add_argument("--max-len", type=int,
+    p.add_argument("--max-len", type=COUNT,
                    help="fused decoder only: KV buffer length in positions (prompt + chunk; default 1024)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--parity-samples", type=int, default=2, help="fixed inputs used for the parity report")
+    p.add_argument("--opset", type=COUNT, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--parity-samples", type=COUNT, default=2, help="fixed inputs used for the parity report")
     p.set_defaults(func=lambda a: _call("vla_edge.export.pipeline", "main", a))
 
 
@@ -87,10 +122,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", help="bundle directory")
     p.add_argument("--shape", choices=["llava-ov-0.5b"], help="benchmark the real shape with random weights")
     p.add_argument("--kernels", action="store_true", help="benchmark the C++ kernels instead")
-    p.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up steps (default 1)")
+    p.add_argument("--steps", type=COUNT, default=5, help="measured steps (default 5)")
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1, help="warm-up steps (default 1)")
     p.add_argument("--baseline", choices=["torch"], help="also run the PyTorch reference")
-    p.add_argument("--ckpt", help="checkpoint for --baseline torch (default: the bundle's source)")
+    p.add_argument("--ckpt", help="checkpoint for --baseline torch with --bundle (required: the one the bundle "
+                   "was exported from; its sha256 is checked)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     p.add_argument("--parallel", action="store_true",
                    help="also decode with Jacobi parallel decoding and report both and the ratio")
@@ -112,9 +148,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", default="pick up the red cube", help="task instruction")
     p.add_argument("--navigation", action="store_true", help="ask for mobile manipulation (<Navigation>)")
     p.add_argument("--mode", choices=["sync", "async"], default="sync", help="chunk execution mode")
-    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until e-stop/Ctrl+C)")
-    p.add_argument("--rate", type=float, help="control rate in Hz (default: the robot profile's, 30)")
-    p.add_argument("--max-ticks", type=int, default=0, help="stop after this many control ticks (0: no limit)")
+    p.add_argument("--seconds", type=NON_NEGATIVE, default=0.0, help="stop after this long (0: until e-stop/Ctrl+C)")
+    p.add_argument("--rate", type=POSITIVE, help="control rate in Hz (default: the robot profile's, 30)")
+    p.add_argument("--max-ticks", type=NON_NEGATIVE_INT, default=0, help="stop after this many control ticks (0: no limit)")
     p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
                    help="e-stop keyboard: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
     p.add_argument("--firmware-estop", action="store_true",
@@ -133,7 +169,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "put a red target at a random spot and run the simulated Cobot Magic: the arm on the target's side "
         "reaches over it. Prints the run summary and how close the fingertip ended.",
     )
-    p.add_argument("--seconds", type=float, default=10.0, help="how long to run the simulated robot")
+    p.add_argument("--seconds", type=POSITIVE, default=10.0, help="how long to run the simulated robot")
     p.add_argument("--seed", type=int, help="episode seed: where the target is (default: a random one)")
     p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "demo", a))
@@ -142,10 +178,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
-        help="connect to every device of a robot profile, print what was found, exit",
+        help="probe every device of a robot profile (arms, base, cameras), print one row each, exit",
+        description="Probe every device of a robot profile: each Piper arm's CAN interface, the TRACER base's "
+        "serial port, each camera. Prints one row per device (found or missing, why, how to fix) and exits "
+        "1 if any is missing or faulted, 0 when all answered. Touches nothing: no motion is commanded.",
     )
     p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
-    p.add_argument("--seconds", type=float, default=1.0, help="how long to watch the cameras before reporting fps")
+    p.add_argument("--seconds", type=NON_NEGATIVE, default=1.0, help="how long to watch the cameras before reporting fps")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.check", "main", a))
 
 
@@ -155,14 +194,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="success rate of a bundle on the simulated reach task (optionally vs PyTorch)",
         description="Run N seeded episodes of the simulated reach task (a red target on the table; the "
         "arm on its side must touch it) through the normal control loop and report the success rate "
-        "with a 95%% Wilson interval and the mean time to success. --baseline torch also runs the "
+        "with a 95 % Wilson interval and the mean time to success. --baseline torch also runs the "
         "checkpoint's PyTorch model on the same seeds and reports per-step token agreement.",
     )
     p.add_argument("--bundle", help="bundle directory (default: the demo bundle)")
     p.add_argument("--robot", default="sim", help="a simulated robot profile (default sim)")
-    p.add_argument("--episodes", type=int, default=20, help="number of seeded episodes (default 20)")
+    p.add_argument("--episodes", type=COUNT, default=20, help="number of seeded episodes (default 20)")
     p.add_argument("--seed", type=int, default=1000, help="first episode seed (default 1000; training uses < 1000)")
-    p.add_argument("--max-seconds", type=float, default=8.0, help="an episode fails after this long (default 8)")
+    p.add_argument("--max-seconds", type=POSITIVE, default=8.0, help="an episode fails after this long (default 8)")
     p.add_argument("--baseline", choices=["torch"], help="also evaluate the PyTorch model of the checkpoint")
     p.add_argument("--ckpt", help="checkpoint for --baseline torch (default: the shipped tiny policy if it matches)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
@@ -181,15 +220,15 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="directory of episode_*.hdf5 files")
     p.add_argument("--out", required=True, help="checkpoint to write (best.pt)")
-    p.add_argument("--record", type=int, default=0, help="first record this many expert episodes into --data")
+    p.add_argument("--record", type=NON_NEGATIVE_INT, default=0, help="first record this many expert episodes into --data")
     p.add_argument("--record-seed", type=int, default=0, help="seed of the first recorded episode (default 0)")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500)")
-    p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
+    p.add_argument("--steps", type=COUNT, default=1500, help="optimiser steps (default 1500)")
+    p.add_argument("--batch", type=COUNT, default=8, help="samples per step (default 8)")
+    p.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak AdamW learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
-    p.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0: all)")
+    p.add_argument("--max-episodes", type=NON_NEGATIVE_INT, default=0, help="use at most this many episodes (0: all)")
     p.add_argument("--init", help="continue from this checkpoint's weights (one train-tiny wrote)")
-    p.add_argument("--aux-weight", type=float, default=1.0,
+    p.add_argument("--aux-weight", type=NON_NEGATIVE, default=1.0,
                    help="weight of the training-only target-position loss, used when the episodes record "
                    "target_xy_m (default 1.0; 0 turns it off)")
     p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
@@ -262,28 +301,133 @@ def _call(module: str, func: str, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vla-edge",
         description="Deploy LLaVA-VLA on an AgileX Cobot Magic: export, benchmark, run (sim by default).",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks, debug logs and library warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
                 _add_train_tiny, _add_record, _add_convert, _add_view):
         add(sub)
+    for p in sub.choices.values():  # `vla-edge run --debug` as well as `vla-edge --debug run`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks, debug logs and library warnings")
     return parser
+
+
+# -- argument checks that need the file system (ranges are checked by the argparse types above) --------
+
+def _probe_writable(d: Path, what: str, path) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise ArgumentError(f"{what} {path}: cannot write in {d} ({e.strerror or e})") from None
+
+
+def out_file(path, what: str) -> None:
+    """A file we will write: its directory exists and is writable, and it is not a directory."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ArgumentError(f"{what} {path}: is a directory (expected a file name)")
+    parent = p.parent
+    if not parent.is_dir():
+        raise ArgumentError(f"{what} {path}: directory {parent} does not exist (create it first)")
+    _probe_writable(parent, what, path)
+
+
+def out_dir(path, what: str) -> None:
+    """A directory we will create or fill: it is a writable directory, or its parent is."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ArgumentError(f"{what} {path}: exists and is not a directory")
+    d = p if p.is_dir() else p.parent
+    if not d.is_dir():
+        raise ArgumentError(f"{what} {path}: directory {d} does not exist (create it first)")
+    _probe_writable(d, what, path)
+
+
+def in_checkpoint(path, what: str = "--ckpt") -> None:
+    """A checkpoint to read: a torch.save file (zip archive or legacy pickle) or an HF directory."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ArgumentError(f"{what} {path}: not found")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ArgumentError(f"{what} {path}: directory has no config.json (expected an HF save_pretrained directory)")
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise ArgumentError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    if not (zipfile.is_zipfile(p) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)):
+        raise ArgumentError(f"{what} {path}: not a PyTorch checkpoint (torch.save writes a zip archive or a "
+                            "pickle; this file is neither)")
+
+
+def in_dir(path, what: str) -> None:
+    if path is not None and not Path(path).is_dir():
+        raise ArgumentError(f"{what} {path}: no such directory")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check that can be made from the arguments alone, before anything slow or any device."""
+    cmd = args.command
+    if cmd == "tiny-ckpt":
+        out_file(args.out, "--out")
+    elif cmd == "export":
+        if bool(args.ckpt) == bool(args.shape):
+            raise ArgumentError("give exactly one of --ckpt PATH or --shape NAME")
+        in_checkpoint(args.ckpt)
+        from vla_edge.edge.bundle import check_replaceable
+
+        if Path(args.out).exists() or Path(args.out).is_symlink():
+            if not args.force:
+                raise ArgumentError(f"{args.out} already exists (use --force to replace a bundle)")
+            check_replaceable(Path(args.out), keep=[Path(args.ckpt)] if args.ckpt else [])
+        else:
+            out_dir(args.out, "--out")
+    elif cmd == "bench":
+        if not (args.bundle or args.shape or args.kernels):
+            raise ArgumentError("give --bundle DIR, --shape NAME or --kernels")
+        in_dir(args.bundle, "--bundle")
+        if args.baseline == "torch" and args.bundle and not args.shape and not args.ckpt:
+            raise ArgumentError("--baseline torch with --bundle needs --ckpt (the checkpoint the bundle was "
+                                "exported from; the bundle records only its sha256)")
+        in_checkpoint(args.ckpt)
+        out_file(args.json, "--json")
+    elif cmd == "run":
+        in_dir(args.bundle, "--bundle")
+        out_file(args.json, "--json")
+        out_dir(args.record, "--record")
+    elif cmd == "demo":
+        out_dir(args.workdir, "--workdir")
+    elif cmd == "eval":
+        in_dir(args.bundle, "--bundle")
+        in_checkpoint(args.ckpt)
+        out_file(args.json, "--json")
+    elif cmd == "train-tiny":
+        (out_dir if args.record else in_dir)(args.data, "--data")
+        out_file(args.out, "--out")
+        in_checkpoint(args.init, "--init")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    log.setLevel(logging.DEBUG if args.debug else logging.INFO)  # our own loggers: info; libraries: warnings
+    from vla_edge.edge.telemetry import setup_logging
+
+    setup_logging(args.debug)
     try:
+        validate(args)
         return args.func(args)
     except VlaEdgeError as e:
         if args.debug:

@@ -336,10 +336,10 @@ def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", base
              ckpt_path: str | None = None, first_seed: int = 1000, max_seconds: float = 8.0,
              provider: str = "cpu", policy=None, progress: bool = True) -> dict:
     """Run the evaluation; returns the report dict (see the module docstring). ``policy`` overrides the bundle."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.telemetry import log_console
 
-    console = Console(stderr=True)
+    console = log_console()
     seeds = episode_seeds(episodes, first_seed)
     policies: list[tuple[str, object]] = []
     bundle = None
@@ -404,10 +404,10 @@ def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", base
 
 
 def print_report(report: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from vla_edge.edge.telemetry import out_console
 
-    console = console or Console()
+    console = console or out_console()
     table = Table(title=f"reach task, {report['summaries'][0]['episodes']} seeded episodes "
                         f"(seeds {report['seeds'][0]}..{report['seeds'][-1]}), max {report['max_seconds']:g} s")
     for col in ("policy", "success", "rate", "95 % CI (Wilson)", "mean time to success"):

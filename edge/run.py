@@ -32,9 +32,8 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     d = demo_dir(workdir)
     bundle = d / "bundle"
     wanted = policy.name if policy is not None else "tiny.pt"
-    if (bundle / "manifest.json").exists():
-        if json.loads((bundle / "manifest.json").read_text()).get("source", {}).get("name") == wanted:
-            return bundle
+    if _loads(bundle) and json.loads((bundle / "manifest.json").read_text())["source"]["name"] == wanted:
+        return bundle
     try:
         from vla_edge.export.checkpoint import load_checkpoint
         from vla_edge.export.pipeline import ExportOptions, export_bundle
@@ -44,8 +43,8 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
             f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
             "pip install 'vla-edge[export]' or pass --bundle"
         ) from None
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from vla_edge.edge.telemetry import log_console
 
     ckpt = policy
     if ckpt is None:
@@ -55,9 +54,20 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
             write_tiny_checkpoint(ckpt, seed=0)
     log.info("exporting %s -> %s", ckpt, bundle)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as progress:
+                  console=log_console()) as progress:
         export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
     return bundle
+
+
+def _loads(bundle: Path) -> bool:
+    """Whether a cached bundle loads with this vla-edge (an older one is exported again)."""
+    from vla_edge.edge.bundle import Bundle, BundleError
+
+    try:
+        Bundle.load(bundle, verify=False)
+    except BundleError:
+        return False
+    return True
 
 
 def safety_limits(profile):
@@ -124,7 +134,6 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
     import signal
     import time
 
-    from rich.console import Console
     from vla_edge.edge.bundle import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import KeyboardListener
@@ -137,7 +146,6 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         if stop.requested:
             raise _StartupStopped(step)
 
-    console = Console(stderr=True)
     robot = None
     try:
         profile = load_profile(robot_name)
@@ -175,9 +183,8 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
             from vla_edge.edge.recorder import EpisodeRecorder
 
             recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"])
-            path = recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root),
-                                           "robot": profile.name, "sim": profile.sim is not None})
-            log.info("recording to %s", path)
+            recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root),  # logs its path
+                                    "robot": profile.name, "sim": profile.sim is not None})
 
         def on_trip(reason: str) -> None:  # runs in the thread that saw the key: acts at once
             robot.estop(firmware=firmware_estop)
@@ -195,23 +202,15 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
             estop.trigger(estop.reason)
         loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
                            recorder, cameras=bundle.layout.cameras, stop_requested=stop.event)
-        interactive = sys.stderr.isatty()
-        if interactive:
-            loop.on_status = lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)
+        status = live_status(stats, loop)
         listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty,
                                     on_interrupt=lambda: stop.request(signal.SIGINT, "ctrl+c"),
                                     on_lost=lambda why: stop.request(signal.SIGHUP, why))
-        console.print(f"[bold]vla-edge run[/] robot={profile.name} bundle={bundle.root} ({bundle.precision}, "
-                      f"{getattr(policy, 'provider', '?')}) mode={mode} rate={cfg.rate_hz:g} Hz, keyboard: "
-                      f"{listener.source} - [bold]space[/]: e-stop, [bold]r[/] then [bold]y[/]: resume, Ctrl+C: stop")
+        log_banner(profile, bundle, policy, mode, cfg.rate_hz, listener.source)
         if on_connected is not None:
             on_connected(robot, loop, estop)
-        try:
-            with listener:
-                fault = loop.run()
-        finally:
-            if interactive:
-                _to_terminal(lambda: print(file=sys.stderr))
+        with status, listener:
+            fault = loop.run()
     finally:
         try:
             robot.disconnect()
@@ -224,7 +223,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         stats.estop_latency(ms)
     if json_path:  # first: the terminal may be gone (SIGHUP), the file is not
         stats.write_json(json_path)
-    _to_terminal(lambda: stats.print_summary(console))
+    _to_terminal(stats.print_summary)  # results: stdout
     if loop is not None:
         loop.finish(loop.cfg.inference_deadline_s)  # after the robot is safe and the summary is out
     if fault:
@@ -245,6 +244,37 @@ def _to_terminal(write) -> None:
         log.debug("terminal gone: %s", e)
 
 
+def live_status(stats, loop):
+    """The live status line as a context manager: one rich region at the bottom of a terminal (log lines
+    print above it, the line is cut to the width, it is removed at the end); nothing when stderr is no terminal.
+    Sets ``loop.on_status``."""
+    import contextlib
+
+    from rich.live import Live
+    from rich.text import Text
+    from vla_edge.edge.telemetry import log_console
+
+    console = log_console()
+    if not console.is_terminal:
+        return contextlib.nullcontext()
+
+    def line() -> Text:
+        return Text(stats.status_line(console.width - 1), no_wrap=True)
+
+    live = Live(line(), console=console, auto_refresh=False, transient=True, redirect_stdout=False,
+                redirect_stderr=False)
+    loop.on_status = lambda _line: live.update(line(), refresh=True)
+    return live
+
+
+def log_banner(profile, bundle, policy, mode: str, rate_hz: float, keyboard_source: str) -> None:
+    """One log line: what runs where, and the keys (none advertised when there is no keyboard)."""
+    keys = ("space: e-stop, r then y: resume, Ctrl+C: stop" if keyboard_source != "none"
+            else "no e-stop keys, Ctrl+C stops")
+    log.info("vla-edge run: robot=%s bundle=%s (%s, %s) mode=%s rate=%g Hz; keyboard %s: %s", profile.name,
+             bundle.root, bundle.precision, getattr(policy, "provider", "?"), mode, rate_hz, keyboard_source, keys)
+
+
 def main(args) -> int:
     import signal
 
@@ -263,10 +293,18 @@ def main(args) -> int:
 
 
 def demo(args) -> int:
-    """Trained tiny reach policy -> INT8 bundle -> the simulated robot touches a red target -> summary."""
-    import random
+    """Trained tiny reach policy -> INT8 bundle -> the simulated robot reaches a red target -> verdict.
 
+    The run ends as soon as ``vla-edge eval``'s success test has held (the fingertip within the
+    task's tolerance of the target and low enough, for ``hold_ticks`` ticks in a row), or after
+    ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
+    """
+    import random
+    import time
+
+    from vla_edge.edge.evaluate import _SuccessMonitor
     from vla_edge.edge.task import INSTRUCTION, ReachTask
+    from vla_edge.edge.telemetry import out_console
 
     ensure_demo_bundle(args.workdir)
     task = ReachTask()
@@ -277,13 +315,24 @@ def demo(args) -> int:
     def place_target(robot, loop, estop) -> None:
         robot.sim.scene.target_radius_m = task.target_radius_m
         robot.sim.set_target(*episode.target_xy_m)
+        time.sleep(0.1)  # as eval's reset does: the first frames the policy sees show the target
         seen["sim"] = robot.sim
+        seen["monitor"] = _SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
 
-    code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
-               on_connected=place_target)
+    try:
+        code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
+                   on_connected=place_target)
+    finally:
+        if "monitor" in seen:
+            seen["monitor"].__exit__(None, None, None)
     if "sim" in seen:  # the simulators keep their last state after the robot disconnected
+        mon = seen["monitor"]
         err_m, _ = task.tip_error(seen["sim"].joint_state(), episode.target_xy_m)
-        print(f"demo: target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
-              f"{episode.side} arm; the fingertip ended {100 * err_m:.1f} cm from it "
-              f"({'reached' if err_m <= task.tolerance_m else 'not reached'})", file=sys.stderr)
+        where = (f"target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
+                 f"{episode.side} arm (seed {seed})")
+        verdict = (f"success after {mon.success_t:.2f} s" if mon.success_t is not None
+                   else f"no success within {args.seconds:g} s")
+        out_console().print(f"demo: {where}: {verdict} (eval's test: fingertip within "
+                            f"{100 * task.tolerance_m:.0f} cm, held {task.hold_ticks} ticks); it ended "
+                            f"{100 * err_m:.1f} cm from the target", highlight=False)
     return code

@@ -1,4 +1,15 @@
-"""Run telemetry: a one-line live status and an end-of-run summary (``--json PATH`` writes it).
+"""Run telemetry and the terminal: a one-line live status, the end-of-run summary, where output goes.
+
+Every command writes its **results** (tables, summaries, the demo's verdict) to stdout through
+:func:`out_console`, and its **logs, progress and live status** to stderr through :func:`log_console`,
+one shared rich console, so log lines appear above a live region instead of inside it.
+:func:`setup_logging` routes log records there and hides third-party warnings unless ``--debug``.
+
+Usage::
+
+    setup_logging(debug=False)
+    with rich.live.Live(console=log_console()) as live: ...   # status region; logs print above it
+    out_console().print(table)
 
 :class:`RunStats` collects per-tick timing, frame ages and skew, inference latencies, safety clamps
 and e-stop latencies. Samples live in ring buffers of bounded size (the last ``max_samples``), so a
@@ -9,7 +20,11 @@ long run uses constant memory; counters (ticks, overruns, clamps) cover the whol
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
+import warnings
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +34,50 @@ from rich.table import Table
 MAX_SAMPLES = 100_000
 LIVE_WINDOW = 300
 """Samples the live status line looks at (10 s at 30 Hz)."""
+
+
+@cache
+def log_console() -> Console:
+    """The one stderr console: logs, progress bars, the live status line."""
+    return Console(stderr=True)
+
+
+@cache
+def out_console() -> Console:
+    """The stdout console: results a user may pipe or keep."""
+    return Console()
+
+
+class _OursOrErrors(logging.Filter):
+    """Keep vla-edge's own records, and other libraries' errors; drop libraries' info and warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("vla_edge") or record.levelno >= logging.ERROR
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Logs to :func:`log_console` (info for vla-edge, errors only for libraries; everything with ``debug``).
+
+    Without ``debug``, Python warnings from libraries (ONNX Runtime's quantiser, python-can and
+    piper_sdk deprecations) are hidden too.
+    """
+    from rich.logging import RichHandler
+
+    if log_console().is_terminal:  # above the live region and progress bars, wrapped to the width
+        handler = RichHandler(console=log_console(), show_path=debug, show_time=debug, markup=False)
+    else:  # a pipe or a file: plain lines, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if not debug:
+        handler.addFilter(_OursOrErrors())
+        warnings.filterwarnings("ignore")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)  # libraries: warnings and up reach the filter
+    logging.getLogger("vla_edge").setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.captureWarnings(debug)
 
 
 def percentiles(values, qs=(50, 95, 99)) -> dict[str, float]:
@@ -50,6 +109,11 @@ class Ring:
         return self._buf[idx]
 
 
+def _num(value: float, fmt: str) -> str:
+    """``value`` formatted, or ``-`` when there is no sample (NaN)."""
+    return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
 def _ms(seconds: np.ndarray) -> np.ndarray:
     return seconds * 1e3
 
@@ -79,7 +143,9 @@ class RunStats:
     def tick(self, t_start: float, t_deadline: float, t_end: float) -> None:
         """One tick: started at ``t_start`` for ``t_deadline``, finished at ``t_end`` (monotonic s).
 
-        Jitter is ``|t_start - t_deadline|``; an overrun is a tick that ends after the next deadline.
+        Jitter is ``|t_start - t_deadline|``. Overruns count **skipped deadlines**: a tick that ends
+        at or after the next deadline makes the loop skip every deadline up to its end (it never runs
+        ticks late to catch up), so ``ticks + overruns`` is the number of deadlines that passed.
         """
         self.n_ticks += 1
         if self._t_first is None:
@@ -87,8 +153,8 @@ class RunStats:
         self._t_last = t_start
         self._tick_start_s.add(t_start)
         self._jitter_s.add(abs(t_start - t_deadline))
-        if t_end > t_deadline + self.period_s:
-            self.n_overruns += 1
+        if t_end >= t_deadline + self.period_s:
+            self.n_overruns += int((t_end - t_deadline) / self.period_s + 1e-9)
 
     def frames(self, ages_s, skew_s: float) -> None:
         """Frames used this tick: their ages (s, one per camera; the oldest counts) and their skew (s)."""
@@ -126,17 +192,23 @@ class RunStats:
         """Median of the newest ``last`` inference latencies (NaN before the first)."""
         return percentiles(self._inference_ms.values(last), (50,))["p50"]
 
-    def status_line(self) -> str:
-        """One fixed-width line over the last :data:`LIVE_WINDOW` samples, e.g. for a rich Live display."""
+    def status_line(self, width: int | None = None) -> str:
+        """One line over the last :data:`LIVE_WINDOW` samples, most important first, cut to ``width``.
+
+        ``infer`` is the p50/p99 inference latency, ``age`` the p99 frame age (skew is in the summary);
+        ``-`` stands for "no sample yet" (never ``nan``). Example (74 characters)::
+
+            e-stop armed  30.0 Hz  overruns 0  infer 26/97 ms  age 15 ms  clamps 12
+        """
         inf = percentiles(self._inference_ms.values(LIVE_WINDOW), (50, 99))
         age = percentiles(_ms(self._frame_age_s.values(LIVE_WINDOW)), (99,))["p99"]
-        skew = percentiles(_ms(self._frame_skew_s.values(LIVE_WINDOW)), (99,))["p99"]
         estop = "LATCHED" if self.estop_latched else "armed"
-        return (
-            f"{self.rate_hz(LIVE_WINDOW):5.1f} Hz | infer p50 {inf['p50']:6.1f} p99 {inf['p99']:6.1f} ms"
-            f" | frame age p99 {age:5.1f} skew p99 {skew:5.1f} ms"
-            f" | clamps {self.n_clamps:6d} | overruns {self.n_overruns:5d} | e-stop {estop:7s}"
-        )
+        line = (f"e-stop {estop}  {_num(self.rate_hz(LIVE_WINDOW), '.1f')} Hz  overruns {self.n_overruns}  "
+                f"infer {_num(inf['p50'], '.0f')}/{_num(inf['p99'], '.0f')} ms  age {_num(age, '.0f')} ms  "
+                f"clamps {self.n_clamps}")
+        if width is not None and len(line) > width:
+            line = line[: max(0, width - 1)] + "…"
+        return line
 
     def summary(self) -> dict:
         """End-of-run numbers (times in ms). Percentiles cover the last ``max_samples`` samples."""
@@ -148,7 +220,7 @@ class RunStats:
             "rate_hz": self.rate_hz(),
             "jitter_ms": percentiles(_ms(self._jitter_s.values()), (50, 99)),
             "overruns": self.n_overruns,
-            "overrun_fraction": self.n_overruns / self.n_ticks if self.n_ticks else 0.0,
+            "overrun_fraction": self.n_overruns / (self.n_ticks + self.n_overruns) if self.n_ticks else 0.0,
             "frame_age_ms": percentiles(_ms(self._frame_age_s.values()), (50, 99)),
             "frame_skew_ms": percentiles(_ms(self._frame_skew_s.values()), (50, 99)),
             "inferences": self._inference_ms.count,
@@ -163,12 +235,12 @@ class RunStats:
     def print_summary(self, console: Console | None = None) -> None:
         """The summary as a rich table."""
         s = self.summary()
-        table = Table(title=f"run: {s['ticks']} ticks in {s['duration_s']:.1f} s ({s['rate_hz']:.1f} Hz)")
+        table = Table(title=f"run: {s['ticks']} ticks in {s['duration_s']:.1f} s ({_num(s['rate_hz'], '.1f')} Hz)")
         for col in ("", "p50", "p99"):
             table.add_column(col, justify="right" if col else "left")
 
         def row(label: str, pct: dict) -> None:
-            table.add_row(label, f"{pct['p50']:.2f}", f"{pct['p99']:.2f}")
+            table.add_row(label, _num(pct["p50"], ".2f"), _num(pct["p99"], ".2f"))
 
         row("tick jitter (ms)", s["jitter_ms"])
         row("frame age (ms)", s["frame_age_ms"])
@@ -176,11 +248,12 @@ class RunStats:
         row("inference (ms)", s["inference_ms"])
         for name, pct in s["stage_ms"].items():
             row(f"  {name} (ms)", pct)
-        table.add_row("overruns", f"{s['overruns']}", f"{100 * s['overrun_fraction']:.1f} %")
+        table.add_row("overruns (skipped deadlines)", f"{s['overruns']}", f"{100 * s['overrun_fraction']:.1f} %")
         table.add_row("safety clamps", f"{s['clamps']}", "")
         lat = s["estop_latency_ms"]
-        table.add_row("e-stop trips / latency (ms)", f"{s['estop_trips']}", f"max {lat['max']:.2f}")
-        (console or Console()).print(table)
+        table.add_row("e-stop trips / latency (ms)", f"{s['estop_trips']}",
+                      f"max {lat['max']:.2f}" if s["estop_trips"] else "")
+        (console or out_console()).print(table)
 
     def write_json(self, path: str | Path) -> None:
         """Write :meth:`summary` as JSON (NaN, i.e. no samples, becomes null)."""

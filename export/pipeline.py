@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle, write_manifest
+from vla_edge.edge.bundle import Bundle, check_replaceable, write_manifest
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+from vla_edge.edge.telemetry import log_console, out_console
 from vla_edge.export.fused import DEFAULT_MAX_LEN
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ class ExportResult:
     parity: dict = field(default_factory=dict)
 
 
+def check_out(out: Path, force: bool, ckpt_path: Path | None = None) -> None:
+    """Refuse (one line) an ``--out`` that exists unless ``force`` and it is a vla-edge bundle directory."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ExportError(f"{out} already exists (use --force to replace a bundle)")
+        check_replaceable(out, keep=[ckpt_path] if ckpt_path is not None else [])
+
+
 def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     """Export a loaded :class:`~vla_edge.export.checkpoint.Checkpoint` to ``opts.out``."""
     import onnxruntime as ort
@@ -70,6 +80,7 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     from vla_edge.export.reference import TorchReference
 
     out = Path(opts.out)
+    check_out(out, opts.force, ckpt.path)  # before any slow work: --force replaces only a bundle
     opts.decoder = resolve_decoder(opts.decoder, ckpt.model.text.head_dim)
     plan = precision_plan(opts.target, opts.precision, opts.decoder, opts.quant_scheme)
     if out.exists() and not opts.force:
@@ -149,10 +160,9 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
             Bundle.load(tmp)  # verify what we wrote
             if out.exists():
                 shutil.rmtree(out)
+            tmp.chmod(0o755)  # mkdtemp made it 0700; a bundle is read by other users (the robot's service)
             tmp.rename(out)
         res.sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-        res.sizes["fp32 vision.onnx"] = fp32_vision.stat().st_size
-        res.sizes["fp32 decoder.onnx"] = fp32_decoder.stat().st_size
         return res
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -401,7 +411,7 @@ class _Steps:
             yield
             self.seconds[name] = time.perf_counter() - t0
             if self.progress:
-                self.progress.update(task, completed=1, description=f"{name} [dim]({self.seconds[name]:.1f} s)[/]")
+                self.progress.update(task, completed=1)  # the elapsed column shows its time
 
         return run()
 
@@ -434,7 +444,7 @@ def random_checkpoint(shape: str):
 def print_summary(res: ExportResult, console) -> None:
     from rich.table import Table
 
-    sizes = Table(title=f"bundle {res.bundle}")
+    sizes = Table(title="bundle files", title_justify="left")
     sizes.add_column("file")
     sizes.add_column("MB", justify="right")
     for name, n in res.sizes.items():
@@ -449,7 +459,7 @@ def print_summary(res: ExportResult, console) -> None:
                     f"{v['logit_cosine_min']:.6f}", f"{v['token_agreement']:.3f}", str(v["chunks_identical"]),
                     f"{v['action_max_abs_err']:.4f}")
     console.print(par)
-    console.print(f"total {sum(res.seconds.values()):.1f} s")
+    console.print(f"wrote bundle {res.bundle} in {sum(res.seconds.values()):.1f} s", soft_wrap=True, highlight=False)
 
 
 def _path(p: str | None) -> Path | None:
@@ -461,9 +471,10 @@ def main(args) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from vla_edge.export.checkpoint import LoadOptions, load_checkpoint
 
-    console = Console(stderr=True)
+    console: Console = log_console()  # progress and logs: stderr, one console (logs print above the progress)
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")
+    check_out(Path(args.out), args.force, Path(args.ckpt) if args.ckpt else None)
     opts = ExportOptions(out=Path(args.out), target=args.target, precision=args.precision, opset=args.opset,
                          parity_samples=args.parity_samples, force=args.force, decoder=args.decoder,
                          max_len=args.max_len or DEFAULT_MAX_LEN)
@@ -476,5 +487,5 @@ def main(args) -> int:
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         res = export_bundle(ckpt, opts, progress)
-    print_summary(res, console)
+    print_summary(res, out_console())  # results: stdout
     return 0

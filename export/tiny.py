@@ -117,9 +117,9 @@ def write_tiny_checkpoint(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(args) -> int:
-    from rich.console import Console
+    from vla_edge.edge.telemetry import out_console
 
     path = write_tiny_checkpoint(args.out, seed=args.seed)
     ck = json.dumps(TINY_MODEL.to_dict()["text"])
-    Console().print(f"[green]wrote[/] {path} ({path.stat().st_size / 1e6:.1f} MB, seed {args.seed}; text {ck})")
+    out_console().print(f"[green]wrote[/] {path} ({path.stat().st_size / 1e6:.1f} MB, seed {args.seed}; text {ck})")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -126,12 +127,19 @@ def _cli(*args):
 def test_check_sim():
     r = _cli("check", "--robot", "sim", "--seconds", "0.5")
     assert r.returncode == 0, r.stdout + r.stderr
-    for word in ("S-V1.6-3", "TRACER", "cam_high", "fps measured", "all devices OK"):
+    for word in ("S-V1.6-3", "TRACER", "cam_high", "fps", "all 6 devices found"):
         assert word in r.stdout
+    assert r.stdout.count("found") == 7  # six rows and the verdict
 
 
-def test_check_cobot_magic_without_hardware_is_one_line():
-    r = _cli("check", "--robot", "cobot_magic")
-    assert r.returncode != 0
+def test_check_cobot_magic_without_hardware_reports_every_device():
+    r = subprocess.run([sys.executable, "-m", "vla_edge.edge.cli", "check", "--robot", "cobot_magic"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
+    assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["vla-edge check: error: CAN interface can_left not found"]
+    rows = [line for line in r.stdout.splitlines() if "missing" in line]
+    for device, fix in (("arm left", "sudo ip link set"), ("arm right", "sudo ip link set"),
+                        ("TRACER base", "USB-RS232"), ("cam_high", "v4l2-ctl"), ("cam_left_wrist", "v4l2-ctl"),
+                        ("cam_right_wrist", "v4l2-ctl")):
+        assert any(device in line and fix in line for line in rows), (device, r.stdout)
+    assert "6 of 6 devices missing" in r.stdout

@@ -48,7 +48,7 @@ def test_jitter_overruns_and_summary_numbers():
     stats = RunStats(PERIOD)
     simulated_run(stats)
     s = stats.summary()
-    assert s["ticks"] == 300 and s["overruns"] == 6 and s["overrun_fraction"] == pytest.approx(0.02)
+    assert s["ticks"] == 300 and s["overruns"] == 6 and s["overrun_fraction"] == pytest.approx(6 / 306)
     assert s["rate_hz"] == pytest.approx(30.0, rel=0.01)
     assert s["jitter_ms"]["p50"] == pytest.approx(0.5)
     assert s["jitter_ms"]["p99"] == pytest.approx(5.0)
@@ -60,17 +60,57 @@ def test_jitter_overruns_and_summary_numbers():
     assert s["estop_trips"] == 0 and math.isnan(s["estop_latency_ms"]["max"])
 
 
-def test_status_line_is_one_fixed_width_line():
+def test_status_line_fits_80_columns_and_never_shows_nan():
     stats = RunStats(PERIOD)
-    empty = stats.status_line()
-    assert "\n" not in empty and "armed" in empty
+    empty = stats.status_line(width=80)
+    assert "\n" not in empty and "armed" in empty and "nan" not in empty.lower()
     simulated_run(stats, 100)
-    line = stats.status_line()
-    assert "\n" not in line and len(line) == len(empty)
-    assert "30.0 Hz" in line and "clamps     50" in line
+    line = stats.status_line(width=80)
+    assert "\n" not in line and len(line) <= 80 and "nan" not in line.lower()
+    assert "30.0 Hz" in line and "clamps 50" in line and "overruns 2" in line
     stats.estop(True, "space key")
-    latched = stats.status_line()
-    assert "LATCHED" in latched and len(latched) == len(line)
+    latched = stats.status_line(width=80)
+    assert latched.startswith("e-stop LATCHED") and len(latched) <= 80
+    stats.clamps(10**9)  # a long line is cut at the width, never wrapped
+    assert len(stats.status_line(width=60)) == 60 and stats.status_line(width=60).endswith("…")
+
+
+def loop_schedule(stats: RunStats, tick_s, seconds: float) -> int:
+    """The control loop's schedule (edge/loop.py): absolute deadlines, late ticks skip missed deadlines.
+
+    ``tick_s(k)`` is how long tick ``k`` runs. Returns the number of deadlines that passed.
+    """
+    t, k, ticks = 0.0, 0, 0
+    while k * PERIOD < seconds:
+        deadline = k * PERIOD
+        start = max(t, deadline)
+        end = start + tick_s(ticks)
+        stats.tick(start, deadline, end)
+        ticks, t, k = ticks + 1, end, k + 1
+        if end >= k * PERIOD:
+            k = max(k, int(end / PERIOD) + 1)
+    return k
+
+
+@pytest.mark.parametrize("tick_s", [lambda i: 0.045 if i % 4 == 0 else 0.01,  # ~26 Hz: many skipped deadlines
+                                    lambda i: 0.2 if i == 10 else 0.01,        # one long stall
+                                    lambda i: 0.01])                           # on time
+def test_overruns_count_every_skipped_deadline(tick_s):
+    stats = RunStats(PERIOD)
+    deadlines = loop_schedule(stats, tick_s, 10.0)
+    s = stats.summary()
+    assert s["ticks"] + s["overruns"] == deadlines
+    assert s["overrun_fraction"] == pytest.approx(s["overruns"] / deadlines)
+    assert (s["overruns"] > 0) == (tick_s(0) > 0.01 or tick_s(10) > 0.01)
+
+
+def test_summary_has_no_nan_cells():
+    stats = RunStats(PERIOD)
+    stats.tick(0.0, 0.0, 0.01)
+    stats.tick(PERIOD, PERIOD, PERIOD + 0.01)
+    out = io.StringIO()
+    stats.print_summary(Console(file=out, width=120))
+    assert "nan" not in out.getvalue().lower(), out.getvalue()
 
 
 def test_print_summary_and_json(tmp_path):
