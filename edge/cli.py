@@ -387,6 +387,13 @@ def validate(args: argparse.Namespace) -> None:
         if bool(args.ckpt) == bool(args.shape):
             raise ArgumentError("give exactly one of --ckpt PATH or --shape NAME")
         in_checkpoint(args.ckpt)
+        extras = [f for f in ("stats", "tokenizer", "layout", "vision_tower", "bins") if getattr(args, f)]
+        if args.shape and extras:
+            raise ArgumentError(f"--{extras[0].replace('_', '-')} goes with --ckpt, not --shape")
+        if args.stats and not Path(args.stats).is_file():
+            raise ArgumentError(f"--stats {args.stats}: no such file (the dataset's statistics.yaml)")
+        if args.tokenizer and not Path(args.tokenizer).exists():
+            raise ArgumentError(f"--tokenizer {args.tokenizer}: no such file or directory")
         from vla_edge.edge.bundle import check_replaceable
 
         if Path(args.out).exists() or Path(args.out).is_symlink():

@@ -481,8 +481,6 @@ def main(args) -> int:
     t0 = time.perf_counter()
     extras = LoadOptions(stats=_path(args.stats), tokenizer=_path(args.tokenizer), layout=args.layout,
                          vision_tower=args.vision_tower, bins=args.bins)
-    if args.shape and extras != LoadOptions():
-        raise ExportError("--stats, --tokenizer, --layout, --vision-tower and --bins go with --ckpt, not --shape")
     ckpt = load_checkpoint(args.ckpt, extras) if args.ckpt else random_checkpoint(args.shape)
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:

@@ -28,6 +28,9 @@ CASES = [
     ("export --ckpt nope.pt --out new", "not found"),
     ("export --out new", "exactly one of --ckpt"),
     ("export --shape llava-ov-0.5b --out new --max-len 0", "--max-len"),
+    ("export --ckpt tiny.pt --out new --stats nostats.yaml", "--stats nostats.yaml: no such file"),
+    ("export --ckpt tiny.pt --out new --tokenizer notok", "--tokenizer notok: no such file or directory"),
+    ("export --shape llava-ov-0.5b --out new --layout calvin", "--layout goes with --ckpt, not --shape"),
     # paths we write
     ("run --json /nonexistent/s.json", "/nonexistent does not exist"),
     ("run --json mydata", "is a directory"),
@@ -111,9 +114,9 @@ def test_text_and_random_checkpoints_get_a_short_correct_message(scratch, monkey
         assert r.returncode == 2 and "non-tensor" not in line and line.endswith("neither)"), line
 
 
-def test_bench_parallel_labels_the_decoder_call_row(fused_int8_bundle, tmp_path):
+def test_bench_parallel_labels_the_decoder_call_row(fused_fp32_bundle, tmp_path):
     out = tmp_path / "bench.json"
-    r = run_cli("bench", "--bundle", str(fused_int8_bundle), "--steps", "1", "--warmup", "0", "--parallel",
+    r = run_cli("bench", "--bundle", str(fused_fp32_bundle), "--steps", "1", "--warmup", "0", "--parallel",
                 "--provider", "cpu", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "per token (decode)" in r.stdout and "per decoder call" in r.stdout

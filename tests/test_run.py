@@ -613,7 +613,8 @@ def test_cli_run_writes_the_json_summary(int8_bundle, tmp_path):
     r = run_cli("run", "--robot", "sim", "--bundle", str(int8_bundle), "--seconds", "1", "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(out.read_text())
-    assert 25 <= s["ticks"] <= 30 and s["inferences"] >= 1
+    # Every deadline of the 1 s run is either ticked or counted as skipped (holds on a loaded machine).
+    assert s["ticks"] >= 10 and 28 <= s["ticks"] + s["overruns"] <= 31 and s["inferences"] >= 1
     assert s["period_ms"] == pytest.approx(1000 / RATE_HZ)
     assert {"jitter_ms", "frame_age_ms", "inference_ms", "stage_ms", "overruns", "clamps"} <= set(s)
 
