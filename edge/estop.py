@@ -355,7 +355,8 @@ class KeyboardListener:
         self._evdev_devices: list = []
         self._pynput_listener = None
         self.source = self._resolve(source, tty_fd)
-        log.info("e-stop keyboard: %s (space = stop, r then y = resume)", self.source)
+        if self.source != "none":
+            log.info("e-stop keyboard: %s (space = stop, r then y = resume)", self.source)
 
     # -- source selection ---------------------------------------------------------------------------
     def _resolve(self, source: str, tty_fd) -> str:
