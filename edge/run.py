@@ -263,8 +263,17 @@ def live_status(stats, loop):
 
     live = Live(line(), console=console, auto_refresh=False, transient=True, redirect_stdout=False,
                 redirect_stderr=False)
-    loop.on_status = lambda _line: live.update(line(), refresh=True)
-    return live
+    loop.on_status = lambda _line: _to_terminal(lambda: live.update(line(), refresh=True))
+
+    @contextlib.contextmanager
+    def region():
+        _to_terminal(live.start)
+        try:
+            yield live
+        finally:
+            _to_terminal(live.stop)  # SSH dropped: the terminal is gone, the run still ends cleanly
+
+    return region()
 
 
 def log_banner(profile, bundle, policy, mode: str, rate_hz: float, keyboard_source: str) -> None:
