@@ -147,7 +147,7 @@ def main(args) -> int:
 
     console = out_console()
     if args.kernels:
-        from vla_edge.kernels import bench as kbench
+        from vla_edge.edge import kernel_bench as kbench
 
         res = kbench.run()
         if args.json:

@@ -2,7 +2,8 @@
 
 Everything here is carried in a bundle's ``manifest.json`` (see :mod:`vla_edge.edge.bundle`), so a
 different checkpoint can override it; the module-level constants are the defaults for the real
-LLaVA-VLA 0.5B model and the Cobot Magic. Pure Python + numpy: safe to import on the robot.
+LLaVA-VLA 0.5B model and the Cobot Magic. Python + numpy (bin count and direction order come from
+the C++ codecs in :mod:`vla_edge.kernels`): safe to import on the robot.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-N_BINS = 256
-"""Action/proprio bins: 256 edges from -1 to 1; token ``V - i`` for bin index ``i`` in 1..256."""
+from vla_edge.kernels import DIRECTIONS, N_BINS  # the codecs' own facts: one source of truth
 
 BIN_KINDS = ("uniform", "norm")
 """``uniform``: ``linspace(-1, 1, 256)`` (LLaVA-VLA's default). ``norm``: the reference's fixed
@@ -32,8 +31,6 @@ def bin_edges(kind: str = "uniform", n_bins: int = N_BINS) -> np.ndarray:
                               + [np.linspace(0.5, 1.0, 15, endpoint=True)])
     raise ValueError(f"unknown bin kind {kind!r} (expected one of {', '.join(BIN_KINDS)})")
 
-DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
-"""Navigation direction tokens, in the order the cut head holds them."""
 
 
 @dataclass(frozen=True)

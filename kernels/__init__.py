@@ -42,11 +42,29 @@ statistics that come from :class:`~vla_edge.edge.spec.PolicySpec`).
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import numpy as np
-from vla_edge.edge.spec import DIRECTIONS, N_BINS, ImageLayout
 from vla_edge.kernels import _core
 from vla_edge.kernels._core import ChunkGrammar, build_info, simd
+
+N_BINS = 256
+"""Action/proprio bins (CONTRACT section 1): token ``V - i`` for bin index ``i`` in 1..256."""
+
+DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
+"""Navigation direction tokens, in the order the cut head holds them (the C++ decoder's order)."""
+
+
+class Layout(Protocol):
+    """What composition needs of a layout (``vla_edge.edge.spec.ImageLayout`` is one): tiles with
+    ``x, y, w, h`` on a ``canvas_w x canvas_h`` canvas, resized to ``output`` px, PIL filter names."""
+
+    tiles: tuple
+    canvas_w: int
+    canvas_h: int
+    output: int
+    tile_filter: str
+    output_filter: str
 
 __all__ = [
     "ChunkGrammar",
@@ -60,9 +78,9 @@ __all__ = [
 ]
 
 
-def Composer(layout: ImageLayout, frame_shapes) -> _core.Composer:  # noqa: N802 - reads as a class
+def Composer(layout: Layout, frame_shapes) -> _core.Composer:  # noqa: N802 - reads as a class
     """A C++ ``Composer`` for ``layout`` and frames of ``frame_shapes`` ((height, width) per tile)."""
-    if not isinstance(layout, ImageLayout):
+    if not all(hasattr(layout, a) for a in Layout.__annotations__):
         raise TypeError(f"layout must be an ImageLayout, got {type(layout).__name__}")
     shapes = [(int(s[0]), int(s[1])) for s in frame_shapes]
     tiles = [(t.x, t.y, t.w, t.h) for t in layout.tiles]
@@ -75,7 +93,7 @@ _composers: dict[tuple, _core.Composer] = {}
 _composers_lock = threading.Lock()
 
 
-def compose_views(frames: list[np.ndarray], layout: ImageLayout, out: np.ndarray, bgr: bool = False) -> np.ndarray:
+def compose_views(frames: list[np.ndarray], layout: Layout, out: np.ndarray, bgr: bool = False) -> np.ndarray:
     """Compose ``frames`` (``layout.tiles`` order) into ``out`` (1, 3, S, S); returns ``out``.
 
     Uses a Composer cached per (layout, frame shapes); see the module docstring.

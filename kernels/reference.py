@@ -7,7 +7,7 @@ PIL is imported lazily inside the image functions; the runtime never imports thi
 from __future__ import annotations
 
 import numpy as np
-from vla_edge.edge.spec import DIRECTIONS, N_BINS, ImageLayout
+from vla_edge.kernels import DIRECTIONS, N_BINS, Layout
 
 
 def bin_edges(n_bins: int = N_BINS) -> np.ndarray:
@@ -31,7 +31,7 @@ def _pil_filter(name: str):
     }[name]
 
 
-def compose_canvas(frames: list[np.ndarray], layout: ImageLayout, bgr: bool = False) -> np.ndarray:
+def compose_canvas(frames: list[np.ndarray], layout: Layout, bgr: bool = False) -> np.ndarray:
     """Each view resized to its tile (``tile_filter``) and pasted on a black canvas: (H, W, 3) uint8 RGB."""
     from PIL import Image
 
@@ -43,7 +43,7 @@ def compose_canvas(frames: list[np.ndarray], layout: ImageLayout, bgr: bool = Fa
     return np.asarray(canvas)
 
 
-def compose_uint8(frames: list[np.ndarray], layout: ImageLayout, bgr: bool = False) -> np.ndarray:
+def compose_uint8(frames: list[np.ndarray], layout: Layout, bgr: bool = False) -> np.ndarray:
     """The canvas resized to ``output x output`` (``output_filter``): (S, S, 3) uint8 RGB."""
     from PIL import Image
 
@@ -57,7 +57,7 @@ def normalise(image: np.ndarray, dtype=np.float32) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]).astype(dtype)
 
 
-def compose_views(frames: list[np.ndarray], layout: ImageLayout, bgr: bool = False, dtype=np.float32) -> np.ndarray:
+def compose_views(frames: list[np.ndarray], layout: Layout, bgr: bool = False, dtype=np.float32) -> np.ndarray:
     """The model input (1, 3, S, S) exactly as training built it with PIL."""
     return normalise(compose_uint8(frames, layout, bgr), dtype)
 

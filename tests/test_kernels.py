@@ -383,7 +383,7 @@ def test_runtime_import_pulls_in_neither_pil_nor_torch():
 
 
 def test_bench_runs_and_reports():
-    from vla_edge.kernels import bench
+    from vla_edge.edge import kernel_bench as bench
 
     r = bench.run(repeats=3)
     for name in ("compose", "decode"):

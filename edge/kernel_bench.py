@@ -1,6 +1,6 @@
 """Kernel benchmark: C++ vs the numpy/PIL reference, measured in the same run on this machine.
 
-    python -m vla_edge.kernels.bench [repeats]      (also: vla-edge bench --kernels)
+    python -m vla_edge.edge.kernel_bench [repeats]      (also: vla-edge bench --kernels)
 
 Two workloads:
   compose  3 x 640x480 frames -> Cobot Magic layout -> (1, 3, 384, 384) float32
