@@ -8,7 +8,7 @@ limits, integrates a planar pose (x_m, y_m, yaw_rad) and writes feedback: 0x01 s
 
 Fault injection: :meth:`inject_garbage`, :meth:`corrupt_next_frames` (bad checksums),
 :meth:`set_silent` (no feedback), :meth:`close_port` (the device disappears),
-:meth:`set_fault_bits`.
+:meth:`set_fault_bits`, :meth:`pulse_vehicle_state` (e.g. one system frame reporting an e-stop).
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class TracerSim:
         self._silent = False
         self._corrupt = 0
         self._fault_bits = 0
+        self._state_pulse = (0, 0)  # (vehicle state, system frames left)
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -127,6 +128,11 @@ class TracerSim:
     def set_fault_bits(self, bits: int) -> None:
         """Fault bits reported in the system state frame (see ``tracer_protocol.FAULT_BITS``)."""
         self._fault_bits = bits
+
+    def pulse_vehicle_state(self, state: int = tp.VEHICLE_ESTOP, frames: int = 1) -> None:
+        """The next ``frames`` system state frames report ``state`` (then normal again)."""
+        with self._lock:
+            self._state_pulse = (state, frames)
 
     def close_port(self) -> None:
         """The device goes away: both pty ends close, the driver's reads and writes fail."""
@@ -203,10 +209,14 @@ class TracerSim:
                 corrupt = self._corrupt > 0
                 if corrupt:
                     self._corrupt -= 1
+                state, left = self._state_pulse
+                vehicle_state = state if left > 0 else 0
+                if left > 0 and not self._silent:
+                    self._state_pulse = (state, left - 1)
             if not self._silent:
                 bits = self._fault_bits | (0x08 if self._watchdog_tripped and self._last_command_s > 0 else 0)
                 frames = tp.motion_feedback(vx, wz, self._next_counter()) + tp.system_feedback(
-                    0, tp.CONTROL_MODE_SERIAL, cfg.battery_v, bits, self._next_counter()
+                    vehicle_state, tp.CONTROL_MODE_SERIAL, cfg.battery_v, bits, self._next_counter()
                 )
                 if corrupt:
                     frames = frames[:12] + bytes([frames[12] ^ 0xFF]) + frames[13:]
