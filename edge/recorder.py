@@ -26,8 +26,9 @@ frames are queued by reference (cameras hand out a new array per frame: do not m
 
 **Compression** (``compress``): ``"gzip"`` (default) stores each frame as one HDF5 chunk with the
 standard deflate filter at level 1, so plain h5py reads ``(N, 480, 640, 3)`` uint8 back with no
-plugin. The writer compresses with :func:`zlib.compress`, which releases the GIL, and stores the chunk
-with ``write_direct_chunk``: the control thread is never blocked behind the compressor. ``"lzf"``
+plugin. The frames are compressed with :func:`zlib.compress` (which releases the GIL), one camera per
+thread of a small pool, and stored with ``write_direct_chunk``: the control thread is never blocked
+behind the compressor, and a robot computer with spare cores compresses the cameras in parallel. ``"lzf"``
 uses h5py's LZF filter (compresses while holding the GIL), ``False`` stores raw frames (2.8 MB a tick).
 HDF5 filters are transparent to readers, so the stock ``compress`` attribute (which means
 JPEG-encoded rows to ALOHA-style loaders) stays False; ``attrs["image_filter"]`` names the filter.
@@ -64,6 +65,7 @@ import resource
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -161,6 +163,7 @@ class EpisodeRecorder:
         self._f: h5py.File | None = None
         self._queue: queue.Queue | None = None
         self._writer: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._counts = {"inference": 0, "events": 0}
         self._broken = False
         self._abandoned: list[h5py.File] = []  # files HDF5 failed on: never closed (closing may crash)
@@ -193,6 +196,7 @@ class EpisodeRecorder:
         self._counts = {"inference": 0, "events": 0}
         self.stats, self.fault, self._broken = WriterStats(), None, False
         self._queue = queue.Queue(maxsize=self.queue_ticks)
+        self._pool = ThreadPoolExecutor(max_workers=len(self.cameras) or 1, thread_name_prefix="recorder-zlib")
         self._writer = threading.Thread(target=self._write_loop, args=(f, self._queue), name="recorder", daemon=True)
         self._writer.start()
         log.info("recording episode to %s (images: %s)", path, self.image_filter)
@@ -250,6 +254,7 @@ class EpisodeRecorder:
             writer.join(CLOSE_TIMEOUT_S)
             if writer.is_alive():
                 self._set_fault(f"recorder: the writer did not finish within {CLOSE_TIMEOUT_S:.0f} s (disk hung?)")
+            self._pool.shutdown(wait=False)
         if self._broken:  # HDF5 failed mid-write: closing could crash it; the file keeps its last flush
             log.error("recorder: %s left as last flushed (open it with swmr=True or recover_episode())", self.path)
             self._abandoned.append(f)
@@ -397,10 +402,12 @@ class EpisodeRecorder:
                 self._set_fault(f"recording failed after {self.rows_written} rows: {_short(e)}")
 
     def _compress(self, images: dict) -> dict:
-        """Deflate chunks of the frames (``"gzip"`` only), made without the GIL before touching the file."""
+        """Deflate chunks of the frames (``"gzip"`` only), one camera per pool thread, without the GIL."""
         if self.image_filter != "gzip":
             return {}
-        return {cam: zlib.compress(np.ascontiguousarray(img).data, GZIP_LEVEL) for cam, img in images.items()}
+        cams = list(images)
+        chunks = self._pool.map(lambda cam: zlib.compress(np.ascontiguousarray(images[cam]).data, GZIP_LEVEL), cams)
+        return dict(zip(cams, chunks, strict=True))
 
     def _room_problem(self, need_bytes: int) -> str | None:
         """Why a row of ``need_bytes`` must not be written now (free space or file-size limit), or None.
