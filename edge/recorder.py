@@ -42,9 +42,11 @@ keeps every row flushed before it. Rows are written whole or not at all (the row
 after every per-tick dataset holds the row), and :meth:`close` drains the queue, then cuts every
 per-tick dataset to the rows written completely: all have the same length on every exit path.
 
-Every dataset is chunked and resizable and the file is written in SWMR mode, flushed after each
-row: a crash or ``kill -9`` leaves a file holding every row written before it. Such a file opens with
-``h5py.File(path, "r", swmr=True)``; :func:`recover_episode` turns it into an ordinary file.
+Every dataset is chunked and resizable and the file is written in SWMR mode. The writer takes
+whatever is queued (up to ``BATCH_ROWS``), writes it and flushes: one row per flush while it keeps
+up, bigger and cheaper batches when it lags. A crash or ``kill -9`` leaves a file holding every row
+flushed before it (:attr:`EpisodeRecorder.rows_written`); such a file opens with
+``h5py.File(path, "r", swmr=True)`` and :func:`recover_episode` turns it into an ordinary file.
 
 Usage::
 
@@ -83,6 +85,8 @@ QUEUE_TICKS = 30
 """Rows the writer may lag behind the tick (1 s at 30 Hz, at most ~83 MB of raw frames)."""
 RESERVE_BYTES = 8_000_000
 """Disk space (and file-size-limit room) kept free: a recording stops before the disk is full."""
+BATCH_ROWS = 30
+"""At most this many queued items are written per HDF5 flush."""
 CLOSE_TIMEOUT_S = 30.0
 """close() waits this long for the queued rows to be written (a hung disk must not hang shutdown)."""
 _ROWS_PER_CHUNK = 256  # small per-tick datasets: rows per HDF5 chunk
@@ -107,7 +111,8 @@ def per_tick_datasets(f: h5py.File) -> list[str]:
 
 
 class WriterStats:
-    """What the writer thread spent: per-row milliseconds (compress + write + flush), queue depth."""
+    """What the writer thread spent: per-row milliseconds (compress + write + flush; ``max_ms``: the
+    worst batch's per-row time), and the deepest the queue got."""
 
     def __init__(self) -> None:
         self.rows = 0
@@ -115,10 +120,11 @@ class WriterStats:
         self.max_ms = 0.0
         self.max_queued = 0
 
-    def add(self, ms: float) -> None:
-        self.rows += 1
+    def add(self, ms: float, rows: int = 1) -> None:
+        """One batch of ``rows`` rows written in ``ms``."""
+        self.rows += rows
         self.total_ms += ms
-        self.max_ms = max(self.max_ms, ms)
+        self.max_ms = max(self.max_ms, ms / rows)
 
     def summary(self) -> dict:
         return {"rows": self.rows, "mean_ms": self.total_ms / self.rows if self.rows else 0.0,
@@ -377,40 +383,65 @@ class EpisodeRecorder:
 
     # -- the writer thread ----------------------------------------------------------------------------
     def _write_loop(self, f: h5py.File, q: queue.Queue) -> None:
-        stopped = False
-        while (item := q.get()) is not _CLOSE:
-            if stopped:
+        """Take whatever is queued (up to ``BATCH_ROWS`` items), write it as one batch, flush; repeat.
+
+        A writer that keeps up writes one row per flush; one that falls behind writes bigger batches,
+        which cost less per row (fewer HDF5 calls, one flush), so it catches up.
+        """
+        ds = {name: obj for name, obj in _datasets(f)}
+        stopped = closing = False
+        while not closing:
+            batch = [q.get()]
+            while len(batch) < BATCH_ROWS and batch[-1] is not _CLOSE:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is _CLOSE:
+                closing = True
+                batch.pop()
+            if stopped or not batch:
                 continue  # keep draining so that nobody waits on a full queue; nothing more is written
-            kind, images, rows = item
             t0 = time.perf_counter()
             try:
-                chunks = self._compress(images) if kind == "tick" else {}
-                need = sum(len(c) for c in chunks.values()) or sum(i.nbytes for i in (images or {}).values())
+                ticks = [(images, rows) for kind, images, rows in batch if kind == "tick"]
+                chunks = self._compress([images for images, _ in ticks])
+                need = sum(len(c) for row in chunks for c in row.values()) or sum(
+                    img.nbytes for images, _ in ticks for img in images.values())
                 if (problem := self._room_problem(need)) is not None:
                     stopped = True
                     self._set_fault(f"recording stopped after {self.rows_written} rows: {problem}")
                     continue
-                if kind == "tick":
-                    self._write_tick(f, images, chunks, rows)
-                    self.stats.add((time.perf_counter() - t0) * 1e3)
-                else:
-                    self._append_rows(f, rows, self._counts[kind])
-                    self._counts[kind] += 1
+                self._write_ticks(ds, ticks, chunks)
+                for kind in ("inference", "events"):
+                    rows = [r for k, _, r in batch if k == kind]
+                    if rows:
+                        _append(ds, rows, self._counts[kind])
                 f.flush()
             except Exception as e:  # EIO, a closed file: HDF5's state is unknown, do not touch the file again
                 stopped = self._broken = True
                 self._set_fault(f"recording failed after {self.rows_written} rows: {_short(e)}")
+                continue
+            # Only now, flushed: every per-tick dataset holds these rows.
+            self.rows_written += len(ticks)
+            for kind in ("inference", "events"):
+                self._counts[kind] += sum(1 for k, _, _ in batch if k == kind)
+            if ticks:
+                self.stats.add((time.perf_counter() - t0) * 1e3, len(ticks))
 
-    def _compress(self, images: dict) -> dict:
-        """Deflate chunks of the frames (``"gzip"`` only), one camera per pool thread, without the GIL."""
-        if self.image_filter != "gzip":
-            return {}
-        cams = list(images)
-        chunks = self._pool.map(lambda cam: zlib.compress(np.ascontiguousarray(images[cam]).data, GZIP_LEVEL), cams)
-        return dict(zip(cams, chunks, strict=True))
+    def _compress(self, ticks_images: list[dict]) -> list[dict]:
+        """Deflate chunks of the frames (``"gzip"`` only) on the pool's threads, without the GIL."""
+        if self.image_filter != "gzip" or not ticks_images:
+            return []
+        jobs = [(i, cam, img) for i, images in enumerate(ticks_images) for cam, img in images.items()]
+        chunks = self._pool.map(lambda job: zlib.compress(np.ascontiguousarray(job[2]).data, GZIP_LEVEL), jobs)
+        out: list[dict] = [{} for _ in ticks_images]
+        for (i, cam, _), chunk in zip(jobs, chunks, strict=True):
+            out[i][cam] = chunk
+        return out
 
     def _room_problem(self, need_bytes: int) -> str | None:
-        """Why a row of ``need_bytes`` must not be written now (free space or file-size limit), or None.
+        """Why ``need_bytes`` more must not be written now (free space or file-size limit), or None.
 
         HDF5 does not survive a failed write (measured: h5py 3.16 segfaults in the next flush), so a full
         disk is caught here, ``RESERVE_BYTES`` early, and the file closes as an ordinary file.
@@ -425,24 +456,34 @@ class EpisodeRecorder:
             return f"file size limit reached ({limit / 1e6:.1f} MB, ulimit -f)"
         return None
 
-    def _write_tick(self, f: h5py.File, images: dict, chunks: dict, rows: dict) -> None:
-        n = self.rows_written
-        for cam, img in images.items():
-            ds = f[f"observations/images/{cam}"]
-            ds.resize(n + 1, axis=0)
+    def _write_ticks(self, ds: dict, ticks: list, chunks: list[dict]) -> None:
+        if not ticks:
+            return
+        n, k = self.rows_written, len(ticks)
+        for cam in self.cameras:
+            images = ds[f"observations/images/{cam}"]
+            images.resize(n + k, axis=0)
             if chunks:
-                ds.id.write_direct_chunk((n, 0, 0, 0), chunks[cam], 0)
+                for i in range(k):
+                    images.id.write_direct_chunk((n + i, 0, 0, 0), chunks[i][cam], 0)
             else:
-                ds[n] = img
-        self._append_rows(f, rows, n)
-        self.rows_written = n + 1  # only now: every per-tick dataset holds row n
+                images[n : n + k] = np.stack([t[0][cam] for t in ticks])
+        _append(ds, [rows for _, rows in ticks], n)
 
-    @staticmethod
-    def _append_rows(f: h5py.File, rows: dict, n: int) -> None:
-        for name, value in rows.items():
-            ds = f[name]
-            ds.resize(n + 1, axis=0)
-            ds[n] = value
+
+def _datasets(f: h5py.File):
+    """Every dataset of the file, by path (handles looked up once: lookups cost per call)."""
+    out = []
+    f.visititems(lambda name, obj: out.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _append(ds: dict, rows: list[dict], n: int) -> None:
+    """Write ``rows`` (each a dataset -> value mapping, same keys) as rows ``n ..`` of those datasets."""
+    for name in rows[0]:
+        d = ds[name]
+        d.resize(n + len(rows), axis=0)
+        d[n : n + len(rows)] = np.array([r[name] for r in rows], dtype=d.dtype)
 
 
 def _short(e: Exception) -> str:
