@@ -4,7 +4,8 @@ Runs ``vla_edge.edge.run.run`` (what ``vla-edge run --robot sim --record DIR`` r
 with the keyboard off, then reads the episode it wrote and prints::
 
     rate_hz, ticks, overruns          the loop's own summary
-    longest_tick_gap_ms               max difference of consecutive ``vla_edge/tick_t`` rows
+    longest_tick_gap_ms               max time between two tick starts (and the same from the file's
+                                      ``vla_edge/tick_t`` rows: longest_recorded_gap_ms)
     watchdog_trips                    1 if the run ended on a fault (camera stale, no feedback, ...)
                                       + the simulated base's own 500 ms watchdog stops
     rows, equal_rows                  rows per dataset, and whether every per-tick dataset has as many
@@ -18,6 +19,7 @@ sees while a writer thread writes 60 such frames.
 Usage::
 
     python tools/bench_record.py --seconds 60 --mode async [--compress gzip|lzf|none] [--bundle DIR]
+    python tools/bench_record.py --seconds 60 --mode async --no-record      # the baseline, same load
     python tools/bench_record.py --codecs
 
 The bundle defaults to the demo bundle (the shipped tiny reach policy, exported once into
@@ -55,33 +57,51 @@ def bench_run(args) -> dict:
 
     recorder_mod.EpisodeRecorder.__init__ = with_compress
 
+    gaps = {"last": None, "max_s": 0.0}
+
     def hook(robot, loop, estop):
         seen.update(robot=robot, loop=loop)
+        tick = loop.stats.tick
+
+        def timed_tick(t_start, t_deadline, t_end):  # the longest gap between two tick starts
+            if gaps["last"] is not None:
+                gaps["max_s"] = max(gaps["max_s"], t_start - gaps["last"])
+            gaps["last"] = t_start
+            tick(t_start, t_deadline, t_end)
+
+        loop.stats.tick = timed_tick
 
     json_path = out / "summary.json"
     t0 = time.monotonic()
     try:
-        code = run("sim", bundle, "pick up the red cube", mode=args.mode, seconds=args.seconds, record=str(out),
+        code = run("sim", bundle, "pick up the red cube", mode=args.mode, seconds=args.seconds,
+                   record=None if args.no_record else str(out),
                    json_path=str(json_path), keyboard="none", on_connected=hook)
     finally:
         recorder_mod.EpisodeRecorder.__init__ = original
     wall_s = time.monotonic() - t0
     loop = seen["loop"]
     summary = json.loads(json_path.read_text())
+    sim_base_trips = loop.robot.sim.base.watchdog_trips if getattr(loop.robot, "sim", None) else 0
+    result = {
+        "exit_code": code, "fault": loop.fault, "mode": args.mode, "seconds": args.seconds, "wall_s": round(wall_s, 1),
+        "compress": "no recording" if args.no_record else args.compress, "rate_hz": round(summary["rate_hz"], 2),
+        "ticks": summary["ticks"], "overruns": summary["overruns"],
+        "jitter_ms": {k: round(v, 2) for k, v in summary["jitter_ms"].items()},
+        "longest_tick_gap_ms": round(gaps["max_s"] * 1e3, 1),
+        "watchdog_trips": int(loop.fault is not None) + sim_base_trips,
+    }
+    if args.no_record:
+        return result
     [path] = sorted(out.glob("episode_*.hdf5"))
     with h5py.File(path, "r") as f:
         lengths = {f[n].shape[0] for n in per_tick_datasets(f)}
         t = f["vla_edge/tick_t"][:]
     duration_s = float(t[-1] - t[0]) if t.size > 1 else 0.0
-    rec = loop.recorder
-    writer = rec.stats.summary()
-    sim_base_trips = loop.robot.sim.base.watchdog_trips if getattr(loop.robot, "sim", None) else 0
+    writer = loop.recorder.stats.summary()
     return {
-        "exit_code": code, "fault": loop.fault, "mode": args.mode, "seconds": args.seconds, "wall_s": round(wall_s, 1),
-        "compress": args.compress, "rate_hz": round(summary["rate_hz"], 2), "ticks": summary["ticks"],
-        "overruns": summary["overruns"], "jitter_ms": summary["jitter_ms"],
-        "longest_tick_gap_ms": round(float(np.diff(t).max() * 1e3), 1) if t.size > 1 else None,
-        "watchdog_trips": int(loop.fault is not None) + sim_base_trips,
+        **result,
+        "longest_recorded_gap_ms": round(float(np.diff(t).max() * 1e3), 1) if t.size > 1 else None,
         "rows": max(lengths), "equal_rows": len(lengths) == 1,
         "mb_per_min": round(path.stat().st_size / 1e6 / (duration_s / 60), 1) if duration_s else None,
         "writer_ms_mean": round(writer["mean_ms"], 2), "writer_ms_max": round(writer["max_ms"], 1),
@@ -152,6 +172,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--mode", choices=["sync", "async"], default="async")
     p.add_argument("--compress", choices=["gzip", "lzf", "none"], default="gzip")
+    p.add_argument("--no-record", action="store_true", help="the same run without recording (the baseline)")
     p.add_argument("--bundle")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "vla-edge-bench-demo"))
     p.add_argument("--out", help="episode directory (default: a new temporary directory)")
