@@ -197,7 +197,7 @@ def test_ticks_never_wait_for_a_stuck_writer_and_close_keeps_every_accepted_row(
                     accepted = rec.record_tick(**tick_args(i))
                 finally:
                     slowest_s = max(slowest_s, time.monotonic() - t0)
-        assert 5 < accepted <= 5 + BATCH_ROWS  # the queue plus the batch the writer holds
+        assert 5 <= accepted <= 5 + BATCH_ROWS  # the queue, plus the batch the writer may hold
         assert slowest_s < 0.5  # returns at once; 0.5 s only so that a loaded machine cannot fail it
         with pytest.raises(RecorderFault, match="cannot keep up"):  # and stays faulted
             rec.record_tick(**tick_args(99))
