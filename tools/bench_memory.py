@@ -6,11 +6,17 @@ real command, nothing of it in this process), samples its RSS from ``/proc/PID/s
 samples after ``--warmup`` seconds (MB/min, MB = 1e6 bytes) and the last minus the first of those.
 This is the outside view; ``tests/test_piper.py`` checks the cause (no unread queue on the CAN bus).
 
+``--robot-only`` runs just the simulated robot instead (no policy, no watchdog ending the run): a child
+connects ``Robot(load_profile("sim"))`` and sends targets, a base velocity and reads state and frames
+at 30 Hz; device faults are counted, not fatal, so a loaded machine cannot cut the run short.
+
 Usage::
 
     python tools/bench_memory.py --seconds 600            # the issue's 10-minute run
     python tools/bench_memory.py --seconds 120 --every 10 # a short one
     python tools/bench_memory.py --seconds 120 --record /tmp/episodes   # with recording
+    python tools/bench_memory.py --seconds 120 --robot-only              # the device layer alone
+    python tools/bench_memory.py --seconds 60 --robot-only --unfixed     # ... as it was before the fix
 
 The bundle defaults to the demo bundle (``--workdir``; exported once, needs the [export] extra).
 """
@@ -25,6 +31,35 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+ROBOT_ONLY = """
+import sys, time
+import numpy as np
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.robot import Robot, load_profile
+from vla_edge.firmware_bridge import piper_arm
+if sys.argv[2] == "unfixed":  # issue 12 as it was: keep piper_sdk's second, never-read send bus
+    piper_arm._send_on_the_receive_bus = lambda sdk: None
+robot = Robot(load_profile("sim"))
+robot.connect()
+q0 = robot.read_state().qpos.copy()
+t0 = time.monotonic()
+k = faults = 0
+try:
+    while time.monotonic() - t0 < float(sys.argv[1]):
+        k += 1
+        try:
+            faults += bool(robot.faults())
+            robot.send_joint_targets(q0 + 0.05 * np.sin(k / 30))
+            robot.send_base_velocity(0.1 * np.sin(k / 60), 0.0)
+            robot.read_frames()
+        except VlaEdgeError:  # a stale camera on a loaded machine: counted, the run goes on
+            faults += 1
+        time.sleep(max(0.0, t0 + k / 30 - time.monotonic()))
+finally:
+    robot.disconnect()
+print(f"{k} ticks, {faults} with a device fault", file=sys.stderr)
+"""
 
 
 def rss_mb(pid: int) -> float | None:
@@ -46,17 +81,23 @@ def main() -> int:
     p.add_argument("--mode", choices=["sync", "async"], default="async")
     p.add_argument("--bundle")
     p.add_argument("--record", help="also record into this directory")
+    p.add_argument("--robot-only", action="store_true", help="the simulated robot alone, faults not fatal")
+    p.add_argument("--unfixed", action="store_true",
+                   help="with --robot-only: keep piper_sdk's unread send bus, to see issue 12's growth")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "vla-edge-bench-demo"))
     args = p.parse_args()
 
-    if args.bundle is None:
-        from vla_edge.edge.run import ensure_demo_bundle
+    if args.robot_only:
+        cmd = [sys.executable, "-c", ROBOT_ONLY, str(args.seconds), "unfixed" if args.unfixed else "fixed"]
+    else:
+        if args.bundle is None:
+            from vla_edge.edge.run import ensure_demo_bundle
 
-        args.bundle = str(ensure_demo_bundle(args.workdir))
-    cmd = [sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle", args.bundle,
-           "--mode", args.mode, "--seconds", str(args.seconds), "--keyboard", "none"]
-    if args.record:
-        cmd += ["--record", args.record]
+            args.bundle = str(ensure_demo_bundle(args.workdir))
+        cmd = [sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle", args.bundle,
+               "--mode", args.mode, "--seconds", str(args.seconds), "--keyboard", "none"]
+        if args.record:
+            cmd += ["--record", args.record]
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     samples = []
@@ -77,6 +118,7 @@ def main() -> int:
               f"peak {max(r for _, r in samples):.1f} MB; exit code {child.returncode}")
     else:
         print(f"too few samples after the warm-up; exit code {child.returncode}")
+    print(err.strip().splitlines()[-1] if err.strip() else "", file=sys.stderr)
     if child.returncode:
         print(err[-2000:], file=sys.stderr)
     return child.returncode
