@@ -267,3 +267,32 @@ def test_a_file_that_cannot_grow_is_one_fault_and_a_readable_file(tmp_path):
         np.testing.assert_array_equal(f["observations/qpos"][:, 0], np.arange(n))
         assert f["observations/images/cam_high"][n - 1, 7, 7, 0] == (n - 1) % 256
     assert "Traceback" not in out.stderr
+
+
+def _limit_file_size(limit_bytes: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def test_run_stops_safely_with_one_line_when_the_recording_cannot_grow(int8_bundle, tmp_path):
+    """The real command, its recording limited by the kernel (ulimit -f): a safe stop, exit 3, one line,
+    and an ordinary file whose datasets all hold the same rows."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle", str(int8_bundle),
+         "--record", str(tmp_path), "--seconds", "30", "--keyboard", "none"],
+        capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(RESERVE_BYTES + 1_000_000),
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 3, out.stderr[-3000:]
+    [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("vla-edge run: stopped safely:")]
+    assert "recording stopped after" in line and "file size limit" in line, line
+    assert "Traceback" not in out.stderr
+    [path] = tmp_path.glob("episode_*.hdf5")
+    with h5py.File(path, "r") as f:
+        lengths = {f[name].shape[0] for name in per_tick_datasets(f)}
+        assert len(lengths) == 1 and lengths.pop() >= 5, lengths
