@@ -358,14 +358,14 @@ class EpisodeRecorder:
     def record_event(self, t: float, kind: str, reason: str = "") -> None:
         """Queue an event (e.g. an :class:`~vla_edge.edge.estop.EStop` trip); text is truncated to fit.
 
-        Never raises for a faulted recording (events come from e-stop callbacks): it is logged instead.
+        Never raises for a faulted recording (events come from e-stop callbacks): the event is dropped.
         """
         self._require_open()
         rows = dict(zip(_EVENTS, (kind.encode()[:KIND_BYTES], reason.encode()[:REASON_BYTES], float(t)), strict=True))
         try:
             self._put(("events", None, rows), "the writer fell behind")
-        except RecorderFault as e:
-            log.warning("recorder: event %s not recorded: %s", kind, e)
+        except RecorderFault as e:  # already reported once, when the recording faulted
+            log.debug("recorder: event %s not recorded: %s", kind, e)
 
     def _put(self, item, full_reason: str) -> None:
         if self.fault:
