@@ -259,10 +259,11 @@ class EpisodeRecorder:
             except queue.Full:
                 pass
             writer.join(CLOSE_TIMEOUT_S)
-            if writer.is_alive():
+            if writer.is_alive():  # stuck in HDF5: touching the file now would wait on it too
+                self._broken = True
                 self._set_fault(f"recorder: the writer did not finish within {CLOSE_TIMEOUT_S:.0f} s (disk hung?)")
             self._pool.shutdown(wait=False)
-        if self._broken:  # HDF5 failed mid-write: closing could crash it; the file keeps its last flush
+        if self._broken:  # HDF5 failed or hangs mid-write: closing could crash or hang; the file keeps its last flush
             log.error("recorder: %s left as last flushed (open it with swmr=True or recover_episode())", self.path)
             self._abandoned.append(f)
         else:
