@@ -10,6 +10,7 @@ with the keyboard off, then reads the episode it wrote and prints::
                                       + the simulated base's own 500 ms watchdog stops
     rows, equal_rows                  rows per dataset, and whether every per-tick dataset has as many
     mb_per_min                        episode file size over the run's duration (MB = 1e6 bytes)
+    record_tick_ms                    what recording costs the tick: checking the row and queueing it
     writer_ms_mean|max, max_queued    the recorder's writer thread: compress + write + flush per row
 
 ``--codecs`` instead times each image option on one 640x480 frame (the simulator's rendering, and the
@@ -58,6 +59,7 @@ def bench_run(args) -> dict:
     recorder_mod.EpisodeRecorder.__init__ = with_compress
 
     gaps = {"last": None, "max_s": 0.0}
+    tick_cost_s: list[float] = []
 
     def hook(robot, loop, estop):
         seen.update(robot=robot, loop=loop)
@@ -70,6 +72,17 @@ def bench_run(args) -> dict:
             tick(t_start, t_deadline, t_end)
 
         loop.stats.tick = timed_tick
+        if loop.recorder is not None:  # what recording costs the tick itself: check + queue
+            record_tick = loop.recorder.record_tick
+
+            def timed_record_tick(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return record_tick(*a, **kw)
+                finally:
+                    tick_cost_s.append(time.perf_counter() - t)
+
+            loop.recorder.record_tick = timed_record_tick
 
     json_path = out / "summary.json"
     t0 = time.monotonic()
@@ -104,6 +117,8 @@ def bench_run(args) -> dict:
         "longest_recorded_gap_ms": round(float(np.diff(t).max() * 1e3), 1) if t.size > 1 else None,
         "rows": max(lengths), "equal_rows": len(lengths) == 1,
         "mb_per_min": round(path.stat().st_size / 1e6 / (duration_s / 60), 1) if duration_s else None,
+        "record_tick_ms": {q: round(float(np.percentile(tick_cost_s, p) * 1e3), 3)
+                           for q, p in (("p50", 50), ("p99", 99), ("max", 100))} if tick_cost_s else None,
         "writer_ms_mean": round(writer["mean_ms"], 2), "writer_ms_max": round(writer["max_ms"], 1),
         "max_queued": writer["max_queued"], "file": str(path),
     }
