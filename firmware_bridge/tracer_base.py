@@ -323,8 +323,10 @@ class TracerBase:
             synced = self._motion[2] or self._system[4]  # bytes before the first good frame: sync-up
             if synced and reader.incidents != incidents_before:
                 self._incident_stamps_s.extend([now] * (reader.incidents - incidents_before))
-                log.warning("TRACER %s: bad input, resynchronised (%s; %d bad frames, %d bytes skipped in all)",
-                            self.config.port, reader.last_error, reader.bad_frames, reader.skipped_bytes)
+                sustained = self._recent_incidents(now) > self.config.max_bad_input_incidents  # then a fault says it
+                log.log(logging.DEBUG if sustained else logging.WARNING,
+                        "TRACER %s: bad input, resynchronised (%s; %d bad frames, %d bytes skipped in all)",
+                        self.config.port, reader.last_error, reader.bad_frames, reader.skipped_bytes)
             for f in frames:
                 self._on_frame(f, now)
 
