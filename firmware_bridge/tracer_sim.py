@@ -33,6 +33,9 @@ class TracerSimConfig:
     accel_linear_mps2: float = 2.0
     accel_angular_radps2: float = 4.0
     battery_v: float = 26.4
+    keep_commands: int = 6000
+    """Commands kept in :attr:`TracerSim.commands` (2 min at 50 Hz); past it the oldest half is dropped,
+    so a long simulated run does not grow (they took ~0.5 MB/min before)."""
 
 
 class TracerSim:
@@ -59,9 +62,10 @@ class TracerSim:
         self.watchdog_stop_s: float | None = None
         """Sim time (monotonic) at which the watchdog last stopped the base."""
         self.command_stamps: list[float] = []
-        """Monotonic reception time of every good command frame (for rate checks)."""
+        """Monotonic reception time of the good command frames (for rate checks; the newest
+        ``keep_commands / 2`` at least)."""
         self.commands: list[tuple[float, float, float]] = []
-        """``(reception time, vx_mps, wz_radps)`` of every good motion command, oldest first."""
+        """``(reception time, vx_mps, wz_radps)`` of the good motion commands, oldest first (as above)."""
         self.last_command_frame: bytes | None = None
         self.bad_frames_seen = 0
         # faults
@@ -172,6 +176,9 @@ class TracerSim:
                                 self._watchdog_tripped = False
                                 self.command_stamps.append(now)
                                 self.commands.append((now, vx, wz))
+                                if len(self.commands) > self.config.keep_commands:
+                                    half = len(self.commands) // 2
+                                    del self.commands[:half], self.command_stamps[:half]
                                 self.last_command_frame = tp.build_frame(f.type, f.id, f.data, f.counter)
                 self.bad_frames_seen += self._reader.bad_frames - bad
         except OSError:

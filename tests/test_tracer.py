@@ -225,3 +225,16 @@ def test_one_frame_base_estop_is_latched_until_cleared(base, sim):
     sim.pulse_vehicle_state(0, 0)
     assert wait_until(lambda: base.read_state().vehicle_state == 0, timeout_s=2.0)
     assert base.clear_estop() and wait_until(lambda: base.faults() == [])
+
+
+def test_simulator_keeps_a_bounded_command_history():
+    """A long simulated run must not grow: the simulator keeps only its newest commands."""
+    from vla_edge.firmware_bridge.tracer_sim import TracerSimConfig
+
+    with TracerSim(TracerSimConfig(keep_commands=20)) as sim, serial.Serial(sim.port, 115200, timeout=0.1) as port:
+        for i in range(60):
+            port.write(tp.motion_command(0.15, 0.0, counter=i))
+            time.sleep(0.005)
+        assert wait_until(lambda: sim.last_command_frame == tp.motion_command(0.15, 0.0, counter=59))
+        assert 10 <= len(sim.commands) <= 20 and len(sim.command_stamps) == len(sim.commands)
+        assert sim.commands[-1][1] == pytest.approx(0.15)
