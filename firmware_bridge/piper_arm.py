@@ -16,7 +16,8 @@ Usage::
     arm.disconnect()                # hold the last commanded target; never disables (a disabled arm drops)
 
 Threads: the SDK shares one transmit message object per interface, so every command goes through
-one lock here; in practice one control thread sends for one arm. The SDK's own thread reads.
+one lock here; in practice one control thread sends for one arm. The SDK's own thread reads, from
+the same python-can bus we send on (:func:`_send_on_the_receive_bus`: an unread second bus grows).
 """
 
 from __future__ import annotations
@@ -130,6 +131,24 @@ def _wall_to_monotonic(wall_s: float) -> float:
     return time.monotonic() - (time.time() - wall_s)
 
 
+def _send_on_the_receive_bus(sdk) -> None:
+    """Make the SDK send on the bus it reads, and close its separate send bus.
+
+    piper_sdk 0.6.x (``hardware_port/can_encapsulation_v0_4_0.py``, ``C_STD_CAN.Init``) opens two
+    python-can buses on Linux, ``recv_bus`` and ``send_bus`` (one shared bus on Windows and macOS).
+    ``send_bus`` receives every frame on the wire too and nobody reads it: on python-can's
+    ``virtual`` bus its queue is unbounded and grew by ~1300 frames/s per simulated arm (the 41 MB/min
+    of issue 12); on SocketCAN it is a kernel socket buffer that stays full. One bus for both
+    directions is what the SDK does on the other platforms, and its ``Close`` shuts a shared bus once.
+    """
+    port = sdk.GetCanBus()
+    rx, tx = getattr(port, "recv_bus", None), getattr(port, "send_bus", None)
+    if rx is None or tx is None or tx is rx:
+        return
+    port.send_bus = rx
+    tx.shutdown()
+
+
 class PiperArm:
     """One Piper arm. See the module docstring for the life cycle."""
 
@@ -180,6 +199,7 @@ class PiperArm:
             sdk.CreateCanBus(cfg.can_name, bustype=cfg.bustype, expected_bitrate=1_000_000, judge_flag=False)
         except ConnectionError as e:
             raise ArmFault(f"cannot open CAN interface {cfg.can_name}: {e}") from e
+        _send_on_the_receive_bus(sdk)
         self._connect_wall_s = time.time()
         sdk.ConnectPort()  # starts the SDK's reader thread, asks for limits and firmware
         self._sdk = sdk

@@ -17,12 +17,24 @@ Usage::
     state = base.read_state()           # measured vx_mps, wz_radps, fault bits, timestamps
     base.disconnect()                   # zero command, then close
 
-Faults (link loss, port errors, base fault bits, bad frames) are listed by :meth:`faults`; they
-never raise from the threads.
+Faults (link loss, port errors, base fault bits, sustained bad input, a base e-stop) are listed by
+:meth:`faults`; they never raise from the threads.
+
+Serial robustness: the reader resynchronises on the next ``5A A5`` whose 13 bytes carry a correct
+checksum, and counts what it dropped (:class:`BaseState` ``bad_frames``, ``skipped_bytes``,
+``bad_input_incidents``; an incident is a stretch of bad input between two good frames). A stray byte
+or a corrupt frame costs at most that frame and is not a fault; *sustained* corruption is: more than
+``max_bad_input_incidents`` (5) incidents within ``bad_input_window_s`` (1 s), i.e. about 5 % of the
+base's 100 frames/s. Losing every frame is the ``feedback_timeout_s`` fault.
+
+A base-reported e-stop (system state frame, vehicle state 0x01) is latched by the reader thread the
+moment its frame arrives, so a single such frame between two control ticks is never missed; it stays a
+fault until :meth:`TracerBase.clear_estop` (refused while the base still reports it) or a reconnect.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -56,8 +68,10 @@ class TracerBaseConfig:
     feedback_timeout_s: float = 0.3
     """No feedback for this long is a link-loss fault."""
     connect_timeout_s: float = 1.0
-    bad_frame_window_s: float = 1.0
-    """Bad frames are reported as a fault for this long after the last one."""
+    bad_input_window_s: float = 1.0
+    """Sliding window in which bad-input incidents are counted."""
+    max_bad_input_incidents: int = 5
+    """More incidents than this within the window is a fault (sustained corruption)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,10 @@ class BaseState:
     command_wz_radps: float = 0.0
     frames_sent: int = 0
     bad_frames: int = 0
+    skipped_bytes: int = 0
+    bad_input_incidents: int = 0
+    estop_latched: bool = False
+    """The base reported an e-stop (vehicle state 0x01) since connect or :meth:`TracerBase.clear_estop`."""
     fault_names: list[str] = field(default_factory=list)
 
 
@@ -104,7 +122,9 @@ class TracerBase:
         self._motion = (0.0, 0.0, 0.0)  # vx, wz, stamp
         self._system = (0, 0, 0.0, 0, 0.0)  # state, mode, battery, bits, stamp
         self._link_error = ""
-        self._last_bad_frame_s = -1e9
+        # The newest incidents only: more than the maximum within the window is all that matters.
+        self._incident_stamps_s = collections.deque(maxlen=self.config.max_bad_input_incidents + 1)
+        self._estop_latched = False
         self._command_expired = False
         self._halted = False
         """Set by :meth:`stop_now`, cleared by :meth:`release`: velocity targets are ignored meanwhile."""
@@ -127,6 +147,7 @@ class TracerBase:
             raise BaseFault(f"cannot open TRACER serial port {cfg.port}: {e}") from e
         self._stop.clear()
         self._link_error = ""
+        self._estop_latched = False
         self._threads = [
             threading.Thread(target=self._tx_loop, name=f"tracer-tx {cfg.port}", daemon=True),
             threading.Thread(target=self._rx_loop, name=f"tracer-rx {cfg.port}", daemon=True),
@@ -214,6 +235,9 @@ class TracerBase:
             command_wz_radps=cwz,
             frames_sent=sent,
             bad_frames=self._reader.bad_frames,
+            skipped_bytes=self._reader.skipped_bytes,
+            bad_input_incidents=self._reader.incidents,
+            estop_latched=self._estop_latched,
             fault_names=tp.fault_names(bits),
         )
 
@@ -230,16 +254,32 @@ class TracerBase:
         last = max(self._motion[2], self._system[4])
         if now - last > cfg.feedback_timeout_s:
             out.append(f"base {port}: no feedback for {(now - last) * 1000:.0f} ms")
-        if now - self._last_bad_frame_s < cfg.bad_frame_window_s:
+        recent = self._recent_incidents(now)
+        if recent > cfg.max_bad_input_incidents:
             r = self._reader
-            out.append(f"base {port}: bad input ({r.last_error}; {r.bad_frames} bad frames, {r.skipped_bytes} bytes skipped)")
+            out.append(f"base {port}: sustained bad input ({recent} incidents in {cfg.bad_input_window_s:g} s: "
+                       f"{r.last_error}; {r.bad_frames} bad frames, {r.skipped_bytes} bytes skipped in all)")
         state, _, _, bits, _ = self._system
-        if state:
+        if self._estop_latched:
+            out.append(f"base {port}: e-stop reported by the base (latched)")
+        if state and state != tp.VEHICLE_ESTOP:
             out.append(f"base {port}: vehicle state {tp.VEHICLE_STATES.get(state, hex(state))}")
         out += [f"base {port}: {name}" for name in tp.fault_names(bits)]
         if self._command_expired:
             out.append(f"base {port}: no velocity command for {cfg.command_timeout_s:.1f} s, stopping")
         return out
+
+    def clear_estop(self) -> bool:
+        """Clear a latched base e-stop; refused (False) while the newest system frame still reports it."""
+        with self._lock:
+            if self._system[0] == tp.VEHICLE_ESTOP:
+                return False
+            self._estop_latched = False
+            return True
+
+    def _recent_incidents(self, now: float) -> int:
+        """Bad-input incidents within the last ``bad_input_window_s`` (at most the maximum + 1)."""
+        return sum(1 for t in list(self._incident_stamps_s) if now - t <= self.config.bad_input_window_s)
 
     # -- threads ---------------------------------------------------------------------------------
     def _next_counter(self) -> int:
@@ -314,18 +354,27 @@ class TracerBase:
             if not chunk:
                 continue
             reader = self._reader
-            bad_before = (reader.bad_frames, reader.skipped_bytes)
+            incidents_before = reader.incidents
             frames = reader.feed(chunk)
             now = time.monotonic()
             synced = self._motion[2] or self._system[4]  # bytes before the first good frame: sync-up
-            if synced and (reader.bad_frames, reader.skipped_bytes) != bad_before:
-                self._last_bad_frame_s = now
-                log.warning("TRACER %s: %s", self.config.port, self._reader.last_error)
+            if synced and reader.incidents != incidents_before:
+                self._incident_stamps_s.extend([now] * (reader.incidents - incidents_before))
+                sustained = self._recent_incidents(now) > self.config.max_bad_input_incidents  # then a fault says it
+                log.log(logging.DEBUG if sustained else logging.WARNING,
+                        "TRACER %s: bad input, resynchronised (%s; %d bad frames, %d bytes skipped in all)",
+                        self.config.port, reader.last_error, reader.bad_frames, reader.skipped_bytes)
             for f in frames:
-                if f.type != tp.TYPE_FEEDBACK:
-                    continue
-                with self._lock:
-                    if f.id == tp.FB_MOTION:
-                        self._motion = (*tp.decode_motion_feedback(f), now)
-                    elif f.id == tp.FB_SYSTEM:
-                        self._system = (*tp.decode_system_feedback(f), now)
+                self._on_frame(f, now)
+
+    def _on_frame(self, f: tp.Frame, now: float) -> None:
+        if f.type != tp.TYPE_FEEDBACK:
+            return
+        with self._lock:
+            if f.id == tp.FB_MOTION:
+                self._motion = (*tp.decode_motion_feedback(f), now)
+            elif f.id == tp.FB_SYSTEM:
+                self._system = (*tp.decode_system_feedback(f), now)
+                if self._system[0] == tp.VEHICLE_ESTOP and not self._estop_latched:
+                    self._estop_latched = True
+                    log.error("TRACER %s: the base reports an e-stop (latched)", self.config.port)

@@ -41,6 +41,8 @@ FULL_SCALE_ANGULAR_RADPS = 0.7853
 """100 % angular command (manual v1.2)."""
 
 VEHICLE_STATES = {0x00: "normal", 0x01: "e-stop", 0x02: "exception"}
+VEHICLE_ESTOP = 0x01
+"""Vehicle state of a base in e-stop (its e-stop button, or the remote's)."""
 
 # Fault bits of the system-state frame. The manual lists battery and remote faults; bit 3
 # (serial command timeout) is what vla-edge's simulator reports when its 500 ms watchdog stops it.
@@ -148,16 +150,27 @@ def fault_names(fault_bits: int) -> list[str]:
 class FrameReader:
     """Split a byte stream into frames, resynchronising on ``5A A5`` after garbage.
 
-    ``feed(chunk)`` returns the good frames found so far; bad frames (checksum, header) and
-    skipped bytes are counted in :attr:`bad_frames` and :attr:`skipped_bytes`, never raised;
-    :attr:`last_error` describes the latest one.
+    ``feed(chunk)`` returns the good frames found so far. Bad input is counted, never raised:
+    :attr:`bad_frames` (a header with a bad length byte or checksum: its ``5A A5`` is dropped and the
+    search for the next one starts inside it), :attr:`skipped_bytes` (bytes outside any frame), and
+    :attr:`incidents`: stretches of bad input between two good frames, however many bytes long (one
+    stray byte, a garbage burst or a corrupt frame followed by its remains is one incident each).
+    :attr:`last_error` describes the latest.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self.bad_frames = 0
         self.skipped_bytes = 0
+        self.incidents = 0
         self.last_error = ""
+        self._in_bad_input = False
+
+    def _bad_input(self, message: str) -> None:
+        self.last_error = message
+        if not self._in_bad_input:
+            self._in_bad_input = True
+            self.incidents += 1
 
     def feed(self, chunk: bytes) -> list[Frame]:
         self._buf += chunk
@@ -175,13 +188,14 @@ class FrameReader:
             try:
                 frames.append(parse_frame(bytes(self._buf[:FRAME_LEN])))
                 del self._buf[:FRAME_LEN]
+                self._in_bad_input = False
             except FrameError as e:
                 self.bad_frames += 1
-                self.last_error = str(e)
+                self._bad_input(str(e))
                 del self._buf[:2]  # drop this SOF and look for the next one
 
     def _skip(self, n: int) -> None:
         if n > 0:
             self.skipped_bytes += n
-            self.last_error = f"skipped {n} bytes outside frames"
+            self._bad_input(f"skipped {n} bytes outside frames")
             del self._buf[:n]

@@ -8,7 +8,7 @@ limits, integrates a planar pose (x_m, y_m, yaw_rad) and writes feedback: 0x01 s
 
 Fault injection: :meth:`inject_garbage`, :meth:`corrupt_next_frames` (bad checksums),
 :meth:`set_silent` (no feedback), :meth:`close_port` (the device disappears),
-:meth:`set_fault_bits`.
+:meth:`set_fault_bits`, :meth:`pulse_vehicle_state` (e.g. one system frame reporting an e-stop).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class TracerSimConfig:
     accel_linear_mps2: float = 2.0
     accel_angular_radps2: float = 4.0
     battery_v: float = 26.4
+    keep_commands: int = 6000
+    """Commands kept in :attr:`TracerSim.commands` (2 min at 50 Hz); past it the oldest half is dropped,
+    so a long simulated run does not grow (they took ~0.5 MB/min before)."""
 
 
 class TracerSim:
@@ -59,15 +62,17 @@ class TracerSim:
         self.watchdog_stop_s: float | None = None
         """Sim time (monotonic) at which the watchdog last stopped the base."""
         self.command_stamps: list[float] = []
-        """Monotonic reception time of every good command frame (for rate checks)."""
+        """Monotonic reception time of the good command frames (for rate checks; the newest
+        ``keep_commands / 2`` at least)."""
         self.commands: list[tuple[float, float, float]] = []
-        """``(reception time, vx_mps, wz_radps)`` of every good motion command, oldest first."""
+        """``(reception time, vx_mps, wz_radps)`` of the good motion commands, oldest first (as above)."""
         self.last_command_frame: bytes | None = None
         self.bad_frames_seen = 0
         # faults
         self._silent = False
         self._corrupt = 0
         self._fault_bits = 0
+        self._state_pulse = (0, 0)  # (vehicle state, system frames left)
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -128,6 +133,11 @@ class TracerSim:
         """Fault bits reported in the system state frame (see ``tracer_protocol.FAULT_BITS``)."""
         self._fault_bits = bits
 
+    def pulse_vehicle_state(self, state: int = tp.VEHICLE_ESTOP, frames: int = 1) -> None:
+        """The next ``frames`` system state frames report ``state`` (then normal again)."""
+        with self._lock:
+            self._state_pulse = (state, frames)
+
     def close_port(self) -> None:
         """The device goes away: both pty ends close, the driver's reads and writes fail."""
         self._stop.set()
@@ -166,6 +176,9 @@ class TracerSim:
                                 self._watchdog_tripped = False
                                 self.command_stamps.append(now)
                                 self.commands.append((now, vx, wz))
+                                if len(self.commands) > self.config.keep_commands:
+                                    half = len(self.commands) // 2
+                                    del self.commands[:half], self.command_stamps[:half]
                                 self.last_command_frame = tp.build_frame(f.type, f.id, f.data, f.counter)
                 self.bad_frames_seen += self._reader.bad_frames - bad
         except OSError:
@@ -203,10 +216,14 @@ class TracerSim:
                 corrupt = self._corrupt > 0
                 if corrupt:
                     self._corrupt -= 1
+                state, left = self._state_pulse
+                vehicle_state = state if left > 0 else 0
+                if left > 0 and not self._silent:
+                    self._state_pulse = (state, left - 1)
             if not self._silent:
                 bits = self._fault_bits | (0x08 if self._watchdog_tripped and self._last_command_s > 0 else 0)
                 frames = tp.motion_feedback(vx, wz, self._next_counter()) + tp.system_feedback(
-                    0, tp.CONTROL_MODE_SERIAL, cfg.battery_v, bits, self._next_counter()
+                    vehicle_state, tp.CONTROL_MODE_SERIAL, cfg.battery_v, bits, self._next_counter()
                 )
                 if corrupt:
                     frames = frames[:12] + bytes([frames[12] ^ 0xFF]) + frames[13:]

@@ -30,7 +30,7 @@ def run_and_report(self: ControlLoop):
 
     def report():
         while True:
-            n = self.recorder.n_ticks if self.recorder is not None else self.ticks
+            n = self.recorder.rows_written if self.recorder is not None else self.ticks  # rows on disk
             print(f"STATUS {sim.base.velocity()[0]:.3f} {n}", flush=True)
             time.sleep(0.05)
 

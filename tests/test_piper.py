@@ -198,3 +198,19 @@ def test_missing_interface_is_one_clear_fault():
 def test_silent_arm_fails_connect(channel):
     with pytest.raises(ArmFault, match="no feedback"):
         PiperArm(PiperArmConfig(can_name=channel, bustype="virtual", connect_timeout_s=0.2)).connect()
+
+
+def test_no_bus_on_the_channel_piles_up_unread_frames(arm, sim, channel):
+    """piper_sdk opens a send-only bus on Linux that receives every frame and is never read (issue 12:
+    memory grew 41 MB/min). Every queue on the virtual channel must stay short over a moving run."""
+    from can.interfaces import virtual
+
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # ~300 feedback ticks of ~10 frames each
+        arm.send_targets(np.asarray(Q0) + 0.05 * math.sin(time.monotonic()), 0.03)
+        time.sleep(0.02)
+    with virtual.channels_lock:
+        backlog = [q.qsize() for q in virtual.channels[channel]]
+    assert max(backlog) < 200, backlog  # was ~2000 after 1.5 s: one queue nobody read
+    assert len(backlog) == 2  # the simulator and the SDK's one bus, nothing else
+    assert arm.faults() == []

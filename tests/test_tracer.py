@@ -145,13 +145,13 @@ def test_killed_driver_makes_the_base_stop_within_500ms(sim):
 @pytest.mark.parametrize(
     "inject, expected",
     [
-        (lambda s: s.inject_garbage(), "bad input"),
-        (lambda s: s.corrupt_next_frames(3), "bad frames"),
+        (lambda s: s.corrupt_next_frames(100), "sustained bad input"),
+        (lambda s: [s.inject_garbage(b"\x00") or time.sleep(0.03) for _ in range(20)], "sustained bad input"),
         (lambda s: s.set_silent(True), "no feedback"),
         (lambda s: s.set_fault_bits(0b1), "battery under-voltage fault"),
         (lambda s: s.close_port(), "link lost"),
     ],
-    ids=["garbage", "bad-checksum", "silence", "fault-bits", "closed-port"],
+    ids=["bad-checksums", "stray-bytes-every-30ms", "silence", "fault-bits", "closed-port"],
 )
 def test_every_injected_fault_is_reported(base, sim, inject, expected):
     assert wait_until(lambda: base.faults() == [])
@@ -170,3 +170,71 @@ def test_silent_base_fails_connect(sim):
     sim.set_silent(True)
     with pytest.raises(BaseFault, match="no feedback"):
         TracerBase(TracerBaseConfig(port=sim.port, connect_timeout_s=0.3)).connect()
+
+
+def test_reader_counts_one_incident_per_stretch_of_bad_input():
+    good = tp.motion_feedback(0.1, 0.0, counter=1)
+    r = tp.FrameReader()
+    corrupt = good[:12] + bytes([good[12] ^ 0xFF])
+    frames = r.feed(good + b"\x00" + good + b"\x5a" + good + corrupt + good + b"garbage\x5a\xa5" + good)
+    assert len(frames) == 5  # every intact frame survives its neighbours
+    assert r.incidents == 4 and r.bad_frames == 1 + 1  # the corrupt frame, and "5A A5" + 11 bytes of a good one
+    assert r.skipped_bytes > 0
+
+
+@pytest.mark.parametrize(
+    "inject",
+    [lambda s: s.inject_garbage(b"\x00"), lambda s: s.inject_garbage(b"\x5a"), lambda s: s.inject_garbage(),
+     lambda s: s.corrupt_next_frames(1), lambda s: s.corrupt_next_frames(3)],
+    ids=["one-stray-byte", "half-a-header", "garbage-burst", "one-corrupt-frame", "three-corrupt-frames"],
+)
+def test_isolated_bad_input_is_counted_and_the_link_stays_healthy(base, sim, inject):
+    """Issue 12: one stray byte on the serial line ended the run. Now: resync, count, no fault."""
+    assert wait_until(lambda: base.faults() == [])
+    before = base.read_state().bad_input_incidents
+    inject(sim)
+    assert wait_until(lambda: base.read_state().bad_input_incidents > before, timeout_s=2.0)
+    deadline = time.monotonic() + base.config.bad_input_window_s + 0.3
+    while time.monotonic() < deadline:  # through a whole counting window
+        assert base.faults() == []
+        time.sleep(0.01)
+    s = base.read_state()
+    assert s.bad_frames + s.skipped_bytes > 0 and time.monotonic() - s.motion_stamp_s < 0.2  # still hearing it
+
+
+def test_sustained_corruption_faults_and_clears_after_the_window(base, sim):
+    sim.corrupt_next_frames(40)  # 0.8 s of corrupt motion frames among good system frames
+    assert wait_until(lambda: any("sustained bad input" in f for f in base.faults()), timeout_s=2.0), base.faults()
+    assert wait_until(lambda: base.faults() == [], timeout_s=3.0), base.faults()  # a window, not a latch
+
+
+def test_one_frame_base_estop_is_latched_until_cleared(base, sim):
+    """A single system frame with vehicle state e-stop lands between two 30 Hz ticks: it must not be missed."""
+    assert wait_until(lambda: base.faults() == [])
+    sim.pulse_vehicle_state(tp.VEHICLE_ESTOP, frames=1)
+    assert wait_until(lambda: base.read_state().estop_latched, timeout_s=2.0)
+    time.sleep(0.2)  # ten more system frames say "normal"
+    s = base.read_state()
+    assert s.vehicle_state == 0 and s.estop_latched
+    assert any("e-stop reported by the base (latched)" in f for f in base.faults()), base.faults()
+    assert base.clear_estop() and base.faults() == []
+
+    sim.pulse_vehicle_state(tp.VEHICLE_ESTOP, frames=10_000)  # held: clearing is refused
+    assert wait_until(lambda: base.read_state().vehicle_state == tp.VEHICLE_ESTOP, timeout_s=2.0)
+    assert not base.clear_estop() and any("e-stop" in f for f in base.faults())
+    sim.pulse_vehicle_state(0, 0)
+    assert wait_until(lambda: base.read_state().vehicle_state == 0, timeout_s=2.0)
+    assert base.clear_estop() and wait_until(lambda: base.faults() == [])
+
+
+def test_simulator_keeps_a_bounded_command_history():
+    """A long simulated run must not grow: the simulator keeps only its newest commands."""
+    from vla_edge.firmware_bridge.tracer_sim import TracerSimConfig
+
+    with TracerSim(TracerSimConfig(keep_commands=20)) as sim, serial.Serial(sim.port, 115200, timeout=0.1) as port:
+        for i in range(60):
+            port.write(tp.motion_command(0.15, 0.0, counter=i))
+            time.sleep(0.005)
+        assert wait_until(lambda: sim.last_command_frame == tp.motion_command(0.15, 0.0, counter=59))
+        assert 10 <= len(sim.commands) <= 20 and len(sim.command_stamps) == len(sim.commands)
+        assert sim.commands[-1][1] == pytest.approx(0.15)
