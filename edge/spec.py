@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from vla_edge.firmware_bridge.piper_arm import PIPER_JOINT_HI, PIPER_JOINT_LO  # Cobot Magic limits, per arm
 from vla_edge.kernels import DIRECTIONS, N_BINS  # the codecs' own facts: one source of truth
 
 BIN_KINDS = ("uniform", "norm")
@@ -193,9 +194,6 @@ class PolicySpec:
         return cls(**d)
 
 
-# Cobot Magic joint limits (CONTRACT section 2), per arm: J1..J6 (rad), gripper (m).
-PIPER_JOINT_LO = [-2.6179, 0.0, -2.967, -1.745, -1.22, -2.0944, 0.0]
-PIPER_JOINT_HI = [2.6179, 3.14, 0.0, 1.745, 1.22, 2.0944, 0.07]
 
 
 def cobot_magic_policy(**overrides) -> PolicySpec:

@@ -29,10 +29,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+from vla_edge import VlaEdgeError
 
 log = logging.getLogger(__name__)
+
+# Published Piper limits (CONTRACT section 2), J1..J6 (rad) then the gripper (m): the defaults of
+# PiperArmConfig; the runtime's safety filter and policy defaults take them from here.
+PIPER_JOINT_LO = [-2.6179, 0.0, -2.967, -1.745, -1.22, -2.0944, 0.0]
+PIPER_JOINT_HI = [2.6179, 3.14, 0.0, 1.745, 1.22, 2.0944, 0.07]
 
 MDEG_PER_RAD = 180_000.0 / math.pi
 UM_PER_M = 1_000_000.0

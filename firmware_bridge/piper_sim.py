@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import can
 import numpy as np
-from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+from vla_edge.firmware_bridge.piper_arm import PIPER_JOINT_HI, PIPER_JOINT_LO
 
 MDEG_PER_RAD = 180_000.0 / math.pi
 """0.001 degree units per radian."""

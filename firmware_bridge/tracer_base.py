@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 
 import serial
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.firmware_bridge import tracer_protocol as tp
 
 log = logging.getLogger(__name__)

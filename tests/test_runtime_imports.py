@@ -49,3 +49,22 @@ def test_runtime_engine_runs_without_torch(int8_bundle):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_lower_rooms_do_not_import_the_runtime():
+    """kernels/ and firmware_bridge/ sit below edge/: importing every module of theirs loads no
+    ``vla_edge.edge`` module (limits come in through their configs; the shared error is the import root's)."""
+    import pkgutil
+
+    import vla_edge.firmware_bridge
+    import vla_edge.kernels
+
+    modules = ["vla_edge.kernels", "vla_edge.kernels.reference"] + [
+        f"vla_edge.firmware_bridge.{m.name}" for m in pkgutil.iter_modules(vla_edge.firmware_bridge.__path__)]
+    assert len(modules) >= 8
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('vla_edge.edge'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -12,6 +12,16 @@ Subpackages:
 
 from importlib.metadata import PackageNotFoundError, version
 
+
+class VlaEdgeError(Exception):
+    """A user-facing error: bad checkpoint, corrupt bundle, missing device, link fault.
+
+    The CLI prints it as one line (no traceback unless ``--debug``) and exits non-zero. It lives at the
+    import root so that every room (``edge``, ``firmware_bridge``, ``export``) raises the same type
+    without the lower rooms importing the runtime.
+    """
+
+
 try:
     __version__ = version("vla-edge")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
