@@ -16,22 +16,22 @@ def _near(img: np.ndarray, rgb: str, tol: float = 0.02) -> int:
     return int((np.abs(img[..., :3] - want) < tol).all(-1).sum())
 
 
-def test_bench_plot_draws_a_box_per_stage_and_run(fused_fp32_bundle, tmp_path):
+def test_bench_plot_draws_a_box_per_stage_and_run(tiny_ckpt, fused_fp32_bundle, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
 
     png = tmp_path / "latency.png"
     r = run_cli("bench", "--bundle", str(fused_fp32_bundle), "--provider", "cpu", "--steps", "3", "--warmup", "0",
-                "--parallel", "--plot", str(png))
+                "--parallel", "--baseline", "torch", "--ckpt", str(tiny_ckpt), "--plot", str(png))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"wrote {png}" in r.stdout
     img = matplotlib.image.imread(png)
     assert img.shape[:2] == (450, 900)  # 9 x 4.5 in at 100 dpi
     white = (img[..., :3] > 0.98).all(-1).mean()
     assert 0.5 < white < 0.98  # mostly background, but drawn on
-    # the two runs (parallel and sequential decoding) in matplotlib's first two colours: medians and dots
-    assert _near(img, "#1f77b4") > 100 and _near(img, "#ff7f0e") > 100
-    assert _near(img, "#2ca02c") == 0  # no third run
+    # the three runs (parallel decoding, sequential decoding, PyTorch) in matplotlib's first three colours
+    assert _near(img, "#1f77b4") > 100 and _near(img, "#ff7f0e") > 100 and _near(img, "#2ca02c") > 100
+    assert _near(img, "#d62728") == 0  # no fourth run
 
 
 def test_bench_plot_without_matplotlib_is_refused_before_the_benchmark(tmp_path):
