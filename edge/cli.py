@@ -440,6 +440,8 @@ def validate(args: argparse.Namespace) -> None:
         out_file(args.json, "--json")
         out_dir(args.record, "--record")
         view_args(args)
+    elif cmd == "record":
+        view_args(args)
     elif cmd == "demo":
         out_dir(args.workdir, "--workdir")
     elif cmd == "eval":
