@@ -13,9 +13,15 @@ PyTorch model in float16 (HF eager) on the same GPU, in the same process; GPU me
 twice, sequential then Jacobi-parallel decoding, and reports both, the decoder calls per chunk and the
 decode ratio. ``--cuda-graph`` replays the one-token step as a CUDA graph.
 
+``--plot latency.png`` draws each stage's distribution over the measured steps (a box and every step as
+a dot, milliseconds, log scale), one box per run: the engine, its sequential run with ``--parallel``, and
+the PyTorch baseline with ``--baseline torch`` (whose prefill and decode are one ``generate`` stage).
+matplotlib comes from the optional ``[plot]`` extra and is imported only for ``--plot``.
+
 Usage::
 
     vla-edge bench --bundle b/ --steps 5 --json out.json
+    vla-edge bench --bundle b/ --steps 30 --plot latency.png
     vla-edge bench --shape llava-ov-0.5b --provider cuda --baseline torch --parallel --cuda-graph
 """
 
@@ -140,6 +146,56 @@ def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, step
         if i >= warmup:
             results.append(r)
     return results
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+"""File types ``--plot`` writes (matplotlib picks the format from the suffix)."""
+
+_PLOT_ORDER = ("compose", "vision", "prompt", "prefill", "decode", "generate", "detokenize", "total")
+
+
+def plot_refusal(path) -> str | None:
+    """Why ``--plot PATH`` cannot work (matplotlib missing, an unknown file type), or None."""
+    import importlib.util
+
+    if Path(path).suffix.lower() not in PLOT_SUFFIXES:
+        return f"--plot {path}: give a file name ending in {', '.join(PLOT_SUFFIXES)}"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install 'vla-edge[plot]'"
+    return None
+
+
+def plot_latency(path, runs: dict[str, dict[str, list[float]]], title: str) -> None:
+    """Write a figure of per-stage latency distributions: for each stage a box per run (label -> stage -> ms per
+    step), each step a dot on it, on a log millisecond axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, never a window (and no display on a robot)
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in _PLOT_ORDER if any(s in r for r in runs.values())]
+    stages += [s for r in runs.values() for s in r if s not in stages]
+    width = 0.8 / len(runs)
+    rng = np.random.default_rng(0)  # the dots' jitter: the same picture for the same numbers
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100, layout="constrained")
+    for i, (label, stage_ms) in enumerate(runs.items()):
+        color = f"C{i}"
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j, s in enumerate(stages) if s in stage_ms]
+        data = [np.maximum(np.asarray(stage_ms[s], float), 1e-3) for s in stages if s in stage_ms]  # log axis: > 0
+        ax.boxplot(data, positions=xs, widths=width * 0.8, showfliers=False, patch_artist=True,
+                   boxprops={"facecolor": color, "alpha": 0.35, "edgecolor": color},
+                   medianprops={"color": color}, whiskerprops={"color": color}, capprops={"color": color})
+        for x, d in zip(xs, data, strict=True):
+            ax.plot(x + rng.uniform(-width * 0.3, width * 0.3, len(d)), d, ".", color=color, ms=3, alpha=0.7)
+        ax.plot([], [], "s", color=color, alpha=0.6, label=label)
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per policy step (ms, log scale)")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    ax.set_title(title, fontsize="medium")
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(args) -> int:
@@ -276,4 +332,15 @@ def main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        runs = {f"vla-edge ({engine.provider}{', parallel decoding' if args.parallel else ''})": stages}
+        if sequential is not None:
+            runs["vla-edge (sequential decoding)"] = sequential[1]
+        if args.baseline == "torch":
+            runs[f"PyTorch ({'float16' if engine.device == 'cuda' else 'fp32'} eager)"] = {
+                k: [r.timings_ms[k] for r in refs] for k in refs[0].timings_ms}
+        where = gpu_name() if engine.device == "cuda" else f"{os.cpu_count()} CPU cores"
+        plot_latency(args.plot, runs, f"{root.name}: {bundle.precision}, {engine.kind} decoder, "
+                     f"{args.steps} steps after {args.warmup} warm-up, {where}")
+        console.print(f"wrote {args.plot}")
     return 0

@@ -133,6 +133,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-graph", action="store_true", help="CUDA only: replay the one-token step as a CUDA graph")
     p.add_argument("--navigation", action="store_true", help="use a navigation prompt")
     p.add_argument("--json", help="also write the results as JSON to this path")
+    p.add_argument("--plot", help="also draw per-stage latency distributions into this .png/.svg/.pdf "
+                   "([plot] extra: matplotlib)")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.bench", "main", a))
 
 
@@ -158,6 +160,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record", help="write each episode as HDF5 into this directory")
     p.add_argument("--json", help="write the end-of-run summary as JSON")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    p.add_argument("--view", action="store_true", help="stream the run live to a Rerun viewer ([view] extra)")
+    p.add_argument("--view-save", help="stream the run live into this .rrd file instead ([view] extra)")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "main", a))
 
 
@@ -378,6 +382,18 @@ def in_dir(path, what: str) -> None:
         raise ArgumentError(f"{what} {path}: no such directory")
 
 
+def view_args(args: argparse.Namespace) -> None:
+    """``--view`` / ``--view-save FILE``: at most one, and Rerun installed (found, not imported: that is slow)."""
+    import importlib.util
+
+    if args.view and args.view_save:
+        raise ArgumentError("give --view (a Rerun viewer) or --view-save FILE, not both")
+    if args.view or args.view_save:
+        if importlib.util.find_spec("rerun") is None:
+            raise ArgumentError("Rerun is not installed: pip install 'vla-edge[view]'")
+        out_file(args.view_save, "--view-save")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check that can be made from the arguments alone, before anything slow or any device."""
     cmd = args.command
@@ -411,10 +427,21 @@ def validate(args: argparse.Namespace) -> None:
                                 "exported from; the bundle records only its sha256)")
         in_checkpoint(args.ckpt)
         out_file(args.json, "--json")
+        if args.plot:
+            from vla_edge.edge.bench import plot_refusal
+
+            if args.kernels:
+                raise ArgumentError("--plot goes with --bundle or --shape, not --kernels")
+            if why := plot_refusal(args.plot):
+                raise ArgumentError(why)
+            out_file(args.plot, "--plot")
     elif cmd == "run":
         in_dir(args.bundle, "--bundle")
         out_file(args.json, "--json")
         out_dir(args.record, "--record")
+        view_args(args)
+    elif cmd == "record":
+        view_args(args)
     elif cmd == "demo":
         out_dir(args.workdir, "--workdir")
     elif cmd == "eval":

@@ -3,7 +3,8 @@
 Threads::
 
     main        control tick at ``rate_hz``: read arm state, next action -> safety filter -> arms,
-                base command -> base; watchdogs; recording; telemetry
+                base command -> base; watchdogs; recording; telemetry; hands the tick to the live
+                view (``view``: a :class:`~vla_edge.edge.view.LiveView`, which drops what it is behind on)
     inference   one policy step at a time on the newest synchronised frames (ONNX Runtime releases
                 the GIL), so ticks keep coming while the model thinks
     keyboard    e-stop listener: commands the actuators itself, never waits for the loop
@@ -223,7 +224,7 @@ class ControlLoop:
     """Drives ``robot`` with ``policy`` until a limit, a fault or a stop request."""
 
     def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats, recorder=None,
-                 cameras: list[str] | None = None, stop_requested: threading.Event | None = None):
+                 cameras: list[str] | None = None, stop_requested: threading.Event | None = None, view=None):
         self.robot = robot
         self.policy = policy
         self.instruction = instruction
@@ -232,6 +233,8 @@ class ControlLoop:
         self.estop = estop
         self.stats = stats
         self.recorder = recorder
+        self.view = view
+        """A live view (``run --view``): ``tick(...)``, ``inference(...)``; never blocks."""
         self.cameras = cameras or list(robot.camera_names)
         self.schedule = ActionSchedule(cfg.ensemble_k if cfg.mode == "async" else None)
         self.worker = InferenceWorker(policy, robot, self.cameras)
@@ -400,6 +403,10 @@ class ControlLoop:
             self.stats.frames(list(frames.ages_s.values()), frames.skew_s)
         if self.recorder is not None:
             self.recorder.record_inference(time.monotonic(), chunk.timings_ms, chunk.token_ids)
+        if self.view is not None:  # the chunk boundary: this tick's plan is the new chunk's
+            what = f"{chunk.base[0]} {chunk.base[1]:.2f}" if chunk.base is not None and chunk.base[0] != "stop" \
+                else f"{len(chunk.joints) if chunk.joints is not None else 0} steps"
+            self.view.inference(k, time.monotonic(), chunk.timings_ms, f"chunk: {what}, observed at tick {obs_tick}")
         if chunk.base is not None and chunk.base[0] != "stop":
             direction, value = chunk.base
             if not math.isfinite(value):
@@ -423,14 +430,16 @@ class ControlLoop:
             self.schedule.add_chunk(obs_tick, joints)
 
     def _record(self, k, now, state, target, base, clamps) -> None:
-        if self.recorder is None:
+        if self.recorder is None and self.view is None:
             return
         frames, stamps = {}, {}
         for name in self.cameras:
             f = self.robot.cameras.cameras[name].latest()
             if f is not None:
                 frames[name], stamps[name] = f.image, f.stamp_s
-        if len(frames) != len(self.cameras):
+        if self.view is not None:
+            self.view.tick(k, now, frames, state.qpos, target, base)
+        if self.recorder is None or len(frames) != len(self.cameras):
             return
         # ``action``: the command in force this tick, as sent (a hold included), not the policy's wish.
         self.recorder.record_tick(frames, stamps, state.qpos, target, np.asarray(base, np.float64), now, clamps)

@@ -1,4 +1,16 @@
-"""``vla-edge run`` and ``vla-edge demo``: put the policy on a robot (the simulated one by default)."""
+"""``vla-edge run`` and ``vla-edge demo``: put the policy on a robot (the simulated one by default).
+
+Usage::
+
+    vla-edge run --robot sim --seconds 10                       # the demo bundle on the simulated robot
+    vla-edge run --robot cobot_magic --bundle b/ --record eps/  # the real one, recording each episode
+    vla-edge run --robot sim --seconds 10 --view                # and watch it live in Rerun ([view] extra)
+    vla-edge run --robot sim --seconds 10 --view-save run.rrd   # or stream it into a file
+
+``--view`` / ``--view-save`` stream the cameras, the composed model image, commanded vs measured joints,
+the base command, stage latencies, chunk boundaries and e-stop events (:mod:`vla_edge.edge.view`); the
+control tick only hands over a copy of its frames, and a tick the logger is behind on is dropped.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +100,8 @@ e-stop's) gets it within about this long while another thread runs Python code (
 def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str = "sync", seconds: float = 0.0,
         rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
         provider: str = "auto", keyboard: str = "auto", keyboard_tty=None, max_ticks: int = 0,
-        firmware_estop: bool = False, policy_wrapper=None, on_connected=None, restore_signals: bool = True) -> int:
+        firmware_estop: bool = False, policy_wrapper=None, on_connected=None, restore_signals: bool = True,
+        view: bool = False, view_save: str | None = None) -> int:
     """Connect, run the loop, make everything safe, print the summary. Returns the exit code.
 
     Exit codes: 0 the run ended by itself (``seconds``, ``max_ticks``); 3 a fault (safe stop, the
@@ -101,6 +114,7 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
     path; default stdin). ``policy_wrapper(engine) -> policy`` and ``on_connected(robot, loop, estop)``
     are hooks for tests and evaluation (a slowed-down policy, fault injection). ``restore_signals``:
     put the previous SIGINT/SIGTERM/SIGHUP handlers back at the end (False: the process exits next).
+    ``view`` / ``view_save``: stream the run to a Rerun viewer / into a .rrd file.
     """
     import signal
 
@@ -114,7 +128,7 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         return _run(robot_name, bundle_path, instruction, estop, stop, mode=mode, seconds=seconds, rate_hz=rate_hz,
                     navigation=navigation, record=record, json_path=json_path, provider=provider, keyboard=keyboard,
                     keyboard_tty=keyboard_tty, max_ticks=max_ticks, firmware_estop=firmware_estop,
-                    policy_wrapper=policy_wrapper, on_connected=on_connected)
+                    policy_wrapper=policy_wrapper, on_connected=on_connected, view=view, view_save=view_save)
     except KeyboardInterrupt:  # raised by code that is not ours (our handlers raise nothing)
         stop.request(signal.SIGINT, "interrupted")
         print("vla-edge run: interrupted", file=sys.stderr)
@@ -130,7 +144,8 @@ class _StartupStopped(Exception):
 
 
 def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, rate_hz, navigation, record,
-         json_path, provider, keyboard, keyboard_tty, max_ticks, firmware_estop, policy_wrapper, on_connected) -> int:
+         json_path, provider, keyboard, keyboard_tty, max_ticks, firmware_estop, policy_wrapper, on_connected,
+         view=False, view_save=None) -> int:
     import signal
     import time
 
@@ -146,7 +161,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         if stop.requested:
             raise _StartupStopped(step)
 
-    robot = None
+    robot = live = None
     try:
         profile = load_profile(robot_name)
         if bundle_path is None:
@@ -159,11 +174,19 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         policy = Engine(bundle, provider=provider, threads=threads)
         if policy_wrapper is not None:
             policy = policy_wrapper(policy)
+        if view or view_save:
+            from vla_edge.edge.view import LiveView, ViewConfig
+
+            live = LiveView(view_save, ViewConfig(layout=bundle.layout))
         checkpoint("connecting the robot")
         robot = Robot(profile)
         robot.connect()
         checkpoint("starting the loop")
-    except _StartupStopped as e:
+    except BaseException as e:
+        if live is not None:
+            live.close()
+        if not isinstance(e, _StartupStopped):
+            raise
         if robot is not None:
             robot.disconnect()  # nothing was commanded: arms hold, base zero
         print(f"vla-edge run: stopped by {stop.reason} during start-up (before {e}); nothing moved", file=sys.stderr)
@@ -190,18 +213,22 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
             robot.estop(firmware=firmware_estop)
             if recorder is not None:
                 recorder.record_event(time.monotonic(), "estop", reason)
+            if live is not None:
+                live.event(loop.tick if loop is not None else 0, time.monotonic(), "estop", reason)
 
         def on_resume() -> None:
             robot.resume()
             if recorder is not None:
                 recorder.record_event(time.monotonic(), "resume", "")
+            if live is not None:
+                live.event(loop.tick if loop is not None else 0, time.monotonic(), "resume")
 
         estop.on_trip(on_trip)
         estop.on_resume(on_resume)
         if estop.is_latched:  # a signal between the last checkpoint and here: its trip ran no callbacks
             estop.trigger(estop.reason)
         loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
-                           recorder, cameras=bundle.layout.cameras, stop_requested=stop.event)
+                           recorder, cameras=bundle.layout.cameras, stop_requested=stop.event, view=live)
         status = live_status(stats, loop)
         listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty,
                                     on_interrupt=lambda: stop.request(signal.SIGINT, "ctrl+c"),
@@ -215,10 +242,16 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         try:
             robot.disconnect()
         finally:
-            if recorder is not None:
-                if fault:
-                    recorder.record_event(time.monotonic(), "fault", fault)
-                recorder.close()
+            try:
+                if recorder is not None:
+                    if fault:
+                        recorder.record_event(time.monotonic(), "fault", fault)
+                    recorder.close()
+            finally:
+                if live is not None:
+                    if fault:
+                        live.event(loop.tick if loop is not None else 0, time.monotonic(), "fault", fault)
+                    live.close()
     for ms in estop.trip_latencies_ms:  # one per trip: a Ctrl+C and its SIGINT are one trip
         stats.estop_latency(ms)
     if json_path:  # first: the terminal may be gone (SIGHUP), the file is not
@@ -295,7 +328,7 @@ def main(args) -> int:
     rc = run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
              navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
              max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop,
-             restore_signals=False)
+             restore_signals=False, view=args.view, view_save=args.view_save)
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     return rc

@@ -6,6 +6,7 @@ Usage::
     vla-edge view episodes/episode_0.hdf5                 # opens the Rerun viewer
     vla-edge view episodes/episode_0.hdf5 --save ep0.rrd  # writes a recording file instead
     vla-edge record ... --view | --view-save rec.rrd      # live, while recording (LiveView)
+    vla-edge run ... --view | --view-save run.rrd         # live, while the policy runs (LiveView)
 
 What is logged, on the timelines ``tick`` (control tick index) and ``time`` (seconds since the first tick)::
 
@@ -15,8 +16,12 @@ What is logged, on the timelines ``tick`` (control tick index) and ``time`` (sec
     joints/<L|R>_<j1..j6|gripper>/planned    the recorded action (rad, m)
     joints/<L|R>_<j1..j6|gripper>/measured   the recorded qpos (rad, m)
     base/vx_mps, base/wz_radps         the recorded base command
-    latency/<stage>_ms                 per-stage inference latency, at each inference (run recordings)
+    latency/<stage>_ms                 per-stage inference latency, at each inference (run recordings, run --view)
+    chunks                             run --view: each chunk boundary, the tick a new chunk took over (text log)
     events                             e-stop, resume and fault events (text log)
+
+Live (``LiveView``), ``joints/*/planned`` is the target commanded at the tick and ``base/*`` the base
+command sent, as ``run --record`` stores them.
 
 ``import rerun`` happens only here, only when asked: the runtime never imports it.
 """
@@ -97,6 +102,14 @@ class TickLogger:
                 self._composer = kernels.Composer(self.cfg.layout, [t.shape[:2] for t in tiles])
             rec.log("model/image", rr.Image(np.asarray(self._composer.compose_uint8(tiles))))
 
+    def inference(self, tick: int, time_s: float, timings_ms: dict, text: str) -> None:
+        """One policy step's stage latencies and the chunk boundary it makes, at the tick it took over."""
+        self.at(tick, time_s)
+        for name, ms in timings_ms.items():
+            if np.isfinite(ms):
+                self.rec.log(f"latency/{name}_ms", self.rr.Scalars([float(ms)]))
+        self.rec.log("chunks", self.rr.TextLog(text, level="INFO"))
+
     def event(self, tick: int, time_s: float, kind: str, reason: str = "") -> None:
         self.at(tick, time_s)
         text = kind + (f": {reason}" if reason else "")
@@ -163,11 +176,15 @@ class LiveView:
     def event(self, tick: int, t: float, kind: str, reason: str = "") -> None:
         self._q.put(("event", (tick, self._time(t), kind, reason)))
 
+    def inference(self, tick: int, t: float, timings_ms: dict, text: str) -> None:
+        """A few scalars and a line, a few times a second: never dropped, like events."""
+        self._q.put(("inference", (tick, self._time(t), dict(timings_ms), text)))
+
     def _run(self) -> None:
         while (item := self._q.get()) is not None:
             kind, args = item
             try:
-                self.logger.log(*args) if kind == "tick" else self.logger.event(*args)
+                getattr(self.logger, "log" if kind == "tick" else kind)(*args)
             except Exception as e:  # a viewer problem must never reach the robot
                 log.warning("view: %s", e)
 

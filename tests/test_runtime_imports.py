@@ -1,4 +1,5 @@
-"""The robot-side runtime must not import torch or transformers (they are an install extra)."""
+"""The robot-side runtime must not import torch or transformers (they are an install extra), nor Rerun or
+matplotlib (``--view`` and ``bench --plot`` import them when asked)."""
 
 import subprocess
 import sys
@@ -19,14 +20,16 @@ RUNTIME = [
     "vla_edge.firmware_bridge.piper_arm",
     "vla_edge.firmware_bridge.tracer_base",
     "vla_edge.kernels",
+    "vla_edge.edge.bench",  # matplotlib only for --plot
+    "vla_edge.edge.view",  # rerun only when a view is asked for
 ]
 
 
-def test_runtime_imports_neither_torch_nor_transformers():
+def test_runtime_imports_neither_torch_nor_transformers_nor_rerun_nor_matplotlib():
     code = (
         "import sys, importlib\n"
         f"for m in {RUNTIME!r}: importlib.import_module(m)\n"
-        "heavy = sorted({'torch', 'transformers', 'PIL'} & set(sys.modules))\n"
+        "heavy = sorted({'torch', 'transformers', 'PIL', 'rerun', 'matplotlib'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -110,3 +110,83 @@ def test_record_view_save_streams_the_recorded_ticks(tmp_path):
     assert len(_column(chunks["/cameras/cam_high"], "EncodedImage:blob")) == len(ticks)
     assert [t[0] if isinstance(t, list) else t for t in _column(chunks["/events"], "TextLog:text")] == \
         ["episode: episode_0.hdf5"]
+
+
+def _values(batches, name) -> list:
+    return [v[0] if isinstance(v, list) else v for v in _column(batches, name)]
+
+
+def test_run_view_save_streams_the_run_as_recorded(int8_bundle, tmp_path):
+    """``run --view-save``: every logged tick is one the run recorded (same time, commanded target and
+    measured pose), every inference's latencies and chunk boundary are there, and the frames and
+    the composed model image go with the ticks."""
+    pytest.importorskip("rerun")
+    import h5py
+
+    rrd, out = tmp_path / "run.rrd", tmp_path / "ep"
+    r = run_cli("run", "--robot", "sim", "--bundle", str(int8_bundle), "--seconds", "2", "--keyboard", "none",
+                "--record", str(out), "--view-save", str(rrd), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [path] = out.glob("episode_*.hdf5")
+    with h5py.File(path, "r") as f:
+        tick_t, action, qpos = f["vla_edge/tick_t"][()], f["action"][()], f["observations/qpos"][()]
+        total_ms = f["vla_edge/inference/stage_ms"][:, -1]
+    chunks = _chunks(rrd)
+    ticks = _column(chunks["/joints/R_j3/planned"], "tick")
+    # dropped when the logger is behind, never invented or reordered
+    assert len(ticks) >= len(action) // 3 and ticks == sorted(set(ticks))
+    time_s = np.array([v for b in chunks["/joints/R_j3/planned"] for v in b.column("time").cast("int64").to_pylist()],
+                      float) / 1e9  # the "time" timeline: nanoseconds since the first tick
+    rows = np.searchsorted(tick_t, tick_t[0] + time_s - 1e-6)  # the recorded tick at the same time
+    assert np.allclose(tick_t[rows] - tick_t[0], time_s, atol=1e-5)
+    planned = np.array(_values(chunks["/joints/R_j3/planned"], "Scalars:scalars"))
+    measured = np.array(_values(chunks["/joints/L_j2/measured"], "Scalars:scalars"))
+    assert np.allclose(planned, action[rows, 9], atol=1e-6) and np.allclose(measured, qpos[rows, 1], atol=1e-6)
+    assert len(set(planned.round(4))) > 1  # the policy moved the arm: not a constant
+    for cam in CAMS:
+        assert len(_column(chunks[f"/cameras/{cam}"], "EncodedImage:blob")) == len(ticks)
+    fmt = _column(chunks["/model/image"], "Image:format")[0][0]
+    assert (fmt["width"], fmt["height"]) == (384, 384)
+    assert len(_column(chunks["/base/vx_mps"], "Scalars:scalars")) == len(ticks)
+    # latencies and chunk boundaries are never dropped: one per inference the run recorded
+    assert np.allclose(_values(chunks["/latency/total_ms"], "Scalars:scalars"), total_ms, rtol=1e-6)
+    for stage in ("compose", "vision", "prompt", "prefill", "decode", "detokenize"):
+        assert len(_column(chunks[f"/latency/{stage}_ms"], "Scalars:scalars")) == len(total_ms)
+    texts = _values(chunks["/chunks"], "TextLog:text")
+    assert len(texts) == len(total_ms) >= 2 and all(t.startswith("chunk: 5 steps, observed at tick") for t in texts)
+    boundaries = _column(chunks["/chunks"], "tick")
+    assert boundaries == sorted(boundaries) and boundaries[0] >= 1
+
+
+def test_run_view_save_logs_the_estop_of_a_signal(int8_bundle, tmp_path):
+    pytest.importorskip("rerun")
+    import signal
+    import time
+
+    rrd = tmp_path / "run.rrd"
+    proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle",
+                             str(int8_bundle), "--keyboard", "none", "--view-save", str(rrd)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (not rrd.exists() or rrd.stat().st_size < 300_000) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the run is streaming ticks
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    chunks = _chunks(rrd)
+    assert _values(chunks["/events"], "TextLog:text") == ["estop: SIGTERM"]
+    [estop_tick] = _column(chunks["/events"], "tick")
+    assert 0 < estop_tick <= max(_column(chunks["/joints/R_j3/planned"], "tick")) + 1
+
+
+def test_run_view_without_rerun_is_refused_before_the_run(tmp_path):
+    code = ("import sys; sys.modules['rerun'] = None\n"
+            "from vla_edge.edge.cli import main\n"
+            f"sys.exit(main(['run', '--robot', 'sim', '--view-save', {str(tmp_path / 'x.rrd')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "vla-edge run: error: Rerun is not installed: pip install 'vla-edge[view]'"
+    assert not (tmp_path / "x.rrd").exists()
