@@ -139,17 +139,22 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
         raise CheckpointError(f"unknown bin kind {opts.bins!r} (known: {', '.join(BIN_KINDS)})")
     stats = read_statistics(opts.stats) if opts.stats else None
     tokenizer_json = load_tokenizer_json(opts.tokenizer) if opts.tokenizer else None
-    raw = _load_hf_dir(path) if path.is_dir() else _load_pt(path)
+    raw = _load_hf_meta(path) if path.is_dir() else _load_pt(path)
     for key, value in opts.defaults.items():
         if not raw.get(key) and not (key == "policy" and raw.get("stats_path")):
             raw[key] = value
+    if path.is_dir():  # what the command line must add is known before gigabytes of weights are read
+        if stats is None and not raw.get("stats_path") and not raw.get("policy"):
+            _policy(raw, None, path)  # raises, naming --stats
+        if tokenizer_json is None and not raw.get("tokenizer_json"):
+            raise _no_tokenizer(path)
+        raw["state_dict"] = _read_safetensors(path)
     sd = raw["state_dict"]
     model = _model_config(raw, sd, opts)
     validate_state_dict(sd, model)
     tokenizer_json = tokenizer_json or raw.get("tokenizer_json")
     if tokenizer_json is None:
-        raise CheckpointError(f"{path.name} carries no tokenizer: give --tokenizer DIR_OR_FILE (tokenizer.json, "
-                              "or the directory with vocab.json + merges.txt the trainer saved)")
+        raise _no_tokenizer(path)
     tokens = (TokenSpec.from_dict(raw["tokens"]) if raw.get("tokens")
               else tokens_from_tokenizer(tokenizer_json, model.text.vocab_rows))
     bins = opts.bins or ("norm" if raw.get("use_norm_bins") else None)
@@ -178,6 +183,11 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
         tokens=tokens,
         tokenizer_json=tokenizer_json,
     )
+
+
+def _no_tokenizer(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path.name} carries no tokenizer: give --tokenizer DIR_OR_FILE (tokenizer.json, "
+                           "or the directory with vocab.json + merges.txt the trainer saved)")
 
 
 def _policy(raw: dict, stats: DatasetStats | None, path: Path) -> PolicySpec:
@@ -308,7 +318,8 @@ def _check_trainer_config(cfg: dict, where: str) -> None:
         raise CheckpointError(f"{where}: mm_vision_select_feature {feature!r} is not supported ('patch')")
 
 
-def _load_hf_dir(path: Path) -> dict:
+def _load_hf_meta(path: Path) -> dict:
+    """Everything of an HF directory but its weights (read after the cheap checks)."""
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: directory has no config.json (expected an HF save_pretrained directory)")
@@ -317,7 +328,7 @@ def _load_hf_dir(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from None
     _check_trainer_config(cfg, str(cfg_path))
-    raw: dict = {"state_dict": _read_safetensors(path), "config": cfg}
+    raw: dict = {"config": cfg}
     extra = path / "vla_edge.json"
     if extra.exists():
         try:

@@ -420,3 +420,16 @@ def test_calvin_checkpoint_exports_and_benches(tmp_path):
     assert chunk.joints.shape == (5, 7)
     want = ck.greedy_chunk(reference.compose_views(frames, CALVIN_LAYOUT), state, "push the towel.", 35)
     assert chunk.token_ids[:35].tolist() == want
+
+
+def test_missing_statistics_are_reported_before_the_weights_are_read(trainer_ckpt, tmp_path):
+    """A 0.5B directory takes a while to read: what the command line must add is asked for first (here the
+    shards are junk, so reading them would give another error)."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in trainer_ckpt.dir.iterdir():
+        (d / f.name).write_bytes(b"junk" if f.suffix == ".safetensors" else f.read_bytes())
+    with pytest.raises(CheckpointError, match="give --stats statistics.yaml"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(d, LoadOptions(stats=trainer_ckpt.stats_path))
