@@ -29,11 +29,8 @@ import time
 from dataclasses import dataclass
 
 import can
-
-MDEG_PER_RAD = 180_000.0 / math.pi
-"""0.001 degree units per radian (the bus unit of joint angles)."""
-UM_PER_M = 1_000_000.0
-"""0.001 mm units per metre (the bus unit of the gripper stroke)."""
+from vla_edge.firmware_bridge.piper_arm import MDEG_PER_RAD, UM_PER_M
+from vla_edge.firmware_bridge.piper_sim import VirtualCanNode
 
 
 @dataclass
@@ -64,8 +61,10 @@ def control_frames(q_rad, gripper_m: float, speed_pct: int = 100, effort_nm: flo
     ]
 
 
-class PiperMasterSim:
+class PiperMasterSim(VirtualCanNode):
     """Sends the current pose as control frames at ``send_hz`` once a pose is set. Thread-backed."""
+
+    thread_name = "piper-master-sim"
 
     def __init__(self, config: PiperMasterSimConfig | None = None) -> None:
         self.config = config or PiperMasterSimConfig()
@@ -76,29 +75,6 @@ class PiperMasterSim:
         self._pose: tuple[tuple[float, ...], float] | None = None
         self.sent: collections.deque[tuple[float, int, bytes]] = collections.deque(maxlen=self.config.keep_sent)
         """``(time.monotonic(), arbitration id, data)`` of every frame sent."""
-
-    def start(self) -> PiperMasterSim:
-        self._bus = can.Bus(interface="virtual", channel=self.config.channel, receive_own_messages=False)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"piper-master-sim {self.config.channel}",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=1.0)
-            self._thread = None
-        if self._bus is not None:
-            self._bus.shutdown()
-            self._bus = None
-
-    def __enter__(self) -> PiperMasterSim:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def set_pose(self, q_rad, gripper_m: float) -> None:
         """Where the operator holds the master: J1..J6 (rad) and the gripper stroke (m)."""

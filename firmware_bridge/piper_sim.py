@@ -26,7 +26,6 @@ Faults: :meth:`set_silent` (stop answering), :meth:`set_latency` (answer late),
 from __future__ import annotations
 
 import collections
-import math
 import struct
 import threading
 import time
@@ -34,12 +33,7 @@ from dataclasses import dataclass
 
 import can
 import numpy as np
-from vla_edge.firmware_bridge.piper_arm import PIPER_JOINT_HI, PIPER_JOINT_LO
-
-MDEG_PER_RAD = 180_000.0 / math.pi
-"""0.001 degree units per radian."""
-UM_PER_M = 1_000_000.0
-"""0.001 mm units per metre."""
+from vla_edge.firmware_bridge.piper_arm import MDEG_PER_RAD, PIPER_JOINT_HI, PIPER_JOINT_LO, UM_PER_M
 
 STATUS_OK = 0x00
 STATUS_ESTOP = 0x01
@@ -69,8 +63,41 @@ def _move(current: np.ndarray, target: np.ndarray, max_step: float) -> np.ndarra
     return current + np.clip(target - current, -max_step, max_step)
 
 
-class PiperSim:
+class VirtualCanNode:
+    """A simulated CAN device: one python-can virtual bus on ``config.channel`` and one daemon thread
+    running ``self._loop()`` until :meth:`stop`. Subclasses set ``_stop``, ``_thread``, ``_bus`` to
+    ``Event()``, None, None and name their thread with ``thread_name``."""
+
+    thread_name = "can-sim"
+
+    def start(self):
+        self._bus = can.Bus(interface="virtual", channel=self.config.channel, receive_own_messages=False)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=f"{self.thread_name} {self.config.channel}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+        if self._bus is not None:
+            self._bus.shutdown()
+            self._bus = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PiperSim(VirtualCanNode):
     """The simulated arm. Thread-backed; use as a context manager or :meth:`start`/:meth:`stop`."""
+
+    thread_name = "piper-sim"
 
     def __init__(self, config: PiperSimConfig | None = None) -> None:
         self.config = config or PiperSimConfig()
@@ -104,29 +131,6 @@ class PiperSim:
         self._outbox: collections.deque[tuple[float, can.Message]] = collections.deque()
         self._pending_firmware = False
         self.frames_received: collections.Counter[int] = collections.Counter()
-
-    # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> PiperSim:
-        self._bus = can.Bus(interface="virtual", channel=self.config.channel, receive_own_messages=False)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"piper-sim {self.config.channel}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=1.0)
-            self._thread = None
-        if self._bus is not None:
-            self._bus.shutdown()
-            self._bus = None
-
-    def __enter__(self) -> PiperSim:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- observation -----------------------------------------------------------------------------
     def joint_state(self) -> np.ndarray:
