@@ -158,6 +158,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--firmware-estop", action="store_true",
                    help="e-stop also sends the Piper firmware e-stop (0x150: arms sink slowly, damped)")
     p.add_argument("--record", help="write each episode as HDF5 into this directory")
+    p.add_argument("--record-compression", choices=["gzip", "lzf", "none"], default="gzip",
+                   help="image filter of the recorded frames: gzip (default, smallest), lzf (less CPU on noisy "
+                   "real-camera frames), none (raw, ~5 GB/min)")
     p.add_argument("--json", help="write the end-of-run summary as JSON")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     p.add_argument("--view", action="store_true", help="stream the run live to a Rerun viewer ([view] extra)")

@@ -101,7 +101,7 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         rate_hz: float | None = None, navigation: bool = False, record: str | None = None, json_path: str | None = None,
         provider: str = "auto", keyboard: str = "auto", keyboard_tty=None, max_ticks: int = 0,
         firmware_estop: bool = False, policy_wrapper=None, on_connected=None, restore_signals: bool = True,
-        view: bool = False, view_save: str | None = None) -> int:
+        view: bool = False, view_save: str | None = None, record_compression: str = "gzip") -> int:
     """Connect, run the loop, make everything safe, print the summary. Returns the exit code.
 
     Exit codes: 0 the run ended by itself (``seconds``, ``max_ticks``); 3 a fault (safe stop, the
@@ -115,6 +115,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
     are hooks for tests and evaluation (a slowed-down policy, fault injection). ``restore_signals``:
     put the previous SIGINT/SIGTERM/SIGHUP handlers back at the end (False: the process exits next).
     ``view`` / ``view_save``: stream the run to a Rerun viewer / into a .rrd file.
+    ``record_compression``: the recorder's image filter, ``gzip`` (default), ``lzf`` (cheaper on noisy
+    real-camera frames) or ``none``.
     """
     import signal
 
@@ -128,7 +130,8 @@ def run(robot_name: str, bundle_path: str | None, instruction: str, *, mode: str
         return _run(robot_name, bundle_path, instruction, estop, stop, mode=mode, seconds=seconds, rate_hz=rate_hz,
                     navigation=navigation, record=record, json_path=json_path, provider=provider, keyboard=keyboard,
                     keyboard_tty=keyboard_tty, max_ticks=max_ticks, firmware_estop=firmware_estop,
-                    policy_wrapper=policy_wrapper, on_connected=on_connected, view=view, view_save=view_save)
+                    policy_wrapper=policy_wrapper, on_connected=on_connected, view=view, view_save=view_save,
+                    record_compression=record_compression)
     except KeyboardInterrupt:  # raised by code that is not ours (our handlers raise nothing)
         stop.request(signal.SIGINT, "interrupted")
         print("vla-edge run: interrupted", file=sys.stderr)
@@ -145,7 +148,7 @@ class _StartupStopped(Exception):
 
 def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, rate_hz, navigation, record,
          json_path, provider, keyboard, keyboard_tty, max_ticks, firmware_estop, policy_wrapper, on_connected,
-         view=False, view_save=None) -> int:
+         view=False, view_save=None, record_compression="gzip") -> int:
     import signal
     import time
 
@@ -205,7 +208,8 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
             from vla_edge.edge.engine import STAGES
             from vla_edge.edge.recorder import EpisodeRecorder
 
-            recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"])
+            recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"],
+                                       compress=False if record_compression == "none" else record_compression)
             recorder.start_episode({"instruction": instruction, "bundle": str(bundle.root),  # logs its path
                                     "robot": profile.name, "sim": profile.sim is not None})
 
@@ -328,7 +332,8 @@ def main(args) -> int:
     rc = run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
              navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
              max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop,
-             restore_signals=False, view=args.view, view_save=args.view_save)
+             restore_signals=False, view=args.view, view_save=args.view_save,
+             record_compression=args.record_compression)
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     return rc

@@ -836,3 +836,17 @@ def test_recorded_action_while_latched_is_the_hold_actually_sent(int8_bundle, tm
     np.testing.assert_allclose(latched[:, [0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]], np.tile(told, (len(latched), 1)),
                                atol=1e-5)
     np.testing.assert_allclose(latched[-1], h.sent[-1][2], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, filt", [("lzf", "lzf"), ("none", None)])
+def test_cli_run_record_compression_picks_the_image_filter(int8_bundle, tmp_path, kind, filt):
+    """``--record-compression``: the frames are stored with the chosen HDF5 filter and read back as images."""
+    out = tmp_path / "rec"
+    r = run_cli("run", "--robot", "sim", "--bundle", str(int8_bundle), "--max-ticks", "10", "--record", str(out),
+                "--record-compression", kind, "--keyboard", "none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (path,) = out.glob("episode_*.hdf5")
+    with h5py.File(path, "r") as f:
+        ds = f["observations/images/cam_high"]
+        assert ds.compression == filt and ds.shape[1:] == (480, 640, 3) and ds.shape[0] == len(f["action"]) >= 5
+        assert ds[-1].any()  # a drawn frame, not zeros
