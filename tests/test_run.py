@@ -678,6 +678,18 @@ class CanSniffer:
         return out
 
 
+def attach_sniffers(h, sniffers: dict) -> None:
+    """Start a :class:`CanSniffer` on each arm's bus as soon as the robot is connected."""
+    on_connected = h.on_connected
+
+    def connected(robot, loop, estop):
+        for side in ("left", "right"):
+            sniffers[side] = CanSniffer(robot.arms[side].config.can_name)
+        on_connected(robot, loop, estop)
+
+    h.on_connected = connected
+
+
 def assert_no_command_jumps(sniffer: CanSniffer) -> None:
     """Every target on the bus is within the per-tick step of the one before it on the same joint."""
     per_joint = sniffer.joint_targets()
@@ -700,14 +712,7 @@ def test_lost_arm_feedback_the_hold_is_the_last_commanded_target_never_a_stale_p
         h.sim.arms["left"].set_silent(True)
 
     h = Harness(script, make=ramp_chunk(200, 0.04))
-    on_connected = h.on_connected
-
-    def connected(robot, loop, estop):
-        for side in ("left", "right"):
-            sniffers[side] = CanSniffer(robot.arms[side].config.can_name)
-        on_connected(robot, loop, estop)
-
-    h.on_connected = connected
+    attach_sniffers(h, sniffers)
     try:
         assert h.run(int8_bundle) == 3
     finally:
@@ -747,14 +752,7 @@ def test_firmware_estop_is_expected_while_latched_and_r_then_y_resets_and_enable
         h.loop.stop_requested.set()
 
     h = Harness(script, make=ramp_chunk(5, 0.005))
-    on_connected = h.on_connected
-
-    def connected(robot, loop, estop):
-        for side in ("left", "right"):
-            sniffers[side] = CanSniffer(robot.arms[side].config.can_name)
-        on_connected(robot, loop, estop)
-
-    h.on_connected = connected
+    attach_sniffers(h, sniffers)
     try:
         rc = h.run(int8_bundle, firmware_estop=True, keyboard="tty", keyboard_tty=slave)
     finally:
