@@ -135,9 +135,11 @@ if ! pyok 'import vla_edge.kernels, vla_edge.export.fused'; then
   if [ -n "$vwhl" ]; then
     pip_target "$vwhl" || die "pip could not install $vwhl"
   else
-    for need in "scikit_build_core:scikit-build-core==1.1.2" "pybind11:pybind11==3.1.0" "cmake:cmake"; do
-      mod="${need%%:*}"; pkg="${need#*:}"
-      pyok "import $mod" || command -v "$mod" >/dev/null 2>&1 \
+    # pyproject's minimum-version is scikit-build-core 1.1.2: an older one (a preinstalled image) refuses to build
+    for need in "scikit_build_core:scikit-build-core==1.1.2:1.1.2" "pybind11:pybind11==3.1.0:3.0" "cmake:cmake:3.20"; do
+      IFS=: read -r mod pkg min <<< "$need"
+      pyok "import $mod, sys; from packaging.version import Version as V; sys.exit(V($mod.__version__) < V('$min'))" \
+        || { [ "$mod" = cmake ] && command -v cmake >/dev/null 2>&1; } \
         || "$PY" -m pip install -q --target "$SITE" $(from_wheels_or_index) "$pkg" >>"$LOG" 2>&1 \
         || die "$pkg is needed to build vla-edge (with its dependencies: no wheel in WHEELS, no index)"
     done
