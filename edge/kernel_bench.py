@@ -3,7 +3,8 @@
     python -m vla_edge.edge.kernel_bench [repeats]      (also: vla-edge bench --kernels)
 
 Two workloads:
-  compose  3 x 640x480 frames -> Cobot Magic layout -> (1, 3, 384, 384) float32
+  compose  3 x 640x480 frames -> Cobot Magic layout -> (1, 3, 384, 384) float32, at the level the
+           kernels pick on this CPU and at every lower SIMD level it has (avx2, scalar: same pixels)
   decode   one 70-token chunk: 71 grammar steps over (71, 261) logits + detokenize to (5, 14)
 Needs Pillow (the reference), which the robot runtime itself never imports.
 """
@@ -15,7 +16,7 @@ import time
 
 import numpy as np
 from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, N_BINS, QWEN2_TOKENS, cobot_magic_policy
-from vla_edge.kernels import ChunkGrammar, Composer, detokenize_actions, simd
+from vla_edge.kernels import ChunkGrammar, Composer, _core, detokenize_actions, simd
 from vla_edge.kernels import reference as ref
 
 
@@ -42,7 +43,8 @@ def _frames(seed: int = 0) -> list[np.ndarray]:
 def run(repeats: int = 200) -> dict:
     """Time both workloads for C++ and the reference; print a table; return the numbers.
 
-    Returns ``{"compose": {"cpp": {...}, "reference": {...}, "speedup": x}, "decode": {...}, "simd": str}``.
+    Returns ``{"compose": {"cpp": {...}, "reference": {...}, "speedup": x, "levels": {level: {...}}},
+    "decode": {...}, "simd": str}`` (``levels``: the lower SIMD levels, each with its speed-up).
     """
     policy = cobot_magic_policy()
     V = QWEN2_TOKENS.vocab_base
@@ -56,6 +58,15 @@ def run(repeats: int = 200) -> dict:
         "cpp": _time(lambda: composer.compose(frames, out), repeats),
         "reference": _time(lambda: ref.compose_views(frames, COBOT_MAGIC_LAYOUT), max(repeats // 4, 10)),
     }
+    levels = {}
+    for level in reversed(_core.simd_levels()):  # the lower levels a CPU without the best one would run
+        if level == simd():
+            continue
+        before = _core._set_simd(level)
+        try:
+            levels[level] = _time(lambda: composer.compose(frames, out), repeats)
+        finally:
+            _core._set_simd(before)
 
     chunk = policy.chunk_tokens
     logits = np.random.default_rng(1).normal(size=(chunk + 1, N_BINS + 5)).astype(np.float32)
@@ -79,6 +90,8 @@ def run(repeats: int = 200) -> dict:
     for name, r in (("compose", compose), ("decode", decode)):
         r["speedup"] = r["reference"]["median_ms"] / r["cpp"]["median_ms"]
         result[name] = r
+    compose["levels"] = {k: {**t, "speedup": compose["reference"]["median_ms"] / t["median_ms"]}
+                         for k, t in levels.items()}
     _print(result)
     return result
 
@@ -103,6 +116,9 @@ def _print(result: dict) -> None:
                 f"{t['p99_ms'] * scale:.3f} {unit}",
                 f"{r['speedup']:.1f}x" if impl == "cpp" else "",
             )
+        for level, t in r.get("levels", {}).items():
+            table.add_row("", f"C++ {level}", f"{t['median_ms'] * scale:.3f} {unit}",
+                          f"{t['p99_ms'] * scale:.3f} {unit}", f"{t['speedup']:.1f}x")
     Console().print(table)
 
 

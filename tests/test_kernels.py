@@ -388,3 +388,6 @@ def test_bench_runs_and_reports():
     r = bench.run(repeats=3)
     for name in ("compose", "decode"):
         assert r[name]["cpp"]["median_ms"] > 0 and r[name]["speedup"] > 0
+    # every lower level this CPU has is timed too, and the level in use is left as it was
+    assert set(r["compose"]["levels"]) == set(SIMD) - {r["simd"]}
+    assert _core.simd() == r["simd"]
