@@ -15,7 +15,15 @@ import time
 
 import pytest
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.estop import EStop, KeyboardListener, StopRequest, install_signal_handlers
+from vla_edge.edge.estop import (
+    ESTOP_THREAD_NICE,
+    ESTOP_THREAD_RT_PRIORITY,
+    EStop,
+    KeyboardListener,
+    StopRequest,
+    install_signal_handlers,
+    prefer_this_thread,
+)
 
 WAIT_S = 5.0  # generous: a loaded CI box may be slow to schedule the listener thread
 
@@ -139,6 +147,43 @@ def test_space_trips_within_50ms(pty):
     assert estop.is_latched and estop.reason == "space key"
     # Median over several trips: one scheduler hiccup on a loaded box must not decide the result.
     assert statistics.median(latencies_ms) < 50.0
+
+
+def _scheduling() -> tuple[int, int, int]:
+    """The calling thread's (policy, real-time priority, niceness), as the kernel reports them."""
+    tid = threading.get_native_id()
+    return os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority, os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def _expected(granted: str) -> tuple[int, int, int]:
+    return {"fifo": (os.SCHED_FIFO, ESTOP_THREAD_RT_PRIORITY, 0), "nice": (os.SCHED_OTHER, 0, ESTOP_THREAD_NICE),
+            "default": (os.SCHED_OTHER, 0, 0)}[granted]
+
+
+def test_the_keyboard_thread_runs_at_the_priority_it_reports_and_only_that_thread(pty):
+    master, slave = pty
+    estop, seen = EStop(), {}
+    estop.on_trip(lambda reason: seen.setdefault("listener", _scheduling()))  # runs in the listener thread
+    before = _scheduling()
+    with KeyboardListener(estop, source="tty", tty_fd=slave) as kl:
+        os.write(master, b" ")
+        assert wait_for(lambda: "listener" in seen), "space did not trip the e-stop"
+    assert kl.priority in ("fifo", "nice", "default")
+    assert seen["listener"] == _expected(kl.priority)
+    assert _scheduling() == before  # the rest of the process keeps its priority
+
+
+def test_without_real_time_priority_the_thread_falls_back_to_niceness():
+    got = {}
+
+    def ask():  # priority 100 is outside SCHED_FIFO's 1-99: refused like a missing permission
+        got["granted"] = prefer_this_thread(rt_priority=100)
+        got["now"] = _scheduling()
+
+    t = threading.Thread(target=ask)
+    t.start()
+    t.join()
+    assert got["granted"] in ("nice", "default") and got["now"] == _expected(got["granted"])
 
 
 def test_stays_latched_until_r_then_y_and_r_then_other_key_cancels(pty):

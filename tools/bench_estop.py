@@ -13,7 +13,7 @@ and its base on a second pseudo-terminal that this process owns (a copy of the `
 Two loads: ``idle`` (no inference) and ``inference`` (the bundle's real engine steps back to back on a
 thread of the child, ONNX Runtime and the decode loop competing with the e-stop thread for the CPU and
 the GIL). Both clocks are this machine's CLOCK_MONOTONIC; this process's own wake-up time is included
-(its reader thread asks for niceness -10, which needs root, to keep that small).
+(its reader thread asks for real-time priority, else niceness -10, as the child's keyboard thread does).
 
 Usage::
 
