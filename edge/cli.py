@@ -179,6 +179,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=POSITIVE, default=10.0, help="how long to run the simulated robot")
     p.add_argument("--seed", type=int, help="episode seed: where the target is (default: a random one)")
     p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
+    p.add_argument("--view", action="store_true",
+                   help="watch it live in a Rerun viewer: cameras, the model's image, planned vs measured joints "
+                   "([view] extra)")
+    p.add_argument("--view-save", help="stream the demo into this .rrd file instead ([view] extra)")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "demo", a))
 
 
@@ -447,6 +451,7 @@ def validate(args: argparse.Namespace) -> None:
         view_args(args)
     elif cmd == "demo":
         out_dir(args.workdir, "--workdir")
+        view_args(args)
     elif cmd == "eval":
         in_dir(args.bundle, "--bundle")
         in_checkpoint(args.ckpt)

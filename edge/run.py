@@ -368,7 +368,8 @@ def demo(args) -> int:
 
     try:
         code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
-                   on_connected=place_target)
+                   on_connected=place_target, view=getattr(args, "view", False),
+                   view_save=getattr(args, "view_save", None))
     finally:
         if "monitor" in seen:
             seen["monitor"].__exit__(None, None, None)

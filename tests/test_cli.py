@@ -60,6 +60,7 @@ CASES = [
     ("bench --bundle mydata --plot latency.txt", "--plot latency.txt: give a file name ending in .png"),
     ("bench --kernels --plot latency.png", "--plot goes with --bundle or --shape, not --kernels"),
     ("run --view --view-save run.rrd", "give --view (a Rerun viewer) or --view-save FILE, not both"),
+    ("demo --view --view-save demo.rrd", "give --view (a Rerun viewer) or --view-save FILE, not both"),
     ("record --instruction x --out eps --view --view-save r.rrd", "--view-save FILE, not both"),
     ("run --bundle nobundle", "--bundle nobundle: no such directory"),
     # --debug after the subcommand is accepted (the error is still one line: a usage mistake)

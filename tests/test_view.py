@@ -190,3 +190,31 @@ def test_run_view_without_rerun_is_refused_before_the_run(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "vla-edge run: error: Rerun is not installed: pip install 'vla-edge[view]'"
     assert not (tmp_path / "x.rrd").exists()
+
+
+def test_demo_view_without_rerun_is_refused_before_the_export(tmp_path):
+    code = ("import sys; sys.modules['rerun'] = None\n"
+            "from vla_edge.edge.cli import main\n"
+            f"sys.exit(main(['demo', '--workdir', {str(tmp_path / 'w')!r}, '--view-save', {str(tmp_path / 'd.rrd')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "vla-edge demo: error: Rerun is not installed: pip install 'vla-edge[view]'"
+    assert not (tmp_path / "d.rrd").exists() and not (tmp_path / "w" / "bundle").exists()
+
+
+def test_demo_view_save_streams_the_demo(tmp_path):
+    """``demo --view-save``: the demo's run goes into the .rrd like ``run --view-save`` (cameras, model image,
+    planned and measured joints, one latency row per inference), and the verdict is still printed."""
+    pytest.importorskip("rerun")
+    rrd = tmp_path / "demo.rrd"
+    r = run_cli("demo", "--seconds", "2", "--seed", "2000", "--workdir", str(tmp_path / "w"), "--view-save", str(rrd),
+                timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "demo: target at" in r.stdout  # the verdict, after the run summary
+    chunks = _chunks(rrd)
+    ticks = _column(chunks["/joints/R_j3/planned"], "tick")
+    assert len(ticks) >= 10 and ticks == sorted(set(ticks))
+    for cam in CAMS:
+        assert len(_column(chunks[f"/cameras/{cam}"], "EncodedImage:blob")) == len(ticks)
+    assert len(_column(chunks["/joints/L_j2/measured"], "Scalars:scalars")) == len(ticks)
+    assert len(_values(chunks["/latency/total_ms"], "Scalars:scalars")) >= 2
