@@ -15,7 +15,10 @@ lost terminal or keyboard trips and then calls ``on_lost``. Sources:
 
 * ``tty``: the terminal (stdin by default, works over SSH) in raw-input mode; output processing is
   kept so the rest of the program's prints still look right. Restored on :meth:`~KeyboardListener.stop`,
-  at exit, and when the listener thread dies;
+  at exit, and when the listener thread dies. The terminal is read by a native thread
+  (:class:`vla_edge.kernels.StopWire`, no GIL): space, Ctrl+C or a lost terminal make it write the stop
+  frames armed on it (the base's zero frame: :meth:`KeyboardListener.wire`) at once, and it relays every
+  byte to the listener thread, which then does everything below;
 * ``evdev``: a physical keyboard on the robot (Linux input devices; needs read access);
 * ``pynput``: a keyboard on a display (X11/Wayland session);
 * ``none``: no keyboard (the e-stop is then only reachable by signals or code);
@@ -381,6 +384,11 @@ class KeyboardListener:
         self._restore_lock = threading.Lock()
         self._evdev_devices: list = []
         self._pynput_listener = None
+        self.wire = None
+        """``tty`` only, while started: the native :class:`vla_edge.kernels.StopWire` reading the terminal.
+        Arm it with a device's stop frame (``TracerBase.attach_stop_gate``) to have that frame written
+        without waiting for any Python thread."""
+        self._relay: int | None = None
         self.source = self._resolve(source, tty_fd)
         if self.source != "none":
             log.info("e-stop keyboard: %s (space = stop, r then y = resume)", self.source)
@@ -449,7 +457,15 @@ class KeyboardListener:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> KeyboardListener:
         if self.source == "tty":
+            from vla_edge.kernels import StopWire
+
             self._enter_raw_input()
+            self._relay, relay_w = os.pipe()
+            try:
+                self.wire = StopWire(self._fd, TRIP_KEY + CTRL_C, relay_w, ESTOP_THREAD_RT_PRIORITY, ESTOP_THREAD_NICE)
+            finally:
+                os.close(relay_w)  # the wire holds its own copy
+            self.estop.on_resume(self.wire.rearm)  # however the latch is resumed (devices rearm in release() too)
         if self.source == "pynput":
             self._start_pynput()
         elif self.source in ("tty", "evdev"):
@@ -461,8 +477,13 @@ class KeyboardListener:
     def stop(self) -> None:
         """Stop the thread and restore the terminal. Safe to call twice."""
         self._stop.set()
+        if self.wire is not None:
+            self.wire.close()  # its relay ends: the listener thread returns
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
+        if self._relay is not None and (self._thread is None or not self._thread.is_alive()):
+            os.close(self._relay)
+            self._relay = None
         if self._pynput_listener is not None:
             self._pynput_listener.stop()
             self._pynput_listener = None
@@ -543,10 +564,11 @@ class KeyboardListener:
     def _prefer(self) -> None:
         """Raise this listener thread's priority; say once what was granted."""
         self.priority = prefer_this_thread()
-        log.info("e-stop: keyboard (%s) thread at %s", self.source, PRIORITY_WORDS[self.priority])
+        native = f"; the terminal is read by a native thread at {PRIORITY_WORDS[self.wire.priority]}" if self.wire else ""
+        log.info("e-stop: keyboard (%s) thread at %s%s", self.source, PRIORITY_WORDS[self.priority], native)
 
     def _run_tty(self) -> None:
-        fd = self._fd
+        fd, wire = self._relay, self.wire  # what the native thread read from the terminal, byte for byte
         self._prefer()
         try:
             while not self._stop.is_set():
@@ -554,18 +576,19 @@ class KeyboardListener:
                 if not ready:
                     continue
                 t = time.monotonic()
-                try:
-                    data = os.read(fd, 64)
-                except OSError as e:
-                    data, why = b"", str(e)
-                else:
-                    why = "end of input"
-                if not data:  # the operator can no longer stop the robot: that is a stop
-                    self.estop.trigger(f"keyboard lost ({why})", t)
+                data = os.read(fd, 64)
+                if not data:  # the wire's thread ended
+                    if self._stop.is_set():
+                        return
+                    # the operator can no longer stop the robot: that is a stop (the wire's frames are out)
+                    why = wire.trip_reason.removeprefix("keyboard lost (").removesuffix(")")
+                    self.estop.trigger(f"keyboard lost ({why})", min(t, wire.trip_time_s or t))
                     self.on_lost(f"terminal lost ({why})")
                     return
                 for key in _tty_keys(data):
-                    self._key(key, t)
+                    # a trip key's detection: when the wire read it (it wrote the stop frames then)
+                    tripped = key in (TRIP_KEY, CTRL_C) and wire.tripped
+                    self._key(key, min(t, wire.trip_time_s) if tripped else t)
         except BaseException:
             log.exception("e-stop: keyboard thread failed")
             self.estop.trigger("keyboard thread failed")

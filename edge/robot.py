@@ -330,6 +330,14 @@ class Robot:
         if errors:
             raise VlaEdgeError("; ".join(errors))
 
+    def attach_stop_wire(self, wire) -> None:
+        """Arm the keyboard's native stop path (``KeyboardListener.wire``; None: nothing to do) with the
+        base's zero frame: it is written the moment the key arrives, before any Python thread runs, and
+        the base passes only zero frames until :meth:`resume`. The arms need no such path: they hold
+        their last target by themselves."""
+        if wire is not None and self.base is not None:
+            self.base.attach_stop_gate(wire)
+
     def estop(self, firmware: bool = False) -> None:
         """Latch an e-stop: a zero-velocity frame written to the base at once (not at the next stream
         slot), then the arms hold their last commanded target (software) or get the Piper firmware

@@ -241,6 +241,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         if on_connected is not None:
             on_connected(robot, loop, estop)
         with status, listener:
+            robot.attach_stop_wire(listener.wire)
             fault = loop.run()
     finally:
         try:

@@ -303,6 +303,7 @@ class Recorder:
                   "q/esc = quit, space = e-stop, r then y = resume", file=sys.stderr)
             try:
                 with listener:
+                    self.robot.attach_stop_wire(listener.wire)
                     fault = self._episodes(writer, safety, estop)
             finally:
                 restore()

@@ -27,6 +27,11 @@ or a corrupt frame costs at most that frame and is not a fault; *sustained* corr
 ``max_bad_input_incidents`` (5) incidents within ``bad_input_window_s`` (1 s), i.e. about 5 % of the
 base's 100 frames/s. Losing every frame is the ``feedback_timeout_s`` fault.
 
+A stop gate (:meth:`TracerBase.attach_stop_gate`; vla-edge passes the keyboard's native
+``vla_edge.kernels.StopWire``) writes the base's zero frame from a thread that needs no GIL the moment the
+e-stop key arrives; every motion frame then goes through the gate, which passes only zero frames from the
+trip until :meth:`TracerBase.release`.
+
 A base-reported e-stop (system state frame, vehicle state 0x01) is latched by the reader thread the
 moment its frame arrives, so a single such frame between two control ticks is never missed; it stays a
 fault until :meth:`TracerBase.clear_estop` (refused while the base still reports it) or a reconnect.
@@ -128,6 +133,8 @@ class TracerBase:
         self._command_expired = False
         self._halted = False
         """Set by :meth:`stop_now`, cleared by :meth:`release`: velocity targets are ignored meanwhile."""
+        self._gate = None
+        """A stop gate (:meth:`attach_stop_gate`) every motion frame is written through, or None."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -162,6 +169,20 @@ class TracerBase:
         self.disconnect()
         raise BaseFault(f"no feedback from the TRACER base on {cfg.port} within {cfg.connect_timeout_s:.1f} s")
 
+    def attach_stop_gate(self, gate) -> None:
+        """Write every motion frame through ``gate`` and arm it with this port's zero frame.
+
+        ``gate`` (a ``vla_edge.kernels.StopWire``) writes that frame itself, from a native thread, the
+        moment its trip key arrives, and from then on ``gate.write(fd, frame, stop)`` passes zero frames
+        only (-1 for the others) until :meth:`release` rearms it. Call after :meth:`connect`; the
+        port is disarmed on :meth:`disconnect`, before it is closed.
+        """
+        if self._ser is None:
+            raise BaseFault(f"TRACER {self.config.port}: attach_stop_gate before connect")
+        with self._tx_lock:
+            gate.arm(self._ser.fileno(), tp.motion_command(0.0, 0.0, 0))
+            self._gate = gate
+
     def disconnect(self) -> None:
         """Stop streaming, send a zero command (twice), close the port. Safe to call twice."""
         self._stop.set()
@@ -171,6 +192,10 @@ class TracerBase:
         ser, self._ser = self._ser, None
         if ser is None:
             return
+        with self._tx_lock:  # the descriptor's number is free again once closed: never write a stop there
+            if self._gate is not None:
+                self._gate.disarm(ser.fileno())
+                self._gate = None
         try:
             with self._tx_lock:  # a stop_now() from another thread may be writing
                 for _ in range(2):
@@ -211,9 +236,12 @@ class TracerBase:
             self._write_command(0.0, 0.0)
 
     def release(self) -> None:
-        """Accept velocity targets again after :meth:`stop_now` (the base starts from rest)."""
+        """Accept velocity targets again after :meth:`stop_now` (the base starts from rest); rearm the gate."""
         with self._lock:
             self._halted = False
+        gate = self._gate
+        if gate is not None:
+            gate.rearm()
 
     # -- state -----------------------------------------------------------------------------------
     def read_state(self) -> BaseState:
@@ -299,8 +327,13 @@ class TracerBase:
         if ser is None:
             return
         frame = tp.motion_command(vx_mps, wz_radps, self._next_counter())
+        gate = self._gate
         try:
-            if os.write(ser.fileno(), frame) != len(frame):
+            if gate is None:
+                n = os.write(ser.fileno(), frame)
+            elif (n := gate.write(ser.fileno(), frame, vx_mps == 0.0 and wz_radps == 0.0)) < 0:
+                return  # the gate tripped: its zero frame is out, moving frames wait for release()
+            if n != len(frame):
                 raise BlockingIOError("partial frame written")
             with self._lock:
                 self._frames_sent += 1

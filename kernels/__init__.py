@@ -33,6 +33,16 @@ Token decoding, in cut-head index space (:class:`vla_edge.edge.spec.TokenSpec`):
   ``(x + 1) / 2 * full_scale`` with x the VALUE bin centre: metres for forward (full scale
   ``d_max_m``), degrees for the turns (``theta_max_deg``); ``("stop", 0.0)`` for stop.
 
+The e-stop key's native path (not a numeric kernel, but it must not wait for the GIL either):
+
+- :class:`StopWire` ``(key_fd, trip_keys, relay_fd, rt_priority=10, nice=-10)``: a native thread reads
+  ``key_fd`` (the raw terminal) and, the moment a byte of ``trip_keys`` arrives or the input ends, writes
+  every frame armed with ``arm(fd, frame)`` (the base's zero frame) and latches; it relays every byte to
+  ``relay_fd`` (the Python keyboard listener reads that). ``write(fd, frame, stop)`` is the devices' gate:
+  one ``write(2)``, or -1 and nothing written when latched and ``stop`` is False, serialised with the trip
+  by a priority-inheriting mutex; ``rearm()`` after the e-stop is resumed; ``disarm(fd)`` before fd is
+  closed. ``tripped``, ``trip_time_s`` (``time.monotonic()`` clock), ``trip_reason``, ``priority``.
+
 ``edges`` are the bin edges (float64, ascending; default :data:`UNIFORM_EDGES`, a bundle's own are
 ``TokenSpec.bin_edges``). All token formulas equal :mod:`.reference` (numpy) bit for bit. Bad arguments raise TypeError or
 ValueError naming the argument. Arrays are never converted silently (lists/tuples are, for the
@@ -46,7 +56,7 @@ from typing import Protocol
 
 import numpy as np
 from vla_edge.kernels import _core
-from vla_edge.kernels._core import ChunkGrammar, build_info, simd
+from vla_edge.kernels._core import ChunkGrammar, StopWire, build_info, simd
 
 N_BINS = 256
 """Action/proprio bins (CONTRACT section 1): token ``V - i`` for bin index ``i`` in 1..256."""
@@ -69,6 +79,7 @@ class Layout(Protocol):
 __all__ = [
     "ChunkGrammar",
     "Composer",
+    "StopWire",
     "build_info",
     "compose_views",
     "detokenize_actions",

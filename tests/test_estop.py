@@ -460,3 +460,128 @@ def test_stop_now_puts_a_zero_frame_on_the_line_at_once_and_nothing_moving_after
     print(f"stop_now -> zero frame read: {sorted(round(d, 2) for d in delays_ms)} ms")
     # Median over the trips (a loaded box may delay one); waiting for the 50 Hz stream slot averages 10 ms.
     assert statistics.median(delays_ms) < 5.0
+
+
+# -- the native stop path (StopWire) ----------------------------------------------------------------
+def _wire(trip_keys=" \x03"):
+    """A StopWire reading a key pipe; returns (wire, key write end, relay read end, close)."""
+    from vla_edge.kernels import StopWire
+
+    kr, kw = os.pipe()
+    rr, rw = os.pipe()
+    wire = StopWire(kr, trip_keys, rw)
+    os.close(rw)
+
+    def close():
+        wire.close()
+        for fd in (kr, kw, rr):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    return wire, kw, rr, close
+
+
+def _read_some(fd: int, timeout: float = WAIT_S) -> bytes:
+    assert select.select([fd], [], [], timeout)[0], "nothing arrived"
+    return os.read(fd, 4096)
+
+
+def test_the_wire_writes_its_stop_frames_on_a_trip_key_relays_every_byte_and_gates_moving_frames():
+    wire, kw, relay, close = _wire()
+    out_r, out_w = os.pipe()
+    try:
+        wire.arm(out_w, b"STOP-FRAME")
+        os.write(kw, b"ry")  # not trip keys: relayed, nothing written
+        assert _read_some(relay) == b"ry"
+        assert not wire.tripped and not select.select([out_r], [], [], 0.05)[0]
+        assert wire.write(out_w, b"moving", False) == 6 and os.read(out_r, 64) == b"moving"
+        t0 = time.monotonic()
+        os.write(kw, b"a b")
+        assert _read_some(out_r) == b"STOP-FRAME"
+        assert _read_some(relay) == b"a b"  # the trip key is relayed too: the listener latches the e-stop
+        assert wire.tripped and wire.trip_reason == "key  " and t0 <= wire.trip_time_s <= time.monotonic()
+        # latched: moving frames are refused (nothing written), stop frames pass
+        assert wire.write(out_w, b"moving", False) == -1
+        assert wire.write(out_w, b"zero", True) == 4 and os.read(out_r, 64) == b"zero"
+        os.write(kw, b" ")  # a second trip while latched writes nothing more
+        assert _read_some(relay) == b" " and not select.select([out_r], [], [], 0.05)[0]
+        wire.rearm()
+        assert not wire.tripped and wire.write(out_w, b"moving", False) == 6 and os.read(out_r, 64) == b"moving"
+        wire.disarm(out_w)  # a disarmed descriptor gets nothing on the next trip
+        os.write(kw, b"\x03")
+        assert _read_some(relay) == b"\x03" and wire.tripped and wire.trip_reason == "key \x03"
+        assert not select.select([out_r], [], [], 0.05)[0]
+    finally:
+        close()
+        os.close(out_r)
+        os.close(out_w)
+
+
+def test_the_wire_trips_when_the_key_source_ends_and_its_relay_then_ends():
+    wire, kw, relay, close = _wire()
+    out_r, out_w = os.pipe()
+    try:
+        wire.arm(out_w, b"Z")
+        os.close(kw)  # the terminal is gone
+        assert _read_some(out_r) == b"Z"
+        assert _read_some(relay) == b""  # end of input for the listener
+        assert wire.tripped and wire.trip_reason == "keyboard lost (end of input)" and not wire.running
+    finally:
+        close()
+        os.close(out_r)
+        os.close(out_w)
+
+
+def test_the_wire_gates_write_errors_like_os_write():
+    wire, _, _, close = _wire()
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        with pytest.raises(BrokenPipeError):
+            wire.write(w, b"x", True)
+    finally:
+        close()
+        os.close(w)
+
+
+def test_the_wire_stops_the_base_while_no_python_thread_can_run():
+    """The zero frame goes out while the GIL is held (a C call that keeps it for 1 s), and the base's own
+    streaming thread, which still wants 0.3 m/s when it runs again, puts no moving frame after it."""
+    import ctypes
+
+    base, frames, close_base = _base_on_a_pty()
+    wire, kw, relay, close_wire = _wire()
+    sending = threading.Event()
+    sending.set()
+
+    def control_thread():  # keeps asking for motion, as the loop would; Python's e-stop never runs here
+        while sending.is_set():
+            base.send_velocity(0.3, 0.0)
+            time.sleep(0.003)
+
+    ctl = threading.Thread(target=control_thread, daemon=True)
+    try:
+        base.attach_stop_gate(wire)
+        ctl.start()
+        assert wait_for(lambda: frames and frames[-1][1] > 0), "the base never got a moving command"
+        key = subprocess.Popen(["sh", "-c", "sleep 0.2; printf ' '"], stdout=kw)  # the key, from outside
+        t_hold = time.monotonic()
+        ctypes.PyDLL(None).usleep(1_000_000)  # PyDLL: the call keeps the GIL
+        t_free = time.monotonic()
+        key.wait(WAIT_S)
+        assert wire.tripped and t_hold < wire.trip_time_s < t_free, (t_hold, wire.trip_time_s, t_free)
+        assert _read_some(relay) == b" "
+        time.sleep(0.2)  # ten stream periods with the control thread asking for 0.3 m/s again
+        n_moving = max(i for i, (_, pct) in enumerate(frames) if pct > 0)
+        after = [pct for _, pct in frames[n_moving + 1:]]
+        assert after and after[0] == 0 and all(pct == 0 for pct in after), after  # the wire's zero, then zeros
+        assert frames[n_moving][0] < t_free  # the last moving frame was on the line before the hold ended
+        base.release()  # the e-stop resumed: moving frames pass again
+        assert wait_for(lambda: frames[-1][1] > 0), "no moving frame after release()"
+    finally:
+        sending.clear()
+        ctl.join(WAIT_S)
+        close_base()
+        close_wire()

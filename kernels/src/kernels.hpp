@@ -12,4 +12,7 @@ void register_resample(pybind11::module_& m);
 // tokens.cpp: action/proprio token codecs and the grammar-constrained decoder (ChunkGrammar).
 void register_tokens(pybind11::module_& m);
 
+// stopwire.cpp: the e-stop key's path to the actuators without the GIL (StopWire).
+void register_stopwire(pybind11::module_& m);
+
 }  // namespace vla_edge

@@ -15,4 +15,5 @@ PYBIND11_MODULE(_core, m) {
   }, "Describe how the extension was built.");
   vla_edge::register_resample(m);
   vla_edge::register_tokens(m);
+  vla_edge::register_stopwire(m);
 }
