@@ -17,7 +17,7 @@ lost terminal or keyboard trips and then calls ``on_lost``. Sources:
   kept so the rest of the program's prints still look right. Restored on :meth:`~KeyboardListener.stop`,
   at exit, and when the listener thread dies. The terminal is read by a native thread
   (:class:`vla_edge.kernels.StopWire`, no GIL): space, Ctrl+C or a lost terminal make it write the stop
-  frames armed on it (the base's zero frame: :meth:`KeyboardListener.wire`) at once, and it relays every
+  frames armed on it (the base's zero frame: :attr:`KeyboardListener.wire`) at once, and it relays every
   byte to the listener thread, which then does everything below;
 * ``evdev``: a physical keyboard on the robot (Linux input devices; needs read access);
 * ``pynput``: a keyboard on a display (X11/Wayland session);
