@@ -220,6 +220,10 @@ class EStop:
             for fn in list(self._on_resume):
                 try:
                     fn()
+                except VlaEdgeError as e:  # an expected refusal (a device still stopped): one line
+                    log.error("e-stop: cannot resume: %s; staying latched", e)
+                    self._event("callback_error", f"{getattr(fn, '__name__', fn)}: {e}")
+                    return False
                 except Exception as e:
                     log.exception("e-stop: on_resume callback %r failed; staying latched", fn)
                     self._event("callback_error", f"{getattr(fn, '__name__', fn)}: {e}")

@@ -328,6 +328,8 @@ class ControlLoop:
     # -- one tick ------------------------------------------------------------------------------------
     def _tick(self, k: int, now: float) -> None:
         robot, cfg = self.robot, self.cfg
+        if not self.estop.is_latched and robot.base_estop_reported():  # the button on the base
+            self.estop.trigger("e-stop button on the base")
         faults = robot.faults()
         if faults:
             raise VlaEdgeError("; ".join(faults))

@@ -277,11 +277,16 @@ class Robot:
     def faults(self) -> list[str]:
         """Active faults of every device (silent bus, base link loss, camera stale, ...)."""
         out = [f for a in self.arms.values() for f in a.faults()]
-        if self.base is not None:
-            out += self.base.faults()
+        if self.base is not None:  # the base's e-stop button is an operator stop: base_estop_reported()
+            out += self.base.faults(include_estop=False)
         if self.cameras is not None:
             out += self.cameras.faults()
         return out
+
+    def base_estop_reported(self) -> bool:
+        """The base reported its e-stop (the button on the TRACER) since it was last cleared: the control
+        loop latches vla-edge's e-stop for it, and :meth:`resume` clears it once the base no longer reports it."""
+        return self.base is not None and self.base.read_state().estop_latched
 
     def base_pose(self) -> tuple[float, float, float]:
         """Simulated base pose ``(x_m, y_m, yaw_rad)``; only known in simulation."""
@@ -361,7 +366,11 @@ class Robot:
     def resume(self) -> None:
         """Clear the e-stop. After a firmware e-stop this resets and re-enables the arms (the Piper
         cuts motor power briefly on reset; enable is sent at least twice), which then hold the pose
-        they woke up in; after a software e-stop the arms keep holding their last commanded target."""
+        they woke up in; after a software e-stop the arms keep holding their last commanded target.
+        Refused (VlaEdgeError, nothing touched) while the base still reports its e-stop button."""
+        if self.base is not None and not self.base.clear_estop():
+            raise VlaEdgeError("the base still reports its e-stop: release the e-stop button on the base, "
+                               "then r and y again")
         with self._command_lock:
             for arm in self.arms.values():
                 if self._firmware_estop:

@@ -419,6 +419,8 @@ class Recorder:
 
     def _tick(self, writer, safety, estop, now: float) -> None:
         robot = self.robot
+        if not estop.is_latched and robot.base_estop_reported():  # the button on the base
+            estop.trigger("e-stop button on the base")
         faults = robot.faults() + [f for r in self.readers.values() for f in r.faults()]
         if estop.is_latched:  # the firmware e-stop we sent shows as arm status 0x01: expected, not a fault
             faults = [f for f in faults if "e-stop" not in f]

@@ -269,8 +269,10 @@ class TracerBase:
             fault_names=tp.fault_names(bits),
         )
 
-    def faults(self) -> list[str]:
-        """Active faults, one short line each (empty when healthy)."""
+    def faults(self, include_estop: bool = True) -> list[str]:
+        """Active faults, one short line each (empty when healthy). ``include_estop=False`` leaves out a
+        base-reported e-stop, for a caller that treats the base's button as an operator stop
+        (:attr:`BaseState.estop_latched` tells it)."""
         cfg = self.config
         out: list[str] = []
         port = cfg.port
@@ -288,7 +290,7 @@ class TracerBase:
             out.append(f"base {port}: sustained bad input ({recent} incidents in {cfg.bad_input_window_s:g} s: "
                        f"{r.last_error}; {r.bad_frames} bad frames, {r.skipped_bytes} bytes skipped in all)")
         state, _, _, bits, _ = self._system
-        if self._estop_latched:
+        if self._estop_latched and include_estop:
             out.append(f"base {port}: e-stop reported by the base (latched)")
         if state and state != tp.VEHICLE_ESTOP:
             out.append(f"base {port}: vehicle state {tp.VEHICLE_STATES.get(state, hex(state))}")

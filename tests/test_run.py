@@ -848,3 +848,51 @@ def test_cli_run_record_compression_picks_the_image_filter(int8_bundle, tmp_path
         ds = f["observations/images/cam_high"]
         assert ds.compression == filt and ds.shape[1:] == (480, 640, 3) and ds.shape[0] == len(f["action"]) >= 5
         assert ds[-1].any()  # a drawn frame, not zeros
+
+
+def test_the_base_e_stop_button_latches_the_e_stop_and_resume_waits_for_its_release(int8_bundle, caplog):
+    """The TRACER reports its e-stop (system state 0x01, the button on the base): the run latches its
+    own e-stop (base zero, arms hold) instead of ending on a fault; r then y is refused with one line while
+    the base still reports it; once released, r then y resumes and the run ends normally."""
+    from vla_edge.firmware_bridge import tracer_protocol as tp
+
+    master, slave = os.openpty()
+    seen = {}
+
+    def resume_keys():
+        os.write(master, b"r")
+        time.sleep(0.1)
+        os.write(master, b"y")
+
+    def script(h: Harness):
+        h.drive_base()
+        h.sim.base.pulse_vehicle_state(tp.VEHICLE_ESTOP, frames=100_000)  # pressed, and held
+        h.wait(lambda: h.estop.is_latched, what="the latch for the base's button")
+        seen["reason"] = h.estop.reason
+        h.wait(lambda: h.last_base_command() == (0.0, 0.0), what="the base's zero command")
+        time.sleep(0.3)  # ticks with the base reporting its e-stop: no fault
+        seen["running"] = not h.finished.is_set() and h.loop.fault is None
+        n_sent = len(h.sent)
+        resume_keys()  # still pressed: refused, nothing moves
+        time.sleep(0.3)
+        seen["latched_while_pressed"] = h.estop.is_latched and len(h.sent) == n_sent
+        seen["zero_while_pressed"] = h.last_base_command() == (0.0, 0.0)
+        h.sim.base.pulse_vehicle_state(tp.VEHICLE_ESTOP, frames=0)  # released
+        time.sleep(0.2)  # a few system frames reporting normal again
+        resume_keys()
+        h.wait(lambda: not h.estop.is_latched, what="the resume after the release")
+        h.wait(lambda: len(h.sent) >= n_sent + 5, what="targets after the resume")
+        h.loop.stop_requested.set()
+
+    h = Harness(script, make=ramp_chunk(5, 0.005))
+    try:
+        rc = h.run(int8_bundle, keyboard="tty", keyboard_tty=slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert rc == 0 and h.loop.fault is None
+    assert seen["reason"] == "e-stop button on the base"
+    assert seen["running"] and seen["latched_while_pressed"] and seen["zero_while_pressed"]
+    refusals = [r for r in caplog.records if "cannot resume" in r.getMessage()]
+    assert refusals and "release the e-stop button on the base" in refusals[0].getMessage()
+    assert all(r.exc_info is None for r in refusals)  # one line, no traceback
