@@ -134,6 +134,24 @@ def probe_all(robot_name: str, seconds: float = 1.0) -> list[Probe]:
         robot.disconnect()  # stops the simulators
 
 
+def estop_priority_line() -> str:
+    """What the e-stop threads would get in this process (a thread asks, as the keyboard's do), and how
+    to get real-time priority when it is not granted."""
+    import threading
+
+    from vla_edge.edge.estop import PRIORITY_WORDS, prefer_this_thread
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(prefer_this_thread()), name="check-priority")
+    t.start()
+    t.join()
+    line = f"e-stop threads: {PRIORITY_WORDS[got[0]]}"
+    if got[0] != "fifo":
+        line += ("; for real-time priority run as root or give this user an rtprio limit "
+                 "(/etc/security/limits.conf: USER - rtprio 10, then log in again)")
+    return line
+
+
 def main(args) -> int:
     config = load_profile(args.robot)
     kind = "simulated" if config.sim is not None else "hardware"
@@ -146,6 +164,7 @@ def main(args) -> int:
                       Text(r.detail), Text(r.fix))
     console = out_console()
     console.print(table)
+    console.print(estop_priority_line(), highlight=False)
     missing = [r.device for r in rows if not r.found]
     if missing:
         console.print(f"[red]{len(missing)} of {len(rows)} devices missing[/]: {', '.join(missing)}")

@@ -130,6 +130,12 @@ def test_check_sim():
     for word in ("S-V1.6-3", "TRACER", "cam_high", "fps", "all 6 devices found"):
         assert word in r.stdout
     assert r.stdout.count("found") == 7  # six rows and the verdict
+    # what the e-stop threads get here, said as the run says it (a thread asks in the same way)
+    from vla_edge.edge.estop import PRIORITY_WORDS
+
+    [line] = [x for x in r.stdout.splitlines() if x.startswith("e-stop threads:")]
+    granted = [k for k, words in PRIORITY_WORDS.items() if words in line]
+    assert len(granted) == 1 and ("rtprio" in line) == (granted[0] != "fifo"), line
 
 
 def test_check_cobot_magic_without_hardware_reports_every_device():
