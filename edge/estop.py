@@ -75,8 +75,10 @@ ESTOP_THREAD_RT_PRIORITY = 10
 """Real-time priority (SCHED_FIFO, 1-99) asked first for the threads that detect a stop (keyboard,
 signals): such a thread runs the moment its key or signal arrives, ahead of every ordinary thread, however
 loaded the machine. 10 stays below the kernel's threaded interrupt handlers (50). These threads sleep in
-``select`` and do a few milliseconds of work per key, so they cannot starve the machine. Needs root,
-CAP_SYS_NICE or an rtprio limit >= 10 (``/etc/security/limits.conf``: ``robot - rtprio 10``)."""
+``select`` and do a few milliseconds of work per key, so they cannot starve the machine. A thread or
+process started from one of them would inherit the real-time policy: ``on_trip``/``on_resume``/``on_key``
+callbacks must start nothing. Needs root, CAP_SYS_NICE or an rtprio limit >= 10
+(``/etc/security/limits.conf``: ``robot - rtprio 10``)."""
 
 ESTOP_THREAD_NICE = -10
 """Niceness asked when real-time priority is not permitted (needs CAP_SYS_NICE too; else the default)."""
