@@ -896,3 +896,55 @@ def test_the_base_e_stop_button_latches_the_e_stop_and_resume_waits_for_its_rele
     refusals = [r for r in caplog.records if "cannot resume" in r.getMessage()]
     assert refusals and "release the e-stop button on the base" in refusals[0].getMessage()
     assert all(r.exc_info is None for r in refusals)  # one line, no traceback
+
+
+def test_only_the_e_stop_threads_run_at_real_time_priority(int8_bundle):
+    """A real-time policy is inherited by every thread started from a real-time thread: in a running
+    `run` with the terminal keyboard, the e-stop threads (signal watcher, keyboard listener, the native
+    StopWire) may be real-time, and nothing else is (ONNX Runtime's, the devices', the inference)."""
+    master, slave = os.openpty()
+    seen = {}
+
+    def script(h: Harness):
+        h.wait(lambda: len(h.sent) >= 5, what="the arms to move")
+        os.write(master, b" ")  # a trip runs the callbacks on the e-stop threads
+        h.wait(lambda: h.estop.is_latched, what="the latch")
+        os.write(master, b"r")
+        time.sleep(0.1)
+        os.write(master, b"y")
+        h.wait(lambda: not h.estop.is_latched, what="the resume")
+        time.sleep(0.3)
+        policies = {}
+        for task in os.listdir("/proc/self/task"):
+            try:
+                policies[int(task)] = os.sched_getscheduler(int(task))
+            except OSError:  # the thread ended meanwhile
+                pass
+        seen["policies"] = policies
+        seen["estop_python"] = {t.native_id for t in threading.enumerate() if t.name.startswith("estop-")}
+        seen["wire"] = h.listener_wire_priority()
+        h.loop.stop_requested.set()
+
+    h = Harness(script, make=ramp_chunk(5, 0.005))
+    h.listener_wire_priority = lambda: None
+    original = Robot.attach_stop_wire
+
+    def spy(robot, wire):  # the wire the run armed: its thread's granted priority
+        h.listener_wire_priority = lambda: wire.priority
+        original(robot, wire)
+
+    Robot.attach_stop_wire = spy
+    try:
+        rc = h.run(int8_bundle, keyboard="tty", keyboard_tty=slave)
+    finally:
+        Robot.attach_stop_wire = original
+        os.close(master)
+        os.close(slave)
+    assert rc == 0
+    policies = seen["policies"]
+    realtime = {tid for tid, pol in policies.items() if pol == os.SCHED_FIFO}
+    assert len(policies) > 10  # ONNX Runtime, devices, cameras, inference: the test sees them all
+    assert len(seen["estop_python"]) == 2  # signal watcher and keyboard listener
+    others = realtime - seen["estop_python"]
+    assert len(others) <= 1, f"{len(others)} real-time threads beside the e-stop ones"
+    assert len(others) == (1 if seen["wire"] == "fifo" else 0)  # that one is the native StopWire
