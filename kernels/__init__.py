@@ -38,7 +38,8 @@ The e-stop key's native path (not a numeric kernel, but it must not wait for the
 - :class:`StopWire` ``(key_fd, trip_keys, relay_fd, rt_priority=10, nice=-10)``: a native thread reads
   ``key_fd`` (the raw terminal) and, the moment a byte of ``trip_keys`` arrives or the input ends, writes
   every frame armed with ``arm(fd, frame)`` (the base's zero frame) and latches; it relays every byte to
-  ``relay_fd`` (the Python keyboard listener reads that). ``write(fd, frame, stop)`` is the devices' gate:
+  ``relay_fd`` (the Python keyboard listener reads that) without ever blocking (``relay_dropped`` counts
+  what a listener that left 64 KiB unread missed). ``write(fd, frame, stop)`` is the devices' gate:
   one ``write(2)``, or -1 and nothing written when latched and ``stop`` is False, serialised with the trip
   by a priority-inheriting mutex; ``rearm()`` after the e-stop is resumed; ``disarm(fd)`` before fd is
   closed. ``tripped``, ``trip_time_s`` (``time.monotonic()`` clock), ``trip_reason``, ``priority``.

@@ -534,6 +534,35 @@ def test_the_wire_trips_when_the_key_source_ends_and_its_relay_then_ends():
         os.close(out_w)
 
 
+def test_a_listener_that_stops_reading_never_blocks_the_wire():
+    """64 KiB of keys nobody reads fill the relay: the wire drops what does not fit (counted), still trips
+    on the next space, and closes at once."""
+    wire, kw, relay, close = _wire()
+    out_r, out_w = os.pipe()
+    try:
+        wire.arm(out_w, b"Z")
+        os.set_blocking(kw, False)
+        sent = 0
+        deadline = time.monotonic() + WAIT_S
+        while wire.relay_dropped == 0:  # the wire drains the key pipe into the relay until the relay is full
+            assert time.monotonic() < deadline, f"nothing dropped after {sent} bytes"
+            try:
+                sent += os.write(kw, b"x" * 4096)
+            except BlockingIOError:
+                time.sleep(0.001)
+        os.set_blocking(kw, True)
+        os.write(kw, b" ")  # after whatever the key pipe still holds: the wire keeps reading, dropping
+        assert _read_some(out_r) == b"Z" and wire.tripped
+        t0 = time.monotonic()
+        wire.close()
+        assert time.monotonic() - t0 < 1.0
+        assert len(os.read(relay, 1 << 17)) > 0  # what fitted is there for the listener
+    finally:
+        close()
+        os.close(out_r)
+        os.close(out_w)
+
+
 def test_the_wire_gates_write_errors_like_os_write():
     wire, _, _, close = _wire()
     r, w = os.pipe()

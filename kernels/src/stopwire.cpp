@@ -3,7 +3,8 @@
 // A native thread of its own reads the operator's key source (the terminal, in raw mode) and, the moment
 // a trip key arrives, writes each armed stop frame (the base's zero-velocity frame) to its file
 // descriptor. Every byte it reads is then relayed, unchanged, to a pipe that the Python keyboard listener
-// reads, so the e-stop latch, resume and the other keys work as before. Python threads can be held off the
+// reads, so the e-stop latch, resume and the other keys work as before. The relay never blocks this
+// thread: it must always be reading keys. Python threads can be held off the
 // CPU for tens of milliseconds on a loaded machine while another thread holds the GIL; this thread needs
 // neither the GIL nor any Python lock.
 //
@@ -94,6 +95,7 @@ class StopWire {
       : key_fd_(key_fd), trip_keys_(std::move(trip_keys)), rt_priority_(rt_priority), nice_(nice) {
     if (key_fd < 0 || relay_fd < 0) throw py::value_error("StopWire: key_fd and relay_fd must be open descriptors");
     relay_fd_ = fcntl(relay_fd, F_DUPFD_CLOEXEC, 0);
+    if (relay_fd_ >= 0) fcntl(relay_fd_, F_SETFL, fcntl(relay_fd_, F_GETFL) | O_NONBLOCK);
     if (relay_fd_ < 0 || pipe2(wake_, O_CLOEXEC) != 0) {
       int e = errno;
       if (relay_fd_ >= 0) ::close(relay_fd_);
@@ -160,6 +162,7 @@ class StopWire {
   int trip_errno() const { return trip_errno_.load(); }
   std::string priority() const { return priority_.load() == 2 ? "fifo" : (priority_.load() == 1 ? "nice" : "default"); }
   bool running() const { return running_.load(); }
+  long relay_dropped() const { return relay_dropped_.load(); }
 
   void close() {
     if (!thread_.joinable()) return;
@@ -200,6 +203,19 @@ class StopWire {
     trip_errno_.store(first_error);
   }
 
+  // Relay every byte, trip keys included, to the Python listener, without ever blocking: this thread must
+  // keep reading keys. A listener that has left 64 KiB unread is stuck; what does not fit is dropped (and
+  // counted) while the trip keys keep working here.
+  void relay(const char* buf, ssize_t n) {
+    for (ssize_t off = 0; off < n;) {
+      ssize_t w = ::write(relay_fd_, buf + off, size_t(n - off));
+      if (w > 0) { off += w; continue; }
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && errno == EAGAIN) relay_dropped_.fetch_add(long(n - off));
+      return;  // full, or the listener is gone (EPIPE)
+    }
+  }
+
   void run(std::promise<void>& started) {
     prefer_this_thread();
     started.set_value();  // `started` lives in the constructor's frame: not touched after this
@@ -226,12 +242,7 @@ class StopWire {
           break;
         }
       }
-      for (ssize_t off = 0; off < n;) {  // relay everything, trip keys included, to the Python listener
-        ssize_t w = ::write(relay_fd_, buf + off, size_t(n - off));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) break;  // the listener is gone: keep guarding the keys regardless
-        off += w;
-      }
+      relay(buf, n);
     }
     running_.store(false);
     ::close(relay_fd_);  // the listener reads end of input
@@ -250,6 +261,7 @@ class StopWire {
   std::atomic<double> trip_time_s_{0.0};
   std::atomic<int> trip_errno_{0};
   std::atomic<int> priority_{0};
+  std::atomic<long> relay_dropped_{0};
   std::thread thread_;
 };
 
@@ -277,7 +289,9 @@ void register_stopwire(py::module_& m) {
       .def_property_readonly("trip_reason", &StopWire::trip_reason)
       .def_property_readonly("trip_errno", &StopWire::trip_errno, "0, or the first errno of the trip's writes")
       .def_property_readonly("priority", &StopWire::priority, "'fifo', 'nice' or 'default'")
-      .def_property_readonly("running", &StopWire::running, "whether the thread still reads the keys");
+      .def_property_readonly("running", &StopWire::running, "whether the thread still reads the keys")
+      .def_property_readonly("relay_dropped", &StopWire::relay_dropped,
+                             "bytes not relayed because the listener had left the pipe full (never blocks)");
 }
 
 }  // namespace vla_edge
