@@ -576,7 +576,7 @@ def test_the_wire_gates_write_errors_like_os_write():
 
 
 def test_the_wire_stops_the_base_while_no_python_thread_can_run():
-    """The zero frame goes out while the GIL is held (a C call that keeps it for 1 s), and the base's own
+    """The zero frame goes out while the GIL is held (a C call that keeps it for 2 s), and the base's own
     streaming thread, which still wants 0.3 m/s when it runs again, puts no moving frame after it."""
     import ctypes
 
@@ -597,7 +597,7 @@ def test_the_wire_stops_the_base_while_no_python_thread_can_run():
         assert wait_for(lambda: frames and frames[-1][1] > 0), "the base never got a moving command"
         key = subprocess.Popen(["sh", "-c", "sleep 0.2; printf ' '"], stdout=kw)  # the key, from outside
         t_hold = time.monotonic()
-        ctypes.PyDLL(None).usleep(1_000_000)  # PyDLL: the call keeps the GIL
+        ctypes.PyDLL(None).usleep(2_000_000)  # PyDLL: the call keeps the GIL (2 s: margin for a slow sh)
         t_free = time.monotonic()
         key.wait(WAIT_S)
         assert wire.tripped and t_hold < wire.trip_time_s < t_free, (t_hold, wire.trip_time_s, t_free)
