@@ -185,7 +185,10 @@ def test_space_estops_the_puppets_while_recording_and_q_quits(tmp_path):
     assert after.sum() >= 20 and tick_t[-1] - tick_t[0] < 5.0  # q ended the episode long before 20 s
     # the masters kept moving (the expert: 1.2 rad/s), the puppets did not follow: they only sink,
     # damped (the simulator's 0.05 rad/s)
-    speed_radps = np.abs(np.diff(qpos[after], axis=0)) / np.diff(tick_t[after])[:, None]
+    # speed over 5-tick windows: one feedback frame landing just before or after a tick must not count
+    # as a burst (a tick-to-tick ratio once read 0.1008 rad/s on the loaded CI box)
+    q, t = qpos[after], tick_t[after]
+    speed_radps = np.abs(q[5:] - q[:-5]) / (t[5:] - t[:-5])[:, None]
     assert speed_radps.max() < 0.1
     assert np.abs(action[-1] - qpos[-1]).max() > 0.1
 
