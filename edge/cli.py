@@ -163,9 +163,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "real-camera frames), none (raw, ~5 GB/min)")
     p.add_argument("--json", help="write the end-of-run summary as JSON")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
-    p.add_argument("--view", action="store_true", help="stream the run live to a Rerun viewer ([view] extra)")
-    p.add_argument("--view-save", help="stream the run live into this .rrd file instead ([view] extra)")
+    _view_options(p, "the run")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "main", a))
+
+
+def _view_options(p: argparse.ArgumentParser, what: str) -> None:
+    """``--view`` / ``--view-save FILE`` (checked by :func:`view_args`)."""
+    p.add_argument("--view", action="store_true", help=f"stream {what} live to a Rerun viewer ([view] extra)")
+    p.add_argument("--view-save", help=f"stream {what} live into this .rrd file instead ([view] extra)")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -179,10 +184,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=POSITIVE, default=10.0, help="how long to run the simulated robot")
     p.add_argument("--seed", type=int, help="episode seed: where the target is (default: a random one)")
     p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
-    p.add_argument("--view", action="store_true",
-                   help="watch it live in a Rerun viewer: cameras, the model's image, planned vs measured joints "
-                   "([view] extra)")
-    p.add_argument("--view-save", help="stream the demo into this .rrd file instead ([view] extra)")
+    _view_options(p, "the demo")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "demo", a))
 
 
@@ -286,8 +288,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sim: seed of the first episode's target and start pose")
     p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
                    help="episode and e-stop keys: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
-    p.add_argument("--view", action="store_true", help="stream the recording live to a Rerun viewer ([view] extra)")
-    p.add_argument("--view-save", help="stream the recording live into this .rrd file instead ([view] extra)")
+    _view_options(p, "the recording")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.teleop", "main", a))
 
 

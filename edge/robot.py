@@ -286,7 +286,7 @@ class Robot:
     def base_estop_reported(self) -> bool:
         """The base reported its e-stop (the button on the TRACER) since it was last cleared: the control
         loop latches vla-edge's e-stop for it, and :meth:`resume` clears it once the base no longer reports it."""
-        return self.base is not None and self.base.read_state().estop_latched
+        return self.base is not None and self.base.estop_latched
 
     def base_pose(self) -> tuple[float, float, float]:
         """Simulated base pose ``(x_m, y_m, yaw_rad)``; only known in simulation."""

@@ -299,6 +299,11 @@ class TracerBase:
             out.append(f"base {port}: no velocity command for {cfg.command_timeout_s:.1f} s, stopping")
         return out
 
+    @property
+    def estop_latched(self) -> bool:
+        """A base-reported e-stop since connect or :meth:`clear_estop` (cheap: for every control tick)."""
+        return self._estop_latched
+
     def clear_estop(self) -> bool:
         """Clear a latched base e-stop; refused (False) while the newest system frame still reports it."""
         with self._lock:

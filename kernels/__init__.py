@@ -35,7 +35,7 @@ Token decoding, in cut-head index space (:class:`vla_edge.edge.spec.TokenSpec`):
 
 The e-stop key's native path (not a numeric kernel, but it must not wait for the GIL either):
 
-- :class:`StopWire` ``(key_fd, trip_keys, relay_fd, rt_priority=10, nice=-10)``: a native thread reads
+- :class:`StopWire` ``(key_fd, trip_keys, relay_fd, rt_priority, nice)`` (vla-edge passes its e-stop threads' priorities): a native thread reads
   ``key_fd`` (the raw terminal) and, the moment a byte of ``trip_keys`` arrives or the input ends, writes
   every frame armed with ``arm(fd, frame)`` (the base's zero frame) and latches; it relays every byte to
   ``relay_fd`` (the Python keyboard listener reads that) without ever blocking (``relay_dropped`` counts

@@ -12,6 +12,7 @@ import sys
 import termios
 import threading
 import time
+from typing import NamedTuple
 
 import pytest
 from vla_edge.edge.errors import VlaEdgeError
@@ -463,24 +464,32 @@ def test_stop_now_puts_a_zero_frame_on_the_line_at_once_and_nothing_moving_after
 
 
 # -- the native stop path (StopWire) ----------------------------------------------------------------
-def _wire(trip_keys=" \x03"):
-    """A StopWire reading a key pipe; returns (wire, key write end, relay read end, close)."""
+class Wired(NamedTuple):
+    """A StopWire reading the key pipe ``kw``, relaying into ``relay``; ``out_r``/``out_w``: a stop-frame line."""
+
+    wire: object
+    kw: int
+    relay: int
+    out_r: int
+    out_w: int
+
+
+@pytest.fixture
+def wired():
     from vla_edge.kernels import StopWire
 
     kr, kw = os.pipe()
     rr, rw = os.pipe()
-    wire = StopWire(kr, trip_keys, rw)
+    out_r, out_w = os.pipe()
+    w = StopWire(kr, " \x03", rw, ESTOP_THREAD_RT_PRIORITY, ESTOP_THREAD_NICE)
     os.close(rw)
-
-    def close():
-        wire.close()
-        for fd in (kr, kw, rr):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    return wire, kw, rr, close
+    yield Wired(w, kw, rr, out_r, out_w)
+    w.close()
+    for fd in (kr, kw, rr, out_r, out_w):
+        try:
+            os.close(fd)
+        except OSError:  # a test closed it
+            pass
 
 
 def _read_some(fd: int, timeout: float = WAIT_S) -> bytes:
@@ -488,100 +497,76 @@ def _read_some(fd: int, timeout: float = WAIT_S) -> bytes:
     return os.read(fd, 4096)
 
 
-def test_the_wire_writes_its_stop_frames_on_a_trip_key_relays_every_byte_and_gates_moving_frames():
-    wire, kw, relay, close = _wire()
-    out_r, out_w = os.pipe()
-    try:
-        wire.arm(out_w, b"STOP-FRAME")
-        os.write(kw, b"ry")  # not trip keys: relayed, nothing written
-        assert _read_some(relay) == b"ry"
-        assert not wire.tripped and not select.select([out_r], [], [], 0.05)[0]
-        assert wire.write(out_w, b"moving", False) == 6 and os.read(out_r, 64) == b"moving"
-        t0 = time.monotonic()
-        os.write(kw, b"a b")
-        assert _read_some(out_r) == b"STOP-FRAME"
-        assert _read_some(relay) == b"a b"  # the trip key is relayed too: the listener latches the e-stop
-        assert wire.tripped and wire.trip_reason == "key  " and t0 <= wire.trip_time_s <= time.monotonic()
-        # latched: moving frames are refused (nothing written), stop frames pass
-        assert wire.write(out_w, b"moving", False) == -1
-        assert wire.write(out_w, b"zero", True) == 4 and os.read(out_r, 64) == b"zero"
-        os.write(kw, b" ")  # a second trip while latched writes nothing more
-        assert _read_some(relay) == b" " and not select.select([out_r], [], [], 0.05)[0]
-        wire.rearm()
-        assert not wire.tripped and wire.write(out_w, b"moving", False) == 6 and os.read(out_r, 64) == b"moving"
-        wire.disarm(out_w)  # a disarmed descriptor gets nothing on the next trip
-        os.write(kw, b"\x03")
-        assert _read_some(relay) == b"\x03" and wire.tripped and wire.trip_reason == "key \x03"
-        assert not select.select([out_r], [], [], 0.05)[0]
-    finally:
-        close()
-        os.close(out_r)
-        os.close(out_w)
+def test_the_wire_writes_its_stop_frames_on_a_trip_key_relays_every_byte_and_gates_moving_frames(wired):
+    wire, kw, relay, out_r, out_w = wired
+    wire.arm(out_w, b"STOP-FRAME")
+    os.write(kw, b"ry")  # not trip keys: relayed, nothing written
+    assert _read_some(relay) == b"ry"
+    assert not wire.tripped and not select.select([out_r], [], [], 0.05)[0]
+    assert wire.write(out_w, b"moving", False) == 6 and os.read(out_r, 64) == b"moving"
+    t0 = time.monotonic()
+    os.write(kw, b"a b")
+    assert _read_some(out_r) == b"STOP-FRAME"
+    assert _read_some(relay) == b"a b"  # the trip key is relayed too: the listener latches the e-stop
+    assert wire.tripped and wire.trip_reason == "key  " and t0 <= wire.trip_time_s <= time.monotonic()
+    # latched: moving frames are refused (nothing written), stop frames pass
+    assert wire.write(out_w, b"moving", False) == -1
+    assert wire.write(out_w, b"zero", True) == 4 and os.read(out_r, 64) == b"zero"
+    os.write(kw, b" ")  # a second trip while latched writes nothing more
+    assert _read_some(relay) == b" " and not select.select([out_r], [], [], 0.05)[0]
+    wire.rearm()
+    assert not wire.tripped and wire.write(out_w, b"moving", False) == 6 and os.read(out_r, 64) == b"moving"
+    wire.disarm(out_w)  # a disarmed descriptor gets nothing on the next trip
+    os.write(kw, b"\x03")
+    assert _read_some(relay) == b"\x03" and wire.tripped and wire.trip_reason == "key \x03"
+    assert not select.select([out_r], [], [], 0.05)[0]
 
 
-def test_the_wire_trips_when_the_key_source_ends_and_its_relay_then_ends():
-    wire, kw, relay, close = _wire()
-    out_r, out_w = os.pipe()
-    try:
-        wire.arm(out_w, b"Z")
-        os.close(kw)  # the terminal is gone
-        assert _read_some(out_r) == b"Z"
-        assert _read_some(relay) == b""  # end of input for the listener
-        assert wire.tripped and wire.trip_reason == "keyboard lost (end of input)" and not wire.running
-    finally:
-        close()
-        os.close(out_r)
-        os.close(out_w)
+def test_the_wire_trips_when_the_key_source_ends_and_its_relay_then_ends(wired):
+    wire, kw, relay, out_r, out_w = wired
+    wire.arm(out_w, b"Z")
+    os.close(kw)  # the terminal is gone
+    assert _read_some(out_r) == b"Z"
+    assert _read_some(relay) == b""  # end of input for the listener
+    assert wire.tripped and wire.trip_reason == "keyboard lost (end of input)" and not wire.running
 
 
-def test_a_listener_that_stops_reading_never_blocks_the_wire():
+def test_a_listener_that_stops_reading_never_blocks_the_wire(wired):
     """64 KiB of keys nobody reads fill the relay: the wire drops what does not fit (counted), still trips
     on the next space, and closes at once."""
-    wire, kw, relay, close = _wire()
-    out_r, out_w = os.pipe()
-    try:
-        wire.arm(out_w, b"Z")
-        os.set_blocking(kw, False)
-        sent = 0
-        deadline = time.monotonic() + WAIT_S
-        while wire.relay_dropped == 0:  # the wire drains the key pipe into the relay until the relay is full
-            assert time.monotonic() < deadline, f"nothing dropped after {sent} bytes"
-            try:
-                sent += os.write(kw, b"x" * 4096)
-            except BlockingIOError:
-                time.sleep(0.001)
-        os.set_blocking(kw, True)
-        os.write(kw, b" ")  # after whatever the key pipe still holds: the wire keeps reading, dropping
-        assert _read_some(out_r) == b"Z" and wire.tripped
-        t0 = time.monotonic()
-        wire.close()
-        assert time.monotonic() - t0 < 1.0
-        assert len(os.read(relay, 1 << 17)) > 0  # what fitted is there for the listener
-    finally:
-        close()
-        os.close(out_r)
-        os.close(out_w)
+    wire, kw, relay, out_r, out_w = wired
+    wire.arm(out_w, b"Z")
+    os.set_blocking(kw, False)
+    sent = 0
+    deadline = time.monotonic() + WAIT_S
+    while wire.relay_dropped == 0:  # the wire drains the key pipe into the relay until the relay is full
+        assert time.monotonic() < deadline, f"nothing dropped after {sent} bytes"
+        try:
+            sent += os.write(kw, b"x" * 4096)
+        except BlockingIOError:
+            time.sleep(0.001)
+    os.set_blocking(kw, True)
+    os.write(kw, b" ")  # after whatever the key pipe still holds: the wire keeps reading, dropping
+    assert _read_some(out_r) == b"Z" and wire.tripped
+    t0 = time.monotonic()
+    wire.close()
+    assert time.monotonic() - t0 < 1.0
+    assert len(os.read(relay, 1 << 17)) > 0  # what fitted is there for the listener
 
 
-def test_the_wire_gates_write_errors_like_os_write():
-    wire, _, _, close = _wire()
-    r, w = os.pipe()
-    os.close(r)
-    try:
-        with pytest.raises(BrokenPipeError):
-            wire.write(w, b"x", True)
-    finally:
-        close()
-        os.close(w)
+def test_the_wire_gates_write_errors_like_os_write(wired):
+    os.close(wired.out_r)  # nobody reads the line any more
+    with pytest.raises(BrokenPipeError):
+        wired.wire.write(wired.out_w, b"x", True)
 
 
-def test_the_wire_stops_the_base_while_no_python_thread_can_run():
+def test_the_wire_stops_the_base_while_no_python_thread_can_run(wired):
     """The zero frame goes out while the GIL is held (a C call that keeps it for 2 s), and the base's own
     streaming thread, which still wants 0.3 m/s when it runs again, puts no moving frame after it."""
     import ctypes
 
     base, frames, close_base = _base_on_a_pty()
-    wire, kw, relay, close_wire = _wire()
+    wire, kw, relay = wired.wire, wired.kw, wired.relay
     sending = threading.Event()
     sending.set()
 
@@ -613,4 +598,3 @@ def test_the_wire_stops_the_base_while_no_python_thread_can_run():
         sending.clear()
         ctl.join(WAIT_S)
         close_base()
-        close_wire()

@@ -74,12 +74,17 @@ def test_view_saves_what_the_episode_holds(episode, tmp_path):
     assert _column(chunks["/events"], "tick") == [2, 4]
 
 
-def test_view_without_rerun_says_how_to_install(episode, tmp_path):
-    path, _, _ = episode
+def refused_without_rerun(*argv: str) -> subprocess.CompletedProcess:
+    """``vla-edge ARGV`` in a Python where ``import rerun`` fails."""
     code = ("import sys; sys.modules['rerun'] = None\n"
             "from vla_edge.edge.cli import main\n"
-            f"sys.exit(main(['view', {str(path)!r}, '--save', {str(tmp_path / 'x.rrd')!r}]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            f"sys.exit(main({list(argv)!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_view_without_rerun_says_how_to_install(episode, tmp_path):
+    path, _, _ = episode
+    r = refused_without_rerun("view", str(path), "--save", str(tmp_path / "x.rrd"))
     assert r.returncode == 2
     assert r.stderr.strip() == "vla-edge view: error: Rerun is not installed: pip install 'vla-edge[view]'"
     assert not (tmp_path / "x.rrd").exists()
@@ -182,24 +187,13 @@ def test_run_view_save_logs_the_estop_of_a_signal(int8_bundle, tmp_path):
     assert 0 < estop_tick <= max(_column(chunks["/joints/R_j3/planned"], "tick")) + 1
 
 
-def test_run_view_without_rerun_is_refused_before_the_run(tmp_path):
-    code = ("import sys; sys.modules['rerun'] = None\n"
-            "from vla_edge.edge.cli import main\n"
-            f"sys.exit(main(['run', '--robot', 'sim', '--view-save', {str(tmp_path / 'x.rrd')!r}]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("command", [["run", "--robot", "sim"], ["demo", "--workdir", "{tmp}/w"]], ids=["run", "demo"])
+def test_run_and_demo_view_without_rerun_are_refused_before_anything_starts(tmp_path, command):
+    argv = [a.format(tmp=tmp_path) for a in command]
+    r = refused_without_rerun(*argv, "--view-save", str(tmp_path / "x.rrd"))
     assert r.returncode == 2
-    assert r.stderr.strip() == "vla-edge run: error: Rerun is not installed: pip install 'vla-edge[view]'"
-    assert not (tmp_path / "x.rrd").exists()
-
-
-def test_demo_view_without_rerun_is_refused_before_the_export(tmp_path):
-    code = ("import sys; sys.modules['rerun'] = None\n"
-            "from vla_edge.edge.cli import main\n"
-            f"sys.exit(main(['demo', '--workdir', {str(tmp_path / 'w')!r}, '--view-save', {str(tmp_path / 'd.rrd')!r}]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    assert r.stderr.strip() == "vla-edge demo: error: Rerun is not installed: pip install 'vla-edge[view]'"
-    assert not (tmp_path / "d.rrd").exists() and not (tmp_path / "w" / "bundle").exists()
+    assert r.stderr.strip() == f"vla-edge {argv[0]}: error: Rerun is not installed: pip install 'vla-edge[view]'"
+    assert not (tmp_path / "x.rrd").exists() and not (tmp_path / "w").exists()  # nothing ran, nothing exported
 
 
 def test_demo_view_save_streams_the_demo(tmp_path):

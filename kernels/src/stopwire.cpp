@@ -273,7 +273,7 @@ void register_stopwire(py::module_& m) {
                        "writes the armed stop frames the moment a trip key (or end of input) arrives, and "
                        "relays every byte to relay_fd. Once tripped, write() passes stop frames only, until rearm().")
       .def(py::init<int, std::string, int, int, int>(), py::arg("key_fd"), py::arg("trip_keys"), py::arg("relay_fd"),
-           py::arg("rt_priority") = 10, py::arg("nice") = -10,
+           py::arg("rt_priority"), py::arg("nice"),
            "Start the thread. relay_fd is duplicated (the caller may close its copy); the wire closes its "
            "copy when the thread ends, so the listener reads end of input. rt_priority: SCHED_FIFO priority "
            "asked first (0: none), else niceness nice, else the default.")
