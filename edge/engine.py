@@ -42,9 +42,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle
+from vla_edge.edge.bundle.manifest import Bundle
+from vla_edge.edge.bundle.prompt import tokenizer_encoder
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.prompt import tokenizer_encoder
 
 log = logging.getLogger(__name__)
 

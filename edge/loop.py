@@ -4,7 +4,7 @@ Threads::
 
     main        control tick at ``rate_hz``: read arm state, next action -> safety filter -> arms,
                 base command -> base; watchdogs; recording; telemetry; hands the tick to the live
-                view (``view``: a :class:`~vla_edge.edge.view.LiveView`, which drops what it is behind on)
+                view (``view``: a :class:`~vla_edge.edge.episodes.view.LiveView`, which drops what it is behind on)
     inference   one policy step at a time on the newest synchronised frames (ONNX Runtime releases
                 the GIL), so ticks keep coming while the model thinks
     keyboard    e-stop listener: commands the actuators itself, never waits for the loop

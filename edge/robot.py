@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.cameras import (
+from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.firmware_bridge.cameras import (
     Camera,
     CameraRig,
     OpenCVSource,
@@ -42,8 +44,6 @@ from vla_edge.edge.cameras import (
     Scene,
     SyntheticSource,
 )
-from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig
 from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig
 
@@ -269,7 +269,7 @@ class Robot:
         )
 
     def read_frames(self):
-        """One RGB frame per camera (:class:`~vla_edge.edge.cameras.FrameSet`); CameraFault if stale/gone."""
+        """One RGB frame per camera (:class:`~vla_edge.firmware_bridge.cameras.FrameSet`); CameraFault if stale/gone."""
         if self.cameras is None:
             raise VlaEdgeError("robot is not connected")
         return self.cameras.read()

@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,15 @@ class SafetyLimits:
         if unknown:
             raise VlaEdgeError(f"safety: unknown limit(s) in robot profile: {', '.join(unknown)}")
         return cls(**section)
+
+    @classmethod
+    def for_robot(cls, robot) -> SafetyLimits:
+        """The limits of a loaded robot profile (:class:`~vla_edge.edge.robot.RobotConfig`): its arms' joint
+        limits, its base's speed (m/s, rad/s) and acceleration (m/s^2, rad/s^2) limits."""
+        arm, base = robot.arms["left"], robot.base
+        return cls(joint_lo=arm.joint_lo, joint_hi=arm.joint_hi, max_vx_mps=base.max_linear_mps,
+                   max_wz_radps=base.max_angular_radps, max_ax_mps2=base.max_linear_accel_mps2,
+                   max_aw_radps2=base.max_angular_accel_radps2)
 
     @property
     def step_limits(self) -> np.ndarray:

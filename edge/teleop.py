@@ -10,7 +10,7 @@ Per control tick (the profile's rate, 30 Hz): the puppets' measured joints (rad)
 ``observations/qpos``, the masters' commands (piper_sdk ``GetArmJointCtrl`` / ``GetArmGripperCtrl``:
 their 0x155..0x157 and 0x159 control frames) as ``action``, the three cameras, and the base's measured
 velocity ``[vx m/s, wz rad/s]`` as ``base_action``; one HDF5 file per episode
-(:mod:`vla_edge.edge.recorder`, the Cobot Magic layout ``vla-edge convert`` reads). ``qvel``/``effort``: the
+(:mod:`vla_edge.edge.episodes.recorder`, the Cobot Magic layout ``vla-edge convert`` reads). ``qvel``/``effort``: the
 puppets' high-speed driver feedback (rad/s, N m; :mod:`vla_edge.firmware_bridge.piper_motion`), NaN where
 an arm does not send it (the simulator does not). The base is held at zero velocity while recording.
 
@@ -29,12 +29,12 @@ episode being recorded and records it again, **q** or Esc keeps the episode and 
 e-stops, **r** then **y** resumes. Between episodes a reset period (``--reset-seconds``) lets the
 operator put the scene back. Any fault (stale camera, silent puppet or master, base link) stops the
 robot safely (exit 3); the episode so far is kept. ``--view`` / ``--view-save rec.rrd`` stream the ticks,
-episode starts and e-stop events to Rerun as they are recorded (:class:`~vla_edge.edge.view.LiveView`,
+episode starts and e-stop events to Rerun as they are recorded (:class:`~vla_edge.edge.episodes.view.LiveView`,
 the ``[view]`` extra), never holding up a tick.
 
 ``sim``: simulated master arms (:mod:`vla_edge.firmware_bridge.piper_master_sim`) send the same CAN
 frames on the puppets' virtual buses, moved by the reach task's scripted expert
-(:class:`~vla_edge.edge.task.ExpertPolicy`); each episode places the target and the start pose of
+(:class:`~vla_edge.edge.sim.task.ExpertPolicy`); each episode places the target and the start pose of
 seed ``--seed + i``, so the whole path runs through the real piper_sdk.
 
 Robot-side: no torch.
@@ -127,74 +127,21 @@ class EpisodeKeys:
         self.rerecord = False
 
 
-class SimTeleoperator:
-    """Moves the simulated master arms like an operator would: the reach task's scripted expert."""
-
-    def __init__(self, robot, masters: dict, rate_hz: float, instruction: str):
-        from vla_edge.edge.task import ExpertPolicy, ReachTask
-
-        self.robot, self.masters, self.dt = robot, masters, 1.0 / rate_hz
-        self.task = ReachTask()
-        self.expert = ExpertPolicy(self.task, robot.sim)
-        self.instruction = instruction
-        self.q14 = robot.read_state().qpos.copy()
-        self._running = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sim-teleoperator", daemon=True)
-        self._set(self.q14)
-
-    def _set(self, q14) -> None:
-        for i, side in enumerate(SIDES):
-            self.masters[side].set_pose(q14[7 * i : 7 * i + 6], q14[7 * i + 6])
-
-    def start(self) -> SimTeleoperator:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=1.0)
-
-    def reset(self, seed: int) -> None:
-        """Target and start pose of ``seed``'s episode; the masters hold it until :meth:`go`."""
-        self._running.clear()
-        ep = self.task.sample(seed)
-        self.robot.sim.scene.target_radius_m = self.task.target_radius_m
-        self.robot.sim.set_target(*ep.target_xy_m)
-        self.q14 = self.task.start_pose(seed)
-        self._set(self.q14)
-        self.expert.start_episode(self.instruction)
-
-    def puppets_there(self) -> bool:
-        return bool(np.max(np.abs(self.robot.read_state().qpos - self.q14)) < 2e-3)
-
-    def go(self) -> None:
-        """Start moving the masters (the expert's step per control period)."""
-        self._running.set()
-
-    def _loop(self) -> None:
-        next_t = time.monotonic()
-        while not self._stop.wait(max(0.0, next_t - time.monotonic())):
-            if self._running.is_set():
-                self.q14 = self.expert.step(None, self.q14).joints[0]
-                self._set(self.q14)
-            next_t += self.dt
-            if time.monotonic() - next_t > self.dt:  # the process stalled: no burst of steps after it
-                next_t = time.monotonic()
-
-
 class Recorder:
     """The session: robot, masters, e-stop, keys, recorder. :meth:`run` returns the exit code."""
 
-    def __init__(self, cfg: RecordConfig):
+    def __init__(self, cfg: RecordConfig, sim_teleoperator=None):
+        """``sim_teleoperator(robot, masters, rate_hz, instruction)``: what moves the simulated masters on a
+        sim robot (:class:`vla_edge.edge.sim.teleoperator.SimTeleoperator`)."""
         from vla_edge.edge.robot import load_profile
 
         cfg.check()
         if cfg.view or cfg.view_save:
-            from vla_edge.edge.view import import_rerun
+            from vla_edge.edge.episodes.view import import_rerun
 
             import_rerun()  # not installed: say so before touching the robot
         self.cfg = cfg
+        self.sim_teleoperator = sim_teleoperator
         self.profile = load_profile(cfg.robot)
         self.master_cans = master_cans(cfg.robot)
         self.forward = any(self.master_cans[s] != self.profile.arms[s].can_name for s in SIDES)
@@ -242,7 +189,9 @@ class Recorder:
             shared = self.master_cans[side] == self.profile.arms[side].can_name
             channels[side] = puppet if shared else f"{self.master_cans[side]}-{uuid.uuid4().hex[:8]}"
             self.master_sims[side] = PiperMasterSim(PiperMasterSimConfig(channel=channels[side])).start()
-        self.teleop = SimTeleoperator(self.robot, self.master_sims, self.rate_hz, self.cfg.instruction).start()
+        if self.sim_teleoperator is None:
+            raise VlaEdgeError(f"robot {self.profile.name} is simulated: record needs a simulated teleoperator")
+        self.teleop = self.sim_teleoperator(self.robot, self.master_sims, self.rate_hz, self.cfg.instruction).start()
         return channels
 
     def _disconnect(self) -> None:
@@ -265,10 +214,9 @@ class Recorder:
 
     # -- the session ------------------------------------------------------------------------------
     def run(self) -> int:
+        from vla_edge.edge.episodes.recorder import EpisodeRecorder
         from vla_edge.edge.estop import EStop, KeyboardListener, StopRequest, install_signal_handlers
-        from vla_edge.edge.recorder import EpisodeRecorder
-        from vla_edge.edge.run import safety_limits
-        from vla_edge.edge.safety import SafetyFilter
+        from vla_edge.edge.safety import SafetyFilter, SafetyLimits
 
         cfg = self.cfg
         estop = EStop()
@@ -277,9 +225,9 @@ class Recorder:
         fault = None
         try:
             self._connect()
-            safety = SafetyFilter(safety_limits(self.profile))
+            safety = SafetyFilter(SafetyLimits.for_robot(self.profile))
             if cfg.view or cfg.view_save:
-                from vla_edge.edge.view import LiveView
+                from vla_edge.edge.episodes.view import LiveView
 
                 self.live = LiveView(cfg.view_save)
 
@@ -447,11 +395,3 @@ class Recorder:
         if self.live is not None:
             self.live.tick(self.ticks, now, frames, state.qpos, action, base)
         self.ticks += 1
-
-
-def main(args) -> int:
-    cfg = RecordConfig(robot=args.robot, instruction=args.instruction, episodes=args.episodes, out=Path(args.out),
-                       episode_s=args.episode_seconds, reset_s=args.reset_seconds, rate_hz=args.rate,
-                       keyboard=args.keyboard, seed=args.seed, view=args.view,
-                       view_save=Path(args.view_save) if args.view_save else None)
-    return Recorder(cfg).run()

@@ -37,8 +37,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import (
+from vla_edge.edge.bundle.spec import (
     BIN_KINDS,
     CALVIN_LAYOUT,
     COBOT_MAGIC_LAYOUT,
@@ -46,6 +45,7 @@ from vla_edge.edge.spec import (
     PolicySpec,
     TokenSpec,
 )
+from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.export.config import (
     KNOWN_TEXT_MODELS,
     KNOWN_VISION_TOWERS,

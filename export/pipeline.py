@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle, check_replaceable, write_manifest
+from vla_edge.edge.bundle.manifest import Bundle, check_replaceable, write_manifest
+from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
 from vla_edge.edge.telemetry import log_console, out_console
 from vla_edge.export.fused import DEFAULT_MAX_LEN
 
@@ -419,7 +419,7 @@ class _Steps:
 def random_checkpoint(shape: str):
     """A checkpoint of a real shape with random weights (for benchmarks; nothing downloaded)."""
     import torch
-    from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, QWEN2_TOKENS, cobot_magic_policy
+    from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, QWEN2_TOKENS, cobot_magic_policy
     from vla_edge.export.checkpoint import Checkpoint
     from vla_edge.export.config import LLAVA_OV_05B
     from vla_edge.export.model import LlavaVLA

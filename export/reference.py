@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from vla_edge.edge.prompt import PromptTemplate
-from vla_edge.edge.spec import ImageLayout, PolicySpec, TokenSpec
+from vla_edge.edge.bundle.prompt import PromptTemplate
+from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec, TokenSpec
 from vla_edge.export.model import LlavaVLA
 
 

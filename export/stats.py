@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import ImageLayout, PolicySpec
 
 
 class StatsError(VlaEdgeError):

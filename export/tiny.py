@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, SYSTEM_PROMPT, TokenSpec, cobot_magic_policy
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, SYSTEM_PROMPT, TokenSpec, cobot_magic_policy
 from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ says they come from OpenCV. float16 output is ``float16(float32 value)`` (round 
 Supported filters: lanczos, bicubic, bilinear, hamming, box (PIL's "nearest" is not). There is no fused
 single-pass mode: the canvas stage is always materialised, exactly as training did.
 
-Token decoding, in cut-head index space (:class:`vla_edge.edge.spec.TokenSpec`):
+Token decoding, in cut-head index space (:class:`vla_edge.edge.bundle.spec.TokenSpec`):
 
 - :class:`ChunkGrammar` ``(n_bins, chunk_tokens, navigation)``: grammar-constrained greedy decoding.
   Manipulation: ``chunk_tokens`` bins then ``<|im_end|>``; navigation: ``DIR VALUE`` then, only if DIR is
@@ -47,7 +47,7 @@ The e-stop key's native path (not a numeric kernel, but it must not wait for the
 ``edges`` are the bin edges (float64, ascending; default :data:`UNIFORM_EDGES`, a bundle's own are
 ``TokenSpec.bin_edges``). All token formulas equal :mod:`.reference` (numpy) bit for bit. Bad arguments raise TypeError or
 ValueError naming the argument. Arrays are never converted silently (lists/tuples are, for the
-statistics that come from :class:`~vla_edge.edge.spec.PolicySpec`).
+statistics that come from :class:`~vla_edge.edge.bundle.spec.PolicySpec`).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
 
 
 class Layout(Protocol):
-    """What composition needs of a layout (``vla_edge.edge.spec.ImageLayout`` is one): tiles with
+    """What composition needs of a layout (``vla_edge.edge.bundle.spec.ImageLayout`` is one): tiles with
     ``x, y, w, h`` on a ``canvas_w x canvas_h`` canvas, resized to ``output`` px, PIL filter names."""
 
     tiles: tuple

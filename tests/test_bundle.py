@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from vla_edge.edge.bundle import Bundle, BundleError, check_replaceable
+from vla_edge.edge.bundle.manifest import Bundle, BundleError, check_replaceable
 
 
 def _resign(m: dict) -> dict:

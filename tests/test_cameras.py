@@ -8,7 +8,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from vla_edge.edge.cameras import (
+from vla_edge.firmware_bridge.cameras import (
     CAMERA_NAMES,
     Camera,
     CameraFault,

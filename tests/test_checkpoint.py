@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import run_cli  # noqa: E402
-from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, SYSTEM_PROMPT, cobot_magic_policy  # noqa: E402
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, SYSTEM_PROMPT, cobot_magic_policy  # noqa: E402
 from vla_edge.export.checkpoint import CheckpointError, LoadOptions, load_checkpoint  # noqa: E402
 
 VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, patch_size=16,
@@ -195,7 +195,7 @@ def _frames(layout, seed: int) -> list[np.ndarray]:
 
 # -- the trainer's directory, end to end -------------------------------------------------------------------
 def test_trainer_directory_exports_and_equals_transformers(trainer_ckpt, tmp_path):
-    from vla_edge.edge.bundle import Bundle
+    from vla_edge.edge.bundle.manifest import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.kernels import reference
 
@@ -247,7 +247,7 @@ def test_tower_with_all_27_style_layers_gives_the_same_model(trainer_ckpt, tmp_p
 def test_tokenizer_built_from_vocab_and_merges_equals_transformers(trainer_ckpt):
     from tokenizers import Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+    from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
     from vla_edge.export.checkpoint import tokens_from_tokenizer
     from vla_edge.export.tokenizer import QWEN2_PRETOKENIZE_REGEX, load_tokenizer_json
 
@@ -372,7 +372,7 @@ def test_bare_best_pt_of_an_unknown_tower_is_refused_not_guessed(trainer_ckpt, t
 def test_norm_bins_detokenise_with_the_reference_table():
     """The reference ActionTokenizer's use_norm_bins table, written out here: centres of its edges."""
     from vla_edge import kernels
-    from vla_edge.edge.spec import QWEN2_TOKENS, TokenSpec
+    from vla_edge.edge.bundle.spec import QWEN2_TOKENS, TokenSpec
 
     edges = np.concatenate((np.linspace(-1, -0.5, 15, endpoint=False), np.linspace(-0.5, -0.25, 40, endpoint=False),
                             np.linspace(-0.25, -0.1, 42, endpoint=False), np.linspace(-0.1, 0.1, 62, endpoint=False),
@@ -407,9 +407,9 @@ def test_calvin_checkpoint_exports_and_benches(tmp_path):
                 "--ckpt", str(ck.dir), "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "b.json").read_text())["baseline"]["chunks_identical"] is True
-    from vla_edge.edge.bundle import Bundle
+    from vla_edge.edge.bundle.manifest import Bundle
+    from vla_edge.edge.bundle.spec import CALVIN_LAYOUT
     from vla_edge.edge.engine import Engine
-    from vla_edge.edge.spec import CALVIN_LAYOUT
     from vla_edge.kernels import reference
 
     engine = Engine(Bundle.load(out), provider="cpu")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 from conftest import run_cli
-from vla_edge.edge.convert import ConvertConfig, ConvertError, convert
-from vla_edge.edge.spec import CALVIN_LAYOUT, COBOT_MAGIC_LAYOUT
+from vla_edge.edge.bundle.spec import CALVIN_LAYOUT, COBOT_MAGIC_LAYOUT
+from vla_edge.edge.episodes.convert import ConvertConfig, ConvertError, convert
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -25,7 +25,7 @@ Image = pytest.importorskip("PIL.Image")
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """Two short scripted-expert episodes of the simulated reach task, recorded through the control loop."""
-    from vla_edge.edge.evaluate import record_expert_episodes
+    from vla_edge.edge.sim.evaluate import record_expert_episodes
 
     d = tmp_path_factory.mktemp("episodes")
     record_expert_episodes(d, 2, first_seed=3, linger_ticks=2)
@@ -164,9 +164,9 @@ def test_data_tools_import_no_torch_transformers_pil_or_rerun(recorded, tmp_path
     code = (
         "import sys\n"
         "for m in ('torch', 'transformers', 'PIL', 'rerun'): sys.modules[m] = None\n"
-        "import vla_edge.edge.convert, vla_edge.edge.teleop, vla_edge.edge.view\n"
+        "import vla_edge.edge.episodes.convert, vla_edge.edge.teleop, vla_edge.edge.episodes.view\n"
         "import vla_edge.firmware_bridge.piper_master, vla_edge.firmware_bridge.piper_master_sim\n"
-        "from vla_edge.edge.convert import convert\n"
+        "from vla_edge.edge.episodes.convert import convert\n"
         f"r = convert({str(recorded)!r}, {str(tmp_path / 'out')!r})\n"
         "assert r.samples > 0\n"
     )
@@ -176,7 +176,7 @@ def test_data_tools_import_no_torch_transformers_pil_or_rerun(recorded, tmp_path
 
 def test_export_with_the_converted_statistics(recorded, request, tmp_path):
     """``vla-edge export --stats OUT/statistics.yaml`` gives the bundle the converted statistics."""
-    from vla_edge.edge.bundle import Bundle
+    from vla_edge.edge.bundle.manifest import Bundle
 
     tiny_ckpt = request.getfixturevalue("tiny_ckpt")
     out = tmp_path / "llava"

@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
-from vla_edge.edge.bench import synthetic_inputs  # noqa: E402
-from vla_edge.edge.bundle import Bundle  # noqa: E402
+from vla_edge.edge.bundle.manifest import Bundle  # noqa: E402
+from vla_edge.edge.cli.bench import synthetic_inputs  # noqa: E402
 from vla_edge.edge.engine import Engine  # noqa: E402
 
 # --- The CUDA execution provider's kernels, per op and input position ------------------------------------

@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
-from vla_edge.edge.bench import synthetic_inputs  # noqa: E402
-from vla_edge.edge.bundle import Bundle  # noqa: E402
+from vla_edge.edge.bundle.manifest import Bundle  # noqa: E402
+from vla_edge.edge.cli.bench import synthetic_inputs  # noqa: E402
 from vla_edge.edge.engine import STAGES, Engine, EngineError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt):
-    from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+    from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
     from vla_edge.export.checkpoint import load_checkpoint
     from vla_edge.export.model import LlavaVLA
     from vla_edge.export.reference import TorchReference
@@ -38,8 +38,8 @@ def any_fp32_bundle(request):
 def policy_bundles(tmp_path_factory):
     """The shipped trained tiny reach policy, exported fp32 and with weight-only MatMulNBits (fused decoder)."""
     from vla_edge.export.checkpoint import load_checkpoint
+    from vla_edge.export.demo import shipped_policy
     from vla_edge.export.pipeline import ExportOptions, export_bundle
-    from vla_edge.tools.package_data import shipped_policy
 
     ckpt = load_checkpoint(shipped_policy())
     out = {}

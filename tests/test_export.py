@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
-from vla_edge.edge.bundle import Bundle, BundleError  # noqa: E402
+from vla_edge.edge.bundle.manifest import Bundle, BundleError  # noqa: E402
 from vla_edge.export.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from vla_edge.export.model import LlavaVLA  # noqa: E402
 

@@ -14,7 +14,14 @@ import vla_edge.kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from vla_edge.edge.spec import CALVIN_LAYOUT, COBOT_MAGIC_LAYOUT, N_BINS, QWEN2_TOKENS, ImageLayout, Tile
+from vla_edge.edge.bundle.spec import (
+    CALVIN_LAYOUT,
+    COBOT_MAGIC_LAYOUT,
+    N_BINS,
+    QWEN2_TOKENS,
+    ImageLayout,
+    Tile,
+)
 from vla_edge.kernels import _core
 from vla_edge.kernels import reference as ref
 
@@ -172,7 +179,7 @@ def test_detokenize_equals_reference(d, steps, seed, scale):
 
 
 def test_detokenize_cobot_policy_chunk():
-    from vla_edge.edge.spec import cobot_magic_policy
+    from vla_edge.edge.bundle.spec import cobot_magic_policy
 
     p = cobot_magic_policy()
     ids = np.random.default_rng(0).integers(V - N_BINS, V, p.chunk_tokens).astype(np.int64)
@@ -383,7 +390,7 @@ def test_runtime_import_pulls_in_neither_pil_nor_torch():
 
 
 def test_bench_runs_and_reports():
-    from vla_edge.edge import kernel_bench as bench
+    from vla_edge.edge.cli import kernel_bench as bench
 
     r = bench.run(repeats=3)
     for name in ("compose", "decode"):

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 from conftest import run_cli
-from vla_edge.edge.evaluate import EvalSummary, SimBench, _CountingPolicy, wilson_interval
-from vla_edge.edge.task import ExpertPolicy, ReachTask, TaskError, expert_chunk, reach_pose
+from vla_edge.edge.sim.evaluate import EvalSummary, SimBench, CountingPolicy, wilson_interval
+from vla_edge.edge.sim.task import ExpertPolicy, ReachTask, TaskError, expert_chunk, reach_pose
 
 
 def test_wilson_interval():
@@ -31,7 +31,7 @@ def test_reach_pose_touches_every_spot_and_ready_pose_does_not():
 
 
 def test_random_start_is_seeded_varied_within_limits_and_off_target():
-    from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+    from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
     task = ReachTask()
     starts = np.stack([task.start_pose(s) for s in range(100)])
@@ -72,8 +72,8 @@ class _Frozen:
 
 def test_eval_counts_expert_successes_and_frozen_failures():
     with SimBench(max_seconds=1.5) as bench:
-        expert = [bench.run_episode(_CountingPolicy(ExpertPolicy(bench.task, bench.sim)), s) for s in (1000, 1001)]
-        frozen = [bench.run_episode(_CountingPolicy(_Frozen()), 1000)]
+        expert = [bench.run_episode(CountingPolicy(ExpertPolicy(bench.task, bench.sim)), s) for s in (1000, 1001)]
+        frozen = [bench.run_episode(CountingPolicy(_Frozen()), 1000)]
     ok = EvalSummary.of("expert", expert)
     assert ok.successes == 2 and ok.success_rate == 1.0 and ok.ci95 == wilson_interval(2, 2)
     for r in expert:
@@ -87,7 +87,7 @@ def test_eval_counts_expert_successes_and_frozen_failures():
 
 def test_train_tiny_loss_falls_and_checkpoint_loads(tmp_path):
     pytest.importorskip("torch")
-    from vla_edge.edge.evaluate import record_expert_episodes
+    from vla_edge.edge.sim.evaluate import record_expert_episodes
     from vla_edge.export.checkpoint import load_checkpoint
     from vla_edge.tools.train_tiny import train
 

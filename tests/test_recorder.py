@@ -15,8 +15,7 @@ import h5py
 import numpy as np
 import pytest
 from vla_edge.edge.engine import STAGES
-from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.recorder import (
+from vla_edge.edge.episodes.recorder import (
     BATCH_ROWS,
     RESERVE_BYTES,
     EpisodeRecorder,
@@ -24,6 +23,7 @@ from vla_edge.edge.recorder import (
     per_tick_datasets,
     recover_episode,
 )
+from vla_edge.edge.errors import VlaEdgeError
 
 CAMS = ["cam_high", "cam_left_wrist", "cam_right_wrist"]
 SMALL = (48, 64, 3)
@@ -124,7 +124,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from vla_edge.edge.recorder import EpisodeRecorder
+    from vla_edge.edge.episodes.recorder import EpisodeRecorder
     cams = ["cam_high", "cam_left_wrist", "cam_right_wrist"]
     rec = EpisodeRecorder(sys.argv[1], cams, image_shape=(120, 160, 3))
     rec.start_episode({"instruction": "killed"})
@@ -229,7 +229,7 @@ FULL_DISK_CHILD = textwrap.dedent(
     """
     import resource, signal, sys, time
     import numpy as np
-    from vla_edge.edge.recorder import EpisodeRecorder, RecorderFault
+    from vla_edge.edge.episodes.recorder import EpisodeRecorder, RecorderFault
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel then refuses the write (EFBIG)
     cams = ["cam_high", "cam_left_wrist", "cam_right_wrist"]
     rec = EpisodeRecorder(sys.argv[1], cams, image_shape=(120, 160, 3), compress=False)

@@ -33,10 +33,10 @@ import numpy as np
 import pytest
 from conftest import run_cli
 from vla_edge.edge.engine import ActionChunk
+from vla_edge.edge.episodes.recorder import recover_episode
 from vla_edge.edge.loop import ActionSchedule, BaseProfile, base_profile
-from vla_edge.edge.recorder import recover_episode
 from vla_edge.edge.robot import Robot, load_profile
-from vla_edge.edge.run import run
+from vla_edge.edge.session import run
 
 INSTRUCTION = "pick up the red cube"
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
@@ -622,7 +622,7 @@ def test_cli_run_writes_the_json_summary(int8_bundle, tmp_path):
 def test_demo_from_a_fresh_workdir(tmp_path):
     """The README's first command: the shipped policy, INT8 export, the simulated robot until eval's success
     test holds, the summary on stdout (seed 1001: the right arm's outer spot, reached in ~1 s in eval)."""
-    from vla_edge.tools.package_data import shipped_policy
+    from vla_edge.export.demo import shipped_policy
 
     work = tmp_path / "demo"
     r = run_cli("demo", "--seconds", "8", "--workdir", str(work), "--seed", "1001")
@@ -790,7 +790,7 @@ def test_base_profile_is_constant_time_for_a_huge_value():
 
 
 def test_a_huge_navigation_value_is_clipped_to_the_bundles_full_scale(int8_bundle):
-    from vla_edge.edge.bundle import Bundle
+    from vla_edge.edge.bundle.manifest import Bundle
 
     d_max_m = Bundle.load(int8_bundle).policy.d_max_m
     seen = {}

@@ -6,22 +6,22 @@ import sys
 
 RUNTIME = [
     "vla_edge.edge.cli",
-    "vla_edge.edge.run",
+    "vla_edge.edge.session",
     "vla_edge.edge.loop",
     "vla_edge.edge.engine",
-    "vla_edge.edge.bundle",
+    "vla_edge.edge.bundle.manifest",
     "vla_edge.edge.robot",
-    "vla_edge.edge.cameras",
+    "vla_edge.firmware_bridge.cameras",
     "vla_edge.edge.estop",
-    "vla_edge.edge.recorder",
-    "vla_edge.edge.check",
-    "vla_edge.edge.task",
-    "vla_edge.edge.evaluate",
+    "vla_edge.edge.episodes.recorder",
+    "vla_edge.edge.cli.check",
+    "vla_edge.edge.sim.task",
+    "vla_edge.edge.sim.evaluate",
     "vla_edge.firmware_bridge.piper_arm",
     "vla_edge.firmware_bridge.tracer_base",
     "vla_edge.kernels",
-    "vla_edge.edge.bench",  # matplotlib only for --plot
-    "vla_edge.edge.view",  # rerun only when a view is asked for
+    "vla_edge.edge.cli.bench",  # matplotlib only for --plot
+    "vla_edge.edge.episodes.view",  # rerun only when a view is asked for
 ]
 
 
@@ -41,9 +41,9 @@ def test_runtime_engine_runs_without_torch(int8_bundle):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
         "import numpy as np\n"
-        "from vla_edge.edge.bundle import Bundle\n"
+        "from vla_edge.edge.bundle.manifest import Bundle\n"
         "from vla_edge.edge.engine import Engine\n"
-        "from vla_edge.edge.bench import synthetic_inputs\n"
+        "from vla_edge.edge.cli.bench import synthetic_inputs\n"
         f"e = Engine(Bundle.load({str(int8_bundle)!r}), provider='cpu')\n"
         "frames, state = synthetic_inputs(e.bundle.layout, 14)\n"
         "e.start_episode('pick up the red cube')\n"

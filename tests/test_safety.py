@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.safety import JOINT_NAMES, SafetyFilter, SafetyLimits, UnsafeAction
-from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
 LO = np.array(PIPER_JOINT_LO * 2)
 HI = np.array(PIPER_JOINT_HI * 2)

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 from conftest import run_cli
-from vla_edge.edge.recorder import EpisodeRecorder
-from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT
+from vla_edge.edge.episodes.recorder import EpisodeRecorder
 
 CAMS = COBOT_MAGIC_LAYOUT.cameras
 

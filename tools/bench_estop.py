@@ -206,7 +206,7 @@ class _Cruise:
 def child(args) -> int:
     """The run under test: the real ``run()``; its base drives, and with ``--load inference`` the real
     engine steps back to back on a thread of its own."""
-    from vla_edge.edge.run import run
+    from vla_edge.edge.session import run
 
     engines = []
 

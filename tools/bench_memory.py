@@ -91,7 +91,7 @@ def main() -> int:
         cmd = [sys.executable, "-c", ROBOT_ONLY, str(args.seconds), "unfixed" if args.unfixed else "fixed"]
     else:
         if args.bundle is None:
-            from vla_edge.edge.run import ensure_demo_bundle
+            from vla_edge.export.demo import ensure_demo_bundle
 
             args.bundle = str(ensure_demo_bundle(args.workdir))
         cmd = [sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle", args.bundle,

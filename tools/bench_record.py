@@ -1,6 +1,6 @@
 """Benchmark: a recorded run of the simulated robot holds its rate (issue 12), and what the codecs cost.
 
-Runs ``vla_edge.edge.run.run`` (what ``vla-edge run --robot sim --record DIR`` runs) in this process
+Runs ``vla_edge.edge.session.run`` (what ``vla-edge run --robot sim --record DIR`` runs) in this process
 with the keyboard off, then reads the episode it wrote and prints::
 
     rate_hz, ticks, overruns          the loop's own summary
@@ -43,9 +43,10 @@ import numpy as np
 
 
 def bench_run(args) -> dict:
-    from vla_edge.edge import recorder as recorder_mod
-    from vla_edge.edge.recorder import per_tick_datasets
-    from vla_edge.edge.run import ensure_demo_bundle, run
+    from vla_edge.edge.episodes import recorder as recorder_mod
+    from vla_edge.edge.episodes.recorder import per_tick_datasets
+    from vla_edge.edge.session import run
+    from vla_edge.export.demo import ensure_demo_bundle
 
     bundle = args.bundle or str(ensure_demo_bundle(args.workdir))
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_record_"))
@@ -125,7 +126,7 @@ def bench_run(args) -> dict:
 
 
 def _frames() -> dict[str, np.ndarray]:
-    from vla_edge.edge.cameras import Scene, _Renderer
+    from vla_edge.firmware_bridge.cameras import Scene, _Renderer
 
     sim = _Renderer("cam_high", Scene(), 640, 480).render()
     noise = np.random.default_rng(0).normal(0, 3, sim.shape).round().astype(np.int16)

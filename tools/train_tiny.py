@@ -1,14 +1,14 @@
 """``vla-edge train-tiny``: fit a tiny LLaVA-VLA-shaped model to recorded episodes on a CPU, in minutes.
 
 Data: HDF5 episodes in the Cobot Magic layout (what ``vla-edge run --record`` and
-:func:`vla_edge.edge.evaluate.record_expert_episodes` write): ``observations/images/<cam>``,
+:func:`vla_edge.edge.sim.evaluate.record_expert_episodes` write): ``observations/images/<cam>``,
 ``observations/qpos`` and ``action``, attribute ``instruction``. With ``--record N`` the scripted
-expert of the simulated reach task (:mod:`vla_edge.edge.task`) records N episodes into ``--data`` first.
+expert of the simulated reach task (:mod:`vla_edge.edge.sim.task`) records N episodes into ``--data`` first.
 
 Every tick ``t`` with five actions after it is one sample, exactly as the runtime will see it
 (CONTRACT section 1): the three camera views composed into one 384 px image
 (:func:`vla_edge.kernels.compose_views` with the checkpoint's image layout), the ChatML prompt
-(:class:`~vla_edge.edge.prompt.PromptTemplate`: prefix, image embeddings, instruction, 14 proprio tokens,
+(:class:`~vla_edge.edge.bundle.prompt.PromptTemplate`: prefix, image embeddings, instruction, 14 proprio tokens,
 suffix), then the 70 action tokens of ``action[t : t + 5]`` and ``<|im_end|>``. The loss is the
 cross-entropy of those 71 tokens (teacher forcing), plus, when the episodes record where their target
 was (``target_xy_m``, as the simulated task's do), a training-only :class:`TargetProbe` loss that makes
@@ -41,7 +41,7 @@ from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
-from vla_edge.tools.package_data import SHIPPED_POLICY  # noqa: E402,F401  (re-exported)
+from vla_edge.export.demo import SHIPPED_POLICY  # noqa: E402,F401  (re-exported)
 
 CHUNK = 5
 ACTION_DIM = 14
@@ -130,7 +130,7 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
 
 def statistics(ds: Dataset):
     """PolicySpec with bounds and proprio statistics computed from the data."""
-    from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
+    from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
 
     lo = np.minimum(ds.all_actions.min(0), ds.all_qpos.min(0))
     hi = np.maximum(ds.all_actions.max(0), ds.all_qpos.max(0))
@@ -180,7 +180,7 @@ class Batcher:
     """Builds ``inputs_embeds`` and labels for a batch: prefix | image | instruction | proprio | suffix | actions."""
 
     def __init__(self, model, ds: Dataset, policy, tokens, tokenizer_json: str):
-        from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+        from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
         from vla_edge.kernels.reference import tokenize_proprio
 
         encode = tokenizer_encoder(tokenizer_json)
@@ -295,7 +295,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT
+    from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT
     from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
 
     if threads:
@@ -398,7 +398,7 @@ def main(args) -> int:
     console = Console(stderr=True)
     if args.record:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from vla_edge.edge.evaluate import record_expert_episodes
+        from vla_edge.edge.sim.evaluate import record_expert_episodes
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bar:

@@ -1,4 +1,4 @@
-"""``vla-edge eval``: success rate of a policy on the simulated reach task (:mod:`vla_edge.edge.task`).
+"""``vla-edge eval``: success rate of a policy on the simulated reach task (:mod:`vla_edge.edge.sim.task`).
 
 Each episode runs through the normal control loop (:class:`~vla_edge.edge.loop.ControlLoop`: sync
 chunks, safety filter, e-stop latch, optional HDF5 recording) against one connected simulated robot:
@@ -19,10 +19,8 @@ The same runner records the expert's demonstrations for ``vla-edge train-tiny``
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.task import INSTRUCTION, Episode, ExpertPolicy, ReachTask
+from vla_edge.edge.sim.task import INSTRUCTION, Episode, ExpertPolicy, ReachTask
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +88,7 @@ class EvalSummary:
                 f"(95 % CI {100 * self.ci95[0]:.0f}-{100 * self.ci95[1]:.0f} %), mean time to success {t}")
 
 
-class _SuccessMonitor:
+class SuccessMonitor:
     """Applies the task's test every control period; stops the loop once it held long enough."""
 
     def __init__(self, task: ReachTask, sim, episode: Episode, loop, period_s: float, linger_ticks: int = 0):
@@ -133,7 +131,7 @@ class _SuccessMonitor:
                 held = 0
 
 
-class _CountingPolicy:
+class CountingPolicy:
     """Counts steps and (optionally) keeps each step's observation and tokens for the agreement check."""
 
     def __init__(self, policy, keep: bool = False):
@@ -209,8 +207,7 @@ class SimBench:
         """
         from vla_edge.edge.estop import EStop
         from vla_edge.edge.loop import ControlLoop, LoopConfig
-        from vla_edge.edge.run import safety_limits
-        from vla_edge.edge.safety import SafetyFilter
+        from vla_edge.edge.safety import SafetyFilter, SafetyLimits
         from vla_edge.edge.telemetry import RunStats
 
         episode = self.task.sample(seed)
@@ -223,10 +220,10 @@ class SimBench:
                                     "seed": seed, "target_xy_m": list(episode.target_xy_m), "side": episode.side,
                                     "start": "random" if random_start else "ready",
                                     "policy": type(getattr(policy, "policy", policy)).__name__})
-        loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(safety_limits(self.profile)), EStop(),
+        loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.for_robot(self.profile)), EStop(),
                            stats, recorder, cameras=self.cameras)
         try:
-            with _SuccessMonitor(self.task, self.sim, episode, loop, 1.0 / cfg.rate_hz, linger_ticks) as mon:
+            with SuccessMonitor(self.task, self.sim, episode, loop, 1.0 / cfg.rate_hz, linger_ticks) as mon:
                 fault = loop.run()
         finally:
             if recorder is not None:
@@ -253,14 +250,14 @@ def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, tas
     (:meth:`ReachTask.start_pose`), so that only the image tells the policy where to go.
     """
     from vla_edge.edge.engine import STAGES
-    from vla_edge.edge.recorder import EpisodeRecorder
+    from vla_edge.edge.episodes.recorder import EpisodeRecorder
 
     results = []
     with SimBench(task) as bench:
         recorder = EpisodeRecorder(out_dir, cameras=bench.cameras, compress="lzf", stage_names=[*STAGES, "total"])
         expert = ExpertPolicy(bench.task, bench.sim)
         for seed in range(first_seed, first_seed + n):
-            r = bench.run_episode(_CountingPolicy(expert), seed, recorder=recorder, linger_ticks=linger_ticks,
+            r = bench.run_episode(CountingPolicy(expert), seed, recorder=recorder, linger_ticks=linger_ticks,
                                   random_start=random_start)
             if not r.success:
                 log.warning("expert episode %d did not succeed (%s)", seed, r.fault or "timeout")
@@ -270,107 +267,18 @@ def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, tas
     return results
 
 
-# -- the PyTorch baseline ------------------------------------------------------------------------
-class TorchPolicy:
-    """The checkpoint's PyTorch model (:class:`~vla_edge.export.reference.TorchReference`) as a loop policy."""
+def evaluate(policies: list[tuple[str, object]], episodes: int, *, robot: str = "sim", cameras=None,
+             first_seed: int = 1000, max_seconds: float = 8.0, baseline=None, progress: bool = True) -> dict:
+    """Run every ``(name, policy)`` on the same seeded episodes; returns the report dict (module docstring).
 
-    provider = "torch"
-
-    def __init__(self, ckpt):
-        from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
-        from vla_edge.export.model import LlavaVLA
-        from vla_edge.export.reference import TorchReference
-
-        encode = tokenizer_encoder(ckpt.tokenizer_json)
-        self.ref = TorchReference(LlavaVLA.from_checkpoint(ckpt), ckpt.tokens, ckpt.policy, ckpt.layout,
-                                  PromptTemplate.build(encode, ckpt.tokens), encode)
-        self.tokens, self.policy = ckpt.tokens, ckpt.policy
-        self.instruction, self.navigation = "", False
-
-    def start_episode(self, instruction: str, navigation: bool = False) -> None:
-        self.instruction, self.navigation = instruction, navigation
-
-    def head_indices(self, frames, state) -> np.ndarray:
-        return self.ref.step(self.ref.pixels(frames), np.asarray(state, np.float64), self.instruction,
-                             self.navigation).head_idx
-
-    def step(self, frames, state):
-        from vla_edge import kernels
-        from vla_edge.edge.engine import ActionChunk
-
-        t0 = time.perf_counter()
-        head_idx = self.head_indices(frames, state)
-        ids = self.tokens.head_ids[head_idx]
-        joints = kernels.detokenize_actions(ids[head_idx < self.tokens.n_bins], self.tokens.vocab_base,
-                                            self.policy.action_lo, self.policy.action_hi, self.tokens.bin_edges)
-        return ActionChunk(joints=joints, token_ids=ids, timings_ms={"total": (time.perf_counter() - t0) * 1e3})
-
-
-def token_agreement(torch_policy: TorchPolicy, steps, instruction: str = INSTRUCTION) -> tuple[int, int, int, int]:
-    """(equal tokens, tokens, identical chunks, chunks) of PyTorch vs the bundle on the bundle's observations."""
-    torch_policy.start_episode(instruction)
-    same = total = same_chunks = 0
-    for frames, state, ids in steps:
-        ref = torch_policy.tokens.head_ids[torch_policy.head_indices(frames, state)]
-        n = min(len(ref), len(ids))
-        eq = int(np.sum(ref[:n] == ids[:n]))
-        same += eq
-        total += max(len(ref), len(ids))
-        same_chunks += int(len(ref) == len(ids) and eq == n)
-    return same, total, same_chunks, len(steps)
-
-
-def _default_ckpt_for(bundle) -> str | None:
-    """The shipped tiny policy, when the bundle was exported from it."""
-    from vla_edge.tools.package_data import SHIPPED_POLICY
-
-    if SHIPPED_POLICY.exists():
-        from vla_edge.export.checkpoint import file_sha256
-
-        if file_sha256(SHIPPED_POLICY) == bundle.manifest.get("source", {}).get("sha256"):
-            return str(SHIPPED_POLICY)
-    return None
-
-
-def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", baseline: str | None = None,
-             ckpt_path: str | None = None, first_seed: int = 1000, max_seconds: float = 8.0,
-             provider: str = "cpu", policy=None, progress: bool = True) -> dict:
-    """Run the evaluation; returns the report dict (see the module docstring). ``policy`` overrides the bundle."""
+    ``baseline``: a PyTorch policy (:class:`vla_edge.export.torch_policy.TorchPolicy`, one of ``policies``);
+    the others' observations are replayed through it after each episode for the token agreement.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from vla_edge.edge.telemetry import log_console
 
     console = log_console()
     seeds = episode_seeds(episodes, first_seed)
-    policies: list[tuple[str, object]] = []
-    bundle = None
-    if policy is not None:
-        policies.append((getattr(policy, "provider", type(policy).__name__), policy))
-    else:
-        from vla_edge.edge.bundle import Bundle
-        from vla_edge.edge.engine import Engine
-
-        if bundle_path is None:
-            raise VlaEdgeError("give --bundle (or use the demo bundle: vla-edge demo makes it)")
-        bundle = Bundle.load(bundle_path)
-        threads = max(1, (os.cpu_count() or 2) - 1)
-        policies.append((f"bundle ({bundle.precision})", Engine(bundle, provider=provider, threads=threads)))
-    torch_policy = None
-    if baseline == "torch":
-        if bundle is None:
-            raise VlaEdgeError("--baseline torch compares a bundle with its checkpoint: give --bundle")
-        from vla_edge.export.checkpoint import LoadOptions, bundle_defaults, load_checkpoint
-
-        src = ckpt_path or _default_ckpt_for(bundle)
-        if not src:
-            raise VlaEdgeError("--baseline torch needs --ckpt (the checkpoint the bundle came from)")
-        ck = load_checkpoint(src, LoadOptions(defaults=bundle_defaults(bundle)))
-        if ck.sha256 != bundle.manifest["source"]["sha256"]:
-            raise VlaEdgeError(f"{src} is not the checkpoint {bundle.root} was exported from (sha256 differs)")
-        torch_policy = TorchPolicy(ck)
-        policies.append(("pytorch", torch_policy))
-    elif baseline is not None:
-        raise VlaEdgeError(f"unknown baseline {baseline!r} (torch)")
-    cameras = bundle.layout.cameras if bundle is not None else None
     summaries: list[EvalSummary] = []
     agree = [0, 0, 0, 0]
     with SimBench(robot=robot, max_seconds=max_seconds, cameras=cameras) as bench, Progress(
@@ -381,10 +289,10 @@ def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", base
             job = bar.add_task(f"{name}: 0 successes", total=len(seeds))
             results = []
             for seed in seeds:
-                counting = _CountingPolicy(pol, keep=torch_policy is not None and pol is not torch_policy)
+                counting = CountingPolicy(pol, keep=baseline is not None and pol is not baseline)
                 results.append(bench.run_episode(counting, seed))
                 if counting.keep:
-                    for i, v in enumerate(token_agreement(torch_policy, counting.steps)):
+                    for i, v in enumerate(baseline.agreement(counting.steps, INSTRUCTION)):
                         agree[i] += v
                 bar.update(job, advance=1, description=f"{name}: {sum(r.success for r in results)} successes")
             summaries.append(EvalSummary.of(name, results))
@@ -395,7 +303,7 @@ def evaluate(bundle_path: str | None, episodes: int, *, robot: str = "sim", base
         "max_seconds": max_seconds,
         "summaries": [asdict(s) for s in summaries],
     }
-    if torch_policy is not None:
+    if baseline is not None:
         report["token_agreement"] = {
             "tokens": agree[0] / agree[1] if agree[1] else None, "n_tokens": agree[1],
             "chunks": agree[2] / agree[3] if agree[3] else None, "n_chunks": agree[3],
@@ -423,20 +331,3 @@ def print_report(report: dict, console=None) -> None:
         console.print(f"token agreement, bundle vs PyTorch on the bundle's observations: "
                       f"{100 * ta['tokens']:.2f} % of {ta['n_tokens']} tokens, "
                       f"{100 * ta['chunks']:.1f} % of {ta['n_chunks']} chunks identical")
-
-
-def main(args) -> int:
-    from vla_edge.edge.run import demo_dir
-
-    bundle = args.bundle
-    if bundle is None:
-        candidate = demo_dir(None) / "bundle"
-        if not (candidate / "manifest.json").exists():
-            raise VlaEdgeError("give --bundle (or run vla-edge demo once to make the demo bundle)")
-        bundle = str(candidate)
-    report = evaluate(bundle, args.episodes, robot=args.robot, baseline=args.baseline, ckpt_path=args.ckpt,
-                      first_seed=args.seed, max_seconds=args.max_seconds, provider=args.provider)
-    print_report(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=float))
-    return 0

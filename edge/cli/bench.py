@@ -34,16 +34,12 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle import Bundle
+from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.engine import STAGES, Engine, EngineError, parallel_refusal
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.telemetry import out_console, percentiles
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VLA_EDGE_CACHE", Path.home() / ".cache" / "vla-edge"))
 
 
 def synthetic_inputs(layout, state_dim: int, seed: int = 0):
@@ -61,8 +57,9 @@ def synthetic_inputs(layout, state_dim: int, seed: int = 0):
 def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object]:
     """Export (once) and return the cached bundle of a real shape with random weights."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.edge.bundle import BundleError
+    from vla_edge.edge.bundle.manifest import BundleError
     from vla_edge.edge.telemetry import log_console
+    from vla_edge.export.demo import cache_dir
     from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
     out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
@@ -125,7 +122,7 @@ def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, step
     import time
 
     import torch
-    from vla_edge.edge.prompt import PromptTemplate, tokenizer_encoder
+    from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
     from vla_edge.export.model import LlavaVLA
     from vla_edge.export.reference import TorchReference
 
@@ -203,7 +200,7 @@ def main(args) -> int:
 
     console = out_console()
     if args.kernels:
-        from vla_edge.edge import kernel_bench as kbench
+        from vla_edge.edge.cli import kernel_bench as kbench
 
         res = kbench.run()
         if args.json:

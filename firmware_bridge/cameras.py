@@ -30,7 +30,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 
 log = logging.getLogger(__name__)
 

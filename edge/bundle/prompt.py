@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from vla_edge.edge.spec import SYSTEM_PROMPT, TokenSpec
+from vla_edge.edge.bundle.spec import SYSTEM_PROMPT, TokenSpec
 
 
 class TextEncoder(Protocol):

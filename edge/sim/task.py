@@ -7,7 +7,7 @@ The task (what ``vla-edge eval`` measures and what ``vla-edge train-tiny`` learn
     stays in its ready pose. Success: the reaching arm's fingertip is within ``tolerance_m`` of the
     disc centre (horizontally) and below ``max_tip_height_m``, for ``hold_ticks`` control ticks in a row.
 
-Geometry has one source of truth: :func:`vla_edge.edge.cameras.arm_points`, the planar arm model the
+Geometry has one source of truth: :func:`vla_edge.firmware_bridge.cameras.arm_points`, the planar arm model the
 synthetic cameras draw. The expert's reach pose is that model's inverse (:func:`reach_pose`), and the
 success test evaluates that same model on the simulator's measured joints.
 
@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from vla_edge.edge.cameras import _LINKS_M, Scene, arm_points
 from vla_edge.edge.engine import ActionChunk
 from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.firmware_bridge.cameras import _LINKS_M, Scene, arm_points
 
 INSTRUCTION = "touch the red target"
 """The instruction of every reach episode (recorded with the data, used by training and eval)."""
@@ -90,7 +90,7 @@ class ReachTask:
     def start_pose(self, seed: int, spread_rad: float | None = None) -> np.ndarray:
         """A randomised start (14,) for ``seed``: the ready pose plus U(-spread, spread) rad on J1, J2, J3, J5
         of both arms, within the Piper's limits (``spread_rad`` defaults to ``start_spread_rad``)."""
-        from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+        from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
         spread = self.start_spread_rad if spread_rad is None else spread_rad
         rng = np.random.default_rng([seed, 7])  # independent of the target draw of sample(seed)
@@ -154,7 +154,7 @@ def reach_pose(dx_m: float, dy_m: float, hover_m: float, gripper_m: float = 0.0)
 
 
 def _reach_pose_tilted(dx_m, dy_m, hover_m, tilt_rad, gripper_m) -> np.ndarray | None:
-    from vla_edge.edge.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
+    from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
     upper, fore, hand = _LINKS_M
     j1 = math.atan2(dx_m, dy_m)

@@ -1,6 +1,6 @@
 """Kernel benchmark: C++ vs the numpy/PIL reference, measured in the same run on this machine.
 
-    python -m vla_edge.edge.kernel_bench [repeats]      (also: vla-edge bench --kernels)
+    python -m vla_edge.edge.cli.kernel_bench [repeats]      (also: vla-edge bench --kernels)
 
 Two workloads:
   compose  3 x 640x480 frames -> Cobot Magic layout -> (1, 3, 384, 384) float32, at the level the
@@ -15,7 +15,7 @@ import sys
 import time
 
 import numpy as np
-from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, N_BINS, QWEN2_TOKENS, cobot_magic_policy
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, N_BINS, QWEN2_TOKENS, cobot_magic_policy
 from vla_edge.kernels import ChunkGrammar, Composer, _core, detokenize_actions, simd
 from vla_edge.kernels import reference as ref
 

@@ -8,7 +8,7 @@ Usage::
     vla-edge run --robot sim --seconds 10 --view-save run.rrd   # or stream it into a file
 
 ``--view`` / ``--view-save`` stream the cameras, the composed model image, commanded vs measured joints,
-the base command, stage latencies, chunk boundaries and e-stop events (:mod:`vla_edge.edge.view`); the
+the base command, stage latencies, chunk boundaries and e-stop events (:mod:`vla_edge.edge.episodes.view`); the
 control tick only hands over a copy of its frames, and a tick the logger is behind on is dropped.
 """
 
@@ -17,79 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
-
-
-def demo_dir(workdir: str | None = None) -> Path:
-    from vla_edge.edge.bench import cache_dir
-
-    return Path(workdir) if workdir else cache_dir() / "demo"
-
-
-def ensure_demo_bundle(workdir: str | None = None) -> Path:
-    """The demo's INT8 bundle, made on first use (needs the [export] extra).
-
-    It is the trained tiny reach policy shipped as ``vla_edge/tools/data/tiny_policy.pt`` when that file
-    exists (README, "A policy that does something"), else a tiny checkpoint with random weights.
-    """
-    import json
-
-    from vla_edge.tools.package_data import shipped_policy
-
-    policy = shipped_policy()
-    d = demo_dir(workdir)
-    bundle = d / "bundle"
-    wanted = policy.name if policy is not None else "tiny.pt"
-    if _loads(bundle) and json.loads((bundle / "manifest.json").read_text())["source"]["name"] == wanted:
-        return bundle
-    try:
-        from vla_edge.export.checkpoint import load_checkpoint
-        from vla_edge.export.pipeline import ExportOptions, export_bundle
-        from vla_edge.export.tiny import write_tiny_checkpoint
-    except ImportError as e:
-        raise VlaEdgeError(
-            f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
-            "pip install 'vla-edge[export]' or pass --bundle"
-        ) from None
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.edge.telemetry import log_console
-
-    ckpt = policy
-    if ckpt is None:
-        ckpt = d / "tiny.pt"
-        if not ckpt.exists():
-            log.info("making the tiny demo checkpoint %s", ckpt)
-            write_tiny_checkpoint(ckpt, seed=0)
-    log.info("exporting %s -> %s", ckpt, bundle)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=log_console()) as progress:
-        export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
-    return bundle
-
-
-def _loads(bundle: Path) -> bool:
-    """Whether a cached bundle loads with this vla-edge (an older one is exported again)."""
-    from vla_edge.edge.bundle import Bundle, BundleError
-
-    try:
-        Bundle.load(bundle, verify=False)
-    except BundleError:
-        return False
-    return True
-
-
-def safety_limits(profile):
-    """The safety filter's limits from a robot profile (joint limits, base speed/acceleration)."""
-    from vla_edge.edge.safety import SafetyLimits
-
-    arm, base = profile.arms["left"], profile.base
-    return SafetyLimits(joint_lo=arm.joint_lo, joint_hi=arm.joint_hi, max_vx_mps=base.max_linear_mps,
-                        max_wz_radps=base.max_angular_radps, max_ax_mps2=base.max_linear_accel_mps2,
-                        max_aw_radps2=base.max_angular_accel_radps2)
 
 
 SWITCH_INTERVAL_S = 0.001
@@ -152,12 +83,12 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
     import signal
     import time
 
-    from vla_edge.edge.bundle import Bundle
+    from vla_edge.edge.bundle.manifest import Bundle
     from vla_edge.edge.engine import Engine
     from vla_edge.edge.estop import KeyboardListener
     from vla_edge.edge.loop import ControlLoop, LoopConfig
     from vla_edge.edge.robot import Robot, load_profile
-    from vla_edge.edge.safety import SafetyFilter
+    from vla_edge.edge.safety import SafetyFilter, SafetyLimits
     from vla_edge.edge.telemetry import RunStats
 
     def checkpoint(step: str) -> None:
@@ -167,10 +98,6 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
     robot = live = None
     try:
         profile = load_profile(robot_name)
-        if bundle_path is None:
-            if profile.sim is None:
-                raise VlaEdgeError(f"robot {profile.name}: give --bundle (the demo bundle is only for the sim robot)")
-            bundle_path = str(ensure_demo_bundle())
         checkpoint("loading the bundle")
         bundle = Bundle.load(bundle_path)
         threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
@@ -178,7 +105,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         if policy_wrapper is not None:
             policy = policy_wrapper(policy)
         if view or view_save:
-            from vla_edge.edge.view import LiveView, ViewConfig
+            from vla_edge.edge.episodes.view import LiveView, ViewConfig
 
             live = LiveView(view_save, ViewConfig(layout=bundle.layout))
         checkpoint("connecting the robot")
@@ -206,7 +133,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
             raise VlaEdgeError(f"bundle expects cameras {bundle.layout.cameras}; robot {profile.name} has no {missing[0]}")
         if record:
             from vla_edge.edge.engine import STAGES
-            from vla_edge.edge.recorder import EpisodeRecorder
+            from vla_edge.edge.episodes.recorder import EpisodeRecorder
 
             recorder = EpisodeRecorder(record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"],
                                        compress=False if record_compression == "none" else record_compression)
@@ -231,7 +158,7 @@ def _run(robot_name, bundle_path, instruction, estop, stop, *, mode, seconds, ra
         estop.on_resume(on_resume)
         if estop.is_latched:  # a signal between the last checkpoint and here: its trip ran no callbacks
             estop.trigger(estop.reason)
-        loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(safety_limits(profile)), estop, stats,
+        loop = ControlLoop(robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.for_robot(profile)), estop, stats,
                            recorder, cameras=bundle.layout.cameras, stop_requested=stop.event, view=live)
         status = live_status(stats, loop)
         listener = KeyboardListener(estop, source=keyboard, tty_fd=keyboard_tty,
@@ -320,68 +247,3 @@ def log_banner(profile, bundle, policy, mode: str, rate_hz: float, keyboard_sour
             else "no e-stop keys, Ctrl+C stops")
     log.info("vla-edge run: robot=%s bundle=%s (%s, %s) mode=%s rate=%g Hz; keyboard %s: %s", profile.name,
              bundle.root, bundle.precision, getattr(policy, "provider", "?"), mode, rate_hz, keyboard_source, keys)
-
-
-def main(args) -> int:
-    import signal
-
-    from vla_edge.edge.estop import SIGNALS
-
-    # The process exits after the run: a late second signal (after the summary, during the
-    # interpreter's exit, which puts Python-handled signals back to their default) must not change
-    # the exit code or print a traceback. So run()'s handlers stay until they are replaced by SIG_IGN.
-    rc = run(args.robot, args.bundle, args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
-             navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
-             max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop,
-             restore_signals=False, view=args.view, view_save=args.view_save,
-             record_compression=args.record_compression)
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    return rc
-
-
-def demo(args) -> int:
-    """Trained tiny reach policy -> INT8 bundle -> the simulated robot reaches a red target -> verdict.
-
-    The run ends as soon as ``vla-edge eval``'s success test has held (the fingertip within the
-    task's tolerance of the target and low enough, for ``hold_ticks`` ticks in a row), or after
-    ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
-    """
-    import random
-    import time
-
-    from vla_edge.edge.evaluate import _SuccessMonitor
-    from vla_edge.edge.task import INSTRUCTION, ReachTask
-    from vla_edge.edge.telemetry import out_console
-
-    ensure_demo_bundle(args.workdir)
-    task = ReachTask()
-    seed = args.seed if getattr(args, "seed", None) is not None else random.randrange(1_000_000)
-    episode = task.sample(seed)
-    seen = {}
-
-    def place_target(robot, loop, estop) -> None:
-        robot.sim.scene.target_radius_m = task.target_radius_m
-        robot.sim.set_target(*episode.target_xy_m)
-        time.sleep(0.1)  # as eval's reset does: the first frames the policy sees show the target
-        seen["sim"] = robot.sim
-        seen["monitor"] = _SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
-
-    try:
-        code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
-                   on_connected=place_target, view=getattr(args, "view", False),
-                   view_save=getattr(args, "view_save", None))
-    finally:
-        if "monitor" in seen:
-            seen["monitor"].__exit__(None, None, None)
-    if "sim" in seen:  # the simulators keep their last state after the robot disconnected
-        mon = seen["monitor"]
-        err_m, _ = task.tip_error(seen["sim"].joint_state(), episode.target_xy_m)
-        where = (f"target at ({episode.target_xy_m[0]:+.2f}, {episode.target_xy_m[1]:.2f}) m for the "
-                 f"{episode.side} arm (seed {seed})")
-        verdict = (f"success after {mon.success_t:.2f} s" if mon.success_t is not None
-                   else f"no success within {args.seconds:g} s")
-        out_console().print(f"demo: {where}: {verdict} (eval's test: fingertip within "
-                            f"{100 * task.tolerance_m:.0f} cm, held {task.hold_ticks} ticks); it ended "
-                            f"{100 * err_m:.1f} cm from the target", highlight=False)
-    return code

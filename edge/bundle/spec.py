@@ -1,6 +1,6 @@
 """The facts of CONTRACT.md as data: token layout, image layout, policy statistics.
 
-Everything here is carried in a bundle's ``manifest.json`` (see :mod:`vla_edge.edge.bundle`), so a
+Everything here is carried in a bundle's ``manifest.json`` (see :mod:`vla_edge.edge.bundle.manifest`), so a
 different checkpoint can override it; the module-level constants are the defaults for the real
 LLaVA-VLA 0.5B model and the Cobot Magic. Python + numpy (bin count and direction order come from
 the C++ codecs in :mod:`vla_edge.kernels`): safe to import on the robot.

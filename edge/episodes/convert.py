@@ -7,7 +7,7 @@ Usage::
     #                            --action_stat data/statistics.yaml
     vla-edge export --ckpt best.pt --stats data/statistics.yaml --out bundle/
 
-Input: HDF5 episodes in the Cobot Magic layout (:mod:`vla_edge.edge.recorder`, or the stock AgileX
+Input: HDF5 episodes in the Cobot Magic layout (:mod:`vla_edge.edge.episodes.recorder`, or the stock AgileX
 recorder): ``observations/images/<cam>`` (N, H, W, 3) uint8 RGB (any HDF5 filter; the stock
 recorder's JPEG-encoded rows too), ``observations/qpos`` (N, 14) rad/m, ``action`` (N, 14) rad/m and
 the ``instruction`` attribute (or ``--instruction``).
@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, ImageLayout
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, ImageLayout
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
         instruction = cfg.instruction or _text(f.attrs.get("instruction", ""))
     if len(set(lengths.values())) != 1:
         raise ConvertError(f"{path}: datasets have different lengths {lengths} (an interrupted recording? "
-                           "vla_edge.edge.recorder.recover_episode repairs it)")
+                           "vla_edge.edge.episodes.recorder.recover_episode repairs it)")
     if qpos.ndim != 2 or action.ndim != 2 or qpos.shape[0] == 0:
         raise ConvertError(f"{path}: qpos {qpos.shape} / action {action.shape}: expected (N, D) with N > 0")
     for name, arr in (("observations/qpos", qpos), ("action", action)):
@@ -280,15 +280,3 @@ def load_layout(path: str | Path) -> ImageLayout:
         return ImageLayout.from_dict(d.get("image_layout", d))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise ConvertError(f"--layout {path}: not an image layout ({e})") from None
-
-
-def main(args) -> int:
-    if args.to != "llava-vla":
-        raise ConvertError(f"unknown target format {args.to!r} (known: llava-vla)")
-    cfg = ConvertConfig(layout=load_layout(args.layout) if args.layout else COBOT_MAGIC_LAYOUT,
-                        chunk_size=args.chunk_size, jpeg_quality=args.jpeg_quality, instruction=args.instruction)
-    r = convert(args.src, args.out, cfg, force=args.force,
-                progress=lambda ep: print(f"  {ep.path.name}: {len(ep.qpos)} ticks", flush=True))
-    print(f"wrote {r.samples} samples of {r.episodes} episodes to {r.out} "
-          f"({DATA_JSON}, {IMAGE_DIR}/, {STATISTICS_YAML}, {SIDECAR_JSON})")
-    return 0

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
-from vla_edge.edge.cameras import Camera
 from vla_edge.edge.robot import SIDES, Robot, load_profile
 from vla_edge.edge.telemetry import out_console
 from vla_edge.firmware_bridge import tracer_protocol as tp
+from vla_edge.firmware_bridge.cameras import Camera
 from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig, can_interface_problem
 from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig
 

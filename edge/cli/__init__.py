@@ -135,7 +135,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the results as JSON to this path")
     p.add_argument("--plot", help="also draw per-stage latency distributions into this .png/.svg/.pdf "
                    "([plot] extra: matplotlib)")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.bench", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.bench", "main", a))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -164,7 +164,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the end-of-run summary as JSON")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     _view_options(p, "the run")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.run", "main", a))
 
 
 def _view_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -185,7 +185,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="episode seed: where the target is (default: a random one)")
     p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
     _view_options(p, "the demo")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.run", "demo", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.run", "demo", a))
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -198,7 +198,7 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--robot", default="sim", help="robot profile name (sim, cobot_magic) or a .toml path")
     p.add_argument("--seconds", type=NON_NEGATIVE, default=1.0, help="how long to watch the cameras before reporting fps")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.check", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.check", "main", a))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -219,7 +219,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt", help="checkpoint for --baseline torch (default: the shipped tiny policy if it matches)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--json", help="also write the report as JSON to this path")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.evaluate", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.evaluate", "main", a))
 
 
 def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
@@ -265,7 +265,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=5, help="actions per sample (default 5)")
     p.add_argument("--jpeg-quality", type=int, default=75, help="JPEG quality (default 75, PIL's default)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.convert", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.episodes", "convert_main", a))
 
 
 def _add_record(sub: argparse._SubParsersAction) -> None:
@@ -289,7 +289,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
                    help="episode and e-stop keys: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
     _view_options(p, "the recording")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.teleop", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.record", "main", a))
 
 
 def _add_view(sub: argparse._SubParsersAction) -> None:
@@ -303,7 +303,7 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     p.add_argument("episode", help="an episode_<n>.hdf5 file (vla-edge record / run --record)")
     p.add_argument("--save", help="write the recording to this .rrd file instead of opening the viewer")
     p.add_argument("--layout", help="image layout JSON for the model image (default: the Cobot Magic layout)")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.view", "main", a))
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.episodes", "view_main", a))
 
 
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
@@ -418,7 +418,7 @@ def validate(args: argparse.Namespace) -> None:
             raise ArgumentError(f"--stats {args.stats}: no such file (the dataset's statistics.yaml)")
         if args.tokenizer and not Path(args.tokenizer).exists():
             raise ArgumentError(f"--tokenizer {args.tokenizer}: no such file or directory")
-        from vla_edge.edge.bundle import check_replaceable
+        from vla_edge.edge.bundle.manifest import check_replaceable
 
         if Path(args.out).exists() or Path(args.out).is_symlink():
             if not args.force:
@@ -436,7 +436,7 @@ def validate(args: argparse.Namespace) -> None:
         in_checkpoint(args.ckpt)
         out_file(args.json, "--json")
         if args.plot:
-            from vla_edge.edge.bench import plot_refusal
+            from vla_edge.edge.cli.bench import plot_refusal
 
             if args.kernels:
                 raise ArgumentError("--plot goes with --bundle or --shape, not --kernels")
@@ -480,7 +480,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vla-edge {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, ImageLayout
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.spec import COBOT_MAGIC_LAYOUT, ImageLayout
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class TickLogger:
 def log_episode(rec, path: Path, cfg: ViewConfig = ViewConfig()) -> int:
     """Log episode ``path`` into the Rerun recording stream ``rec``; returns the number of ticks."""
     import h5py
-    from vla_edge.edge.convert import read_frames
+    from vla_edge.edge.episodes.convert import read_frames
 
     rr = import_rerun()
     try:
@@ -232,12 +232,3 @@ def view(path: str | Path, save: str | Path | None = None, cfg: ViewConfig = Vie
     n = log_episode(rec, path, cfg)
     rec.flush()
     return n
-
-
-def main(args) -> int:
-    from vla_edge.edge.convert import load_layout
-
-    cfg = ViewConfig(layout=load_layout(args.layout) if args.layout else COBOT_MAGIC_LAYOUT)
-    n = view(args.episode, args.save, cfg)
-    print(f"{args.episode}: {n} ticks" + (f" -> {args.save}" if args.save else " -> Rerun viewer"))
-    return 0
