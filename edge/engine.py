@@ -17,20 +17,12 @@ stay on the device between the vision graph and the prefill, the KV cache never 
 steps are fed by head index (the graph gathers the row from the head's embedding table). Older
 fused bundles and the plain graph take the image and decode rows through the host, as before.
 
-Two decoder graphs exist (manifest ``decoder_kind``):
-
-* ``plain``: ``present.*`` outputs are bound as OrtValues and fed back as the next ``past.*``; the
-  cache grows by T rows per call (:class:`GrowingKV`).
-* ``fused``: one buffer of ``max_len`` rows per tensor is allocated once per engine and bound as both
-  ``past.*`` and ``present.*``; the host only tracks how many rows are valid (:class:`SharedKV`).
-  Rolling back (Jacobi decoding) lowers that count; nothing is copied. On CUDA, ``cuda_graph=True``
-  adds a second session that replays the fixed-shape one-token step as a CUDA graph.
-
-Parallel (Jacobi) decoding is exact only when the rows of one batched call do not interact: true
-for float32/float16 graphs and weight-only ``MatMulNBits`` (activations stay per row), false for
-dynamic QInt8 (activations are quantised with one scale per call over all rows). The engine reads
-the decoder's quantisation record from the manifest and refuses ``parallel=True`` on the latter
-(:func:`parallel_refusal`).
+Two decoder graphs exist (manifest ``decoder_kind``): ``plain`` (the cache grows by T rows per call)
+and ``fused`` (one buffer of ``max_len`` rows per tensor, allocated once per engine and bound as both
+``past.*`` and ``present.*``); :mod:`vla_edge.edge.kv_cache` tracks either. On CUDA, ``cuda_graph=True``
+adds a second session that replays the fused graph's fixed-shape one-token step as a CUDA graph.
+Jacobi (parallel) decoding, and why the engine refuses ``parallel=True`` on dynamic-QInt8 decoders:
+:mod:`vla_edge.edge.decoding`; provider choice: :mod:`vla_edge.edge.providers`.
 
 The system-prompt prefix is run once at start-up; every step's cache starts from it. No torch here.
 """
@@ -44,7 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.bundle.prompt import tokenizer_encoder
+from vla_edge.edge.decoding import decode_jacobi, decode_sequential, parallel_refusal
 from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.kv_cache import GrowingKV, Rows, SharedKV, gqa_lengths
+from vla_edge.edge.providers import ProviderError, pick_providers
 
 log = logging.getLogger(__name__)
 
@@ -72,73 +67,7 @@ class ActionChunk:
     decode_calls: int = 0
 
 
-def gqa_lengths(past_len: int, new_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """GroupQueryAttention's length inputs for ``new_len`` positions after ``past_len`` cached ones.
-
-    ``seqlens_k`` (1,) int32 = past_len + new_len - 1 (GQA's convention: the index of the last
-    position, not a count); ``total_sequence_length`` () int32 = past_len + new_len.
-    """
-    total = past_len + new_len
-    return np.array([total - 1], np.int32), np.array(total, np.int32)
-
-
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-ROWS_INTERACT_SCHEMES = ("dynamic-qint8",)
-"""Decoder quantisation schemes whose batched rows interact (one activation scale per call)."""
-
-
-def parallel_refusal(manifest: dict) -> str | None:
-    """Why Jacobi decoding would not equal sequential decoding on this bundle, or None when it does.
-
-    Reads the decoder's quantisation record (``manifest["quantization"]["decoder"]``): no record
-    (fp32/fp16) and weight-only schemes keep rows independent; dynamic QInt8 does not.
-    """
-    record = (manifest.get("quantization") or {}).get("decoder") or {}
-    scheme = record.get("scheme")
-    if record.get("rows_interact") or scheme in ROWS_INTERACT_SCHEMES:
-        return (f"--parallel refused: this bundle's decoder is dynamically quantised ({scheme}: activations "
-                "are scaled per call over all rows, so a batched call differs from one row at a time and "
-                "parallel decoding would not equal sequential); use an fp32/fp16 or MatMulNBits bundle")
-    return None
-
-
-def _preload_cuda_libraries() -> None:
-    """Let onnxruntime-gpu find the CUDA/cuDNN libraries of the nvidia-* wheels (a torch install brings
-    them) before its provider loads; a robot with system CUDA libraries does not need it."""
-    import onnxruntime as ort
-
-    try:
-        ort.preload_dlls()
-    except Exception as e:  # noqa: BLE001 - best effort: the session reports what is really missing
-        log.debug("onnxruntime.preload_dlls: %s", e)
-
-
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
-
-
-def pick_providers(provider: str) -> list[str]:
-    """``auto``: CUDA when this ONNX Runtime has it, else CPU. ``cuda`` fails if it is missing."""
-    avail = available_providers()
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    if provider == "cuda":
-        if "CUDAExecutionProvider" not in avail:
-            raise EngineError(
-                "CUDA provider requested but this onnxruntime has none "
-                f"(available: {', '.join(avail)}); install vla-edge[gpu] (onnxruntime-gpu)"
-            )
-        _preload_cuda_libraries()
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if provider == "auto":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail else [
-            "CPUExecutionProvider"
-        ]
-    raise EngineError(f"unknown provider {provider!r} (auto, cpu, cuda)")
-
 
 class Engine:
     """Runs a bundle. Create once; call :meth:`start_episode` per instruction, :meth:`step` per chunk."""
@@ -154,7 +83,10 @@ class Engine:
             raise EngineError(why)
         self.bundle = bundle
         self.parallel = parallel
-        providers = pick_providers(provider)
+        try:
+            providers = pick_providers(provider)
+        except ProviderError as e:
+            raise EngineError(str(e)) from e
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -473,107 +405,9 @@ class Engine:
         grammar = self._grammar()
         first = grammar.step(logits[0])
         if self.parallel and not grammar.done:
-            out, calls = self._decode_jacobi(grammar, first, cache)
+            max_tokens = self.policy.chunk_tokens + (3 if self.navigation else 1)
+            out, calls = decode_jacobi(grammar, first, cache, max_tokens)
         else:
-            out, calls = self._decode_sequential(grammar, first, cache)
+            out, calls = decode_sequential(grammar, first, cache)
         return np.asarray(out, np.int64), calls, t_prefill
 
-    def _decode_sequential(self, grammar, first: int, cache) -> tuple[list[int], int]:
-        out = [first]
-        one = np.zeros(1, np.int64)
-        calls = 0
-        while not grammar.done:
-            logits = cache.run(one, Rows(heads=np.array([[out[-1]]], np.int64)))
-            calls += 1
-            out.append(grammar.step(logits[0]))
-        return out, calls
-
-    def _decode_jacobi(self, grammar, first: int, cache) -> tuple[list[int], int]:
-        """Exact parallel decoding: iterate the rest of the chunk to its greedy fixed point.
-
-        Each call feeds ``[last accepted token, guesses...]`` and takes the constrained argmax at
-        every position. Prediction ``i`` is exact when the inputs before it were all right, so the
-        longest such prefix is accepted (at least one token per call) and the result equals
-        sequential greedy decoding token for token, provided the rows of one call do not interact
-        (the engine refuses ``parallel`` where they do: :func:`parallel_refusal`). The cache keeps
-        the rows of accepted inputs (``cache.truncate``: a slice for the plain graph, a lower row
-        count for the fused one).
-        """
-        accepted = [first]
-        max_tokens = self.policy.chunk_tokens + (3 if self.navigation else 1)
-        guess: list[int] = []
-        calls = 0
-        while not grammar.done:
-            left = max_tokens - len(accepted)  # predictions still needed (upper bound)
-            guess = (guess + [accepted[-1]] * left)[: left - 1]
-            block = np.asarray([accepted[-1]] + guess, np.int64)
-            past_len = cache.length
-            logits = cache.run(np.arange(len(block), dtype=np.int64), Rows(heads=block[None]))
-            calls += 1
-            pred = grammar.argmax_rows(logits)  # -1 once the grammar is done
-            n = 1
-            while n < len(block) and pred[n - 1] >= 0 and block[n] == pred[n - 1]:
-                n += 1
-            for tok in pred[:n]:
-                if tok < 0 or grammar.done:
-                    break
-                grammar.advance(int(tok))
-                accepted.append(int(tok))
-            cache.truncate(past_len + n)
-            guess = [int(x) for x in pred[n:] if x >= 0]
-        return accepted, calls
-
-
-@dataclass
-class Rows:
-    """The new positions of one decoder call, in order: image, host embedding rows, head indices.
-
-    ``image_tokens``: how many rows come from the engine's device-side image buffer (0 or the
-    bundle's image tokens); ``embeds``: (1,E,H) host rows; ``heads``: (1,N) int64 cut-head indices.
-    """
-
-    image_tokens: int = 0
-    embeds: np.ndarray | None = None
-    heads: np.ndarray | None = None
-
-    @property
-    def count(self) -> int:
-        e = 0 if self.embeds is None else self.embeds.shape[1]
-        return self.image_tokens + e + (0 if self.heads is None else self.heads.size)
-
-
-class GrowingKV:
-    """Plain-graph cache: each call returns a cache T rows longer (the ``present`` OrtValues)."""
-
-    def __init__(self, engine: Engine, past: list, length: int):
-        self.engine, self.past, self.length = engine, past, length
-
-    def run(self, logit_index: np.ndarray, rows: Rows) -> np.ndarray:
-        """``rows`` at positions ``length .. length+T-1`` -> (K, n_head) logits."""
-        logits, self.past = self.engine._run_plain(rows, logit_index, self.past)
-        self.length += rows.count
-        return logits
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` rows (copies them to the host: the plain graph's rollback)."""
-        if length < self.length:
-            self.past = [np.ascontiguousarray((v if isinstance(v, np.ndarray) else v.numpy())[:, :, :length])
-                         for v in self.past]
-            self.length = length
-
-
-class SharedKV:
-    """Fused-graph cache: the engine's preallocated buffers; only the first ``length`` rows are valid."""
-
-    def __init__(self, engine: Engine, length: int):
-        self.engine, self.length = engine, length
-
-    def run(self, logit_index: np.ndarray, rows: Rows) -> np.ndarray:
-        """``rows`` at positions ``length .. length+T-1`` -> (K, n_head) logits."""
-        logits = self.engine._run_fused(rows, logit_index, self.length)
-        self.length += rows.count
-        return logits
-
-    def truncate(self, length: int) -> None:
-        """Forget rows >= ``length``: the next call overwrites them. Nothing is copied."""
-        self.length = min(self.length, length)

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from vla_edge.edge.chunks import ActionSchedule, BaseProfile, InferenceWorker, base_profile
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
@@ -62,171 +63,51 @@ class LoopConfig:
     """Turn angle full scale (the bundle's ``theta_max_deg``)."""
 
 
-class ActionSchedule:
-    """Planned joint targets by absolute tick index; several chunks may plan the same tick."""
+class TickSource:
+    """An action source that answers every tick, on the control thread: the master arms of ``vla-edge record``.
 
-    def __init__(self, ensemble_k: float | None = None):
-        self.ensemble_k = ensemble_k
-        self._plan: dict[int, list[np.ndarray]] = {}
-
-    def add_chunk(self, first_tick: int, steps: np.ndarray) -> None:
-        for i, q in enumerate(steps):
-            self._plan.setdefault(first_tick + i, []).append(np.asarray(q, np.float64))
-
-    def filled(self, tick: int) -> bool:
-        return tick in self._plan
-
-    def remaining(self, tick: int) -> int:
-        """Planned ticks from ``tick`` on."""
-        return sum(1 for t in self._plan if t >= tick)
-
-    def pop(self, tick: int) -> np.ndarray | None:
-        """The target for ``tick`` (None if nothing is planned); drops anything older."""
-        for t in [t for t in self._plan if t < tick]:
-            del self._plan[t]
-        qs = self._plan.pop(tick, None)
-        if not qs:
-            return None
-        if self.ensemble_k is None or len(qs) == 1:
-            return qs[-1]
-        w = np.exp(-self.ensemble_k * np.arange(len(qs)))
-        return (w[:, None] * np.stack(qs)).sum(0) / w.sum()
-
-    def clear(self) -> None:
-        self._plan.clear()
-
-
-class BaseProfile:
-    """Per-tick ``(vx_mps, wz_radps)`` of a trapezoidal velocity profile, computed on demand.
-
-    Behaves like the list of its ticks (``len``, indexing, iteration, truthiness) and is consumed with
-    ``pop(0)``, each in O(1): a long move costs nothing up front. Its last tick is ``(0.0, 0.0)``.
+    A chunk policy (the :class:`~vla_edge.edge.engine.Engine`, the scripted expert, the PyTorch model:
+    ``start_episode(instruction, navigation)`` and ``step(frames, state) -> ActionChunk``) runs on the
+    inference thread instead. ``forward``: send :meth:`command` to the arms through the safety filter
+    (False: the arms follow the source by themselves and the loop only records).
     """
 
-    def __init__(self, dist: float, vmax: float, amax: float, dt_s: float, sign: float, linear: bool):
-        t_acc = vmax / amax
-        if amax * t_acc**2 >= dist:  # triangular: never reaches vmax
-            t_acc = math.sqrt(dist / amax)
-            vmax = amax * t_acc
-            t_flat = 0.0
-        else:
-            t_flat = (dist - amax * t_acc**2) / vmax
-        self._t_acc, self._t_flat, self._vmax, self._amax = t_acc, t_flat, vmax, amax
-        self._total = 2 * t_acc + t_flat
-        self._dt, self._sign, self._linear = dt_s, sign, linear
-        self._n = int(math.ceil(self._total / dt_s)) + 1  # moving ticks, then one zero
-        self._next = 0
+    forward = True
+    estop_faults_expected = False
+    """True where the safe stop is the Piper firmware e-stop, which the arms then report (status 0x01)."""
 
-    def __len__(self) -> int:
-        return self._n - self._next
+    def start_episode(self, instruction: str, navigation: bool = False) -> None:
+        """Nothing to prepare by default."""
 
-    def __getitem__(self, i: int) -> tuple[float, float]:
-        if not isinstance(i, int):
-            raise TypeError("BaseProfile indices are integers")
-        i = i + len(self) if i < 0 else i
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        k = self._next + i
-        if k == self._n - 1:
-            return (0.0, 0.0)
-        t = (k + 0.5) * self._dt
-        a, t_acc, t_flat = self._amax, self._t_acc, self._t_flat
-        v = a * t if t < t_acc else self._vmax if t < t_acc + t_flat else max(0.0, a * (self._total - t))
-        return (self._sign * v, 0.0) if self._linear else (0.0, self._sign * v)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def pop(self, i: int = 0) -> tuple[float, float]:
-        if i != 0:
-            raise IndexError("a BaseProfile is consumed from the front")
-        out = self[0]
-        self._next += 1
-        return out
-
-
-def base_profile(direction: str, value: float, dt_s: float, max_v: float, max_a: float, max_w: float,
-                 max_alpha: float) -> BaseProfile | list:
-    """Per-tick ``(vx_mps, wz_radps)`` moving ``value`` metres forward or turning ``value`` degrees.
-
-    A trapezoidal (or triangular) velocity profile within the speed and acceleration limits, ending
-    at zero velocity (a :class:`BaseProfile`; ``[]`` for ``stop`` or a zero move). Clip ``value`` to
-    the policy's full scale first (the loop does).
-    """
-    if direction == "forward":
-        dist, vmax, amax, sign, linear = abs(value), max_v, max_a, 1.0, True
-    elif direction in ("turn_left", "turn_right"):
-        dist, vmax, amax, linear = math.radians(abs(value)), max_w, max_alpha, False
-        sign = 1.0 if direction == "turn_left" else -1.0
-    else:
+    def faults(self) -> list[str]:
+        """The source's own device faults (a silent master arm), each one line."""
         return []
-    if dist <= 0:
-        return []
-    return BaseProfile(dist, vmax, amax, dt_s, sign, linear)
 
+    def command(self) -> np.ndarray:
+        """(14,) this tick's joint targets (rad, grippers m): what is recorded as ``action``."""
+        raise NotImplementedError
 
-class InferenceWorker:
-    """Runs one policy step at a time on its own thread; the loop polls for the result."""
-
-    def __init__(self, policy, robot, cameras: list[str]):
-        self.policy = policy
-        self.robot = robot
-        self.cameras = cameras
-        self._lock = threading.Lock()
-        self._busy = False
-        self._result = None
-        self._started_s = 0.0
-        self._obs_tick = 0
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    @property
-    def running_for_s(self) -> float:
-        return time.monotonic() - self._started_s if self._busy else 0.0
-
-    def request(self, tick: int) -> None:
-        if self._busy:
-            return
-        self._busy = True
-        self._obs_tick = tick
-        self._started_s = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self._thread.start()
-
-    def join(self, timeout_s: float) -> None:
-        """Wait for a running step to finish (ONNX Runtime must not be torn down mid-run)."""
-        t = getattr(self, "_thread", None)
-        if t is not None:
-            t.join(timeout_s)
-
-    def _run(self) -> None:
-        try:
-            fs = self.robot.read_frames()
-            state = self.robot.read_state()
-            frames = [fs.images[c] for c in self.cameras]
-            chunk = self.policy.step(frames, state.qpos)
-            out = ("ok", chunk, self._obs_tick, fs)
-        except Exception as e:  # reported to the control thread, which makes the robot safe
-            out = ("error", e, self._obs_tick, None)
-        with self._lock:
-            self._result = out
-            self._busy = False
-
-    def poll(self):
-        with self._lock:
-            r, self._result = self._result, None
-        return r
+    def motion(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(14,) joint velocities (rad/s) and efforts (N m) to record with the tick, or None."""
+        return None, None
 
 
 class ControlLoop:
-    """Drives ``robot`` with ``policy`` until a limit, a fault or a stop request."""
+    """Drives ``robot`` with ``policy`` (a chunk policy or a :class:`TickSource`) until a limit, a fault,
+    ``until()`` or a stop request. ``safe_stop()``: what a fault does to the robot (default: arms hold,
+    base zero)."""
 
     def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats, recorder=None,
-                 cameras: list[str] | None = None, stop_requested: threading.Event | None = None, view=None):
+                 cameras: list[str] | None = None, stop_requested: threading.Event | None = None, view=None,
+                 until=None, safe_stop=None):
         self.robot = robot
         self.policy = policy
+        self.per_tick = isinstance(policy, TickSource)
+        self.until = until
+        """``until() -> bool``, asked after every tick: True ends the run (no fault)."""
+        self._safe_action = safe_stop or robot.hold
+        self.tick_base = 0
+        """Added to the tick index handed to the live view (several loops in one recording session)."""
         self.instruction = instruction
         self.cfg = cfg
         self.safety = safety
@@ -281,6 +162,8 @@ class ControlLoop:
                     break
                 if cfg.seconds and k * dt >= cfg.seconds - 1e-9:  # the next deadline is past the end
                     break
+                if self.until is not None and self.until():
+                    break
                 if end >= next_status and self.on_status is not None:
                     next_status = end + cfg.status_every_s
                     self.stats.estop(self.estop.is_latched, self.estop.reason)
@@ -316,7 +199,7 @@ class ControlLoop:
 
     def _hold(self) -> None:
         try:
-            self.robot.hold()
+            self._safe_action()
         except Exception as e:
             log.error("safe stop: hold failed: %s", e)
 
@@ -331,9 +214,16 @@ class ControlLoop:
         if not self.estop.is_latched and robot.base_estop_reported():  # the button on the base
             self.estop.trigger("e-stop button on the base")
         faults = robot.faults()
+        if self.per_tick:
+            faults += self.policy.faults()
+            if self.estop.is_latched and self.policy.estop_faults_expected:  # the firmware e-stop we sent
+                faults = [f for f in faults if "e-stop" not in f]
         if faults:
             raise VlaEdgeError("; ".join(faults))
         state = robot.read_state()
+        if self.per_tick:
+            self._source_tick(now, state)
+            return
         latched = self.estop.is_latched
         if latched:
             self._was_latched = True
@@ -430,6 +320,31 @@ class ControlLoop:
             self.schedule.add_chunk(k, joints)
         else:
             self.schedule.add_chunk(obs_tick, joints)
+
+    def _source_tick(self, now: float, state) -> None:
+        """A :class:`TickSource`'s tick: its command (forwarded through the safety filter unless the e-stop
+        is latched) recorded as ``action`` with the measured base velocity, once every camera has a frame."""
+        action = self.policy.command()
+        clamps = 0
+        if self.policy.forward and not self.estop.is_latched:
+            safe, clamped = self.safety.filter_joints(action, state.qpos)
+            clamps = len(clamped)
+            self.robot.send_joint_targets(safe)
+        self.stats.clamps(clamps)
+        if self.recorder is None and self.view is None:
+            return
+        frames, stamps = {}, {}
+        for name in self.cameras:
+            f = self.robot.cameras.cameras[name].latest()
+            if f is None:
+                return  # no frame yet from this camera: nothing to record this tick
+            frames[name], stamps[name] = f.image, f.stamp_s
+        base = (state.base_vx_mps, state.base_wz_radps)
+        if self.recorder is not None:
+            qvel, effort = self.policy.motion()
+            self.recorder.record_tick(frames, stamps, state.qpos, action, base, now, clamps, qvel=qvel, effort=effort)
+        if self.view is not None:
+            self.view.tick(self.tick_base + self.ticks, now, frames, state.qpos, action, base)
 
     def _record(self, k, now, state, target, base, clamps) -> None:
         if self.recorder is None and self.view is None:

@@ -36,13 +36,12 @@ from pathlib import Path
 import numpy as np
 from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.firmware_bridge.camera_sim import Scene, SyntheticSource
 from vla_edge.firmware_bridge.cameras import (
     Camera,
     CameraRig,
     OpenCVSource,
     ReplaySource,
-    Scene,
-    SyntheticSource,
 )
 from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig
 from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig

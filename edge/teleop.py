@@ -43,7 +43,6 @@ Robot-side: no torch.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
@@ -52,8 +51,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vla_edge.edge.episodes.recorder import EpisodeRecorder
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.robot import SIDES, _profile_path
+from vla_edge.edge.loop import ControlLoop, LoopConfig, TickSource
+from vla_edge.edge.robot import SIDES, Robot, _profile_path, load_profile
+from vla_edge.edge.safety import SafetyFilter, SafetyLimits
+from vla_edge.edge.session import Session
+from vla_edge.edge.telemetry import RunStats
+from vla_edge.firmware_bridge.piper_master import PiperMaster, PiperMasterConfig
+from vla_edge.firmware_bridge.piper_motion import read_motion
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +139,6 @@ class Recorder:
     def __init__(self, cfg: RecordConfig, sim_teleoperator=None):
         """``sim_teleoperator(robot, masters, rate_hz, instruction)``: what moves the simulated masters on a
         sim robot (:class:`vla_edge.edge.sim.teleoperator.SimTeleoperator`)."""
-        from vla_edge.edge.robot import load_profile
-
         cfg.check()
         if cfg.view or cfg.view_save:
             from vla_edge.edge.episodes.view import import_rerun
@@ -156,9 +160,6 @@ class Recorder:
 
     # -- devices --------------------------------------------------------------------------------
     def _connect(self) -> None:
-        from vla_edge.edge.robot import Robot
-        from vla_edge.firmware_bridge.piper_master import PiperMaster, PiperMasterConfig
-
         self.robot = Robot(self.profile)
         self.robot.connect()
         missing = [c for c in CAMERAS if c not in self.robot.camera_names]
@@ -214,58 +215,39 @@ class Recorder:
 
     # -- the session ------------------------------------------------------------------------------
     def run(self) -> int:
-        from vla_edge.edge.episodes.recorder import EpisodeRecorder
-        from vla_edge.edge.estop import EStop, KeyboardListener, StopRequest, install_signal_handlers
-        from vla_edge.edge.safety import SafetyFilter, SafetyLimits
-
         cfg = self.cfg
-        estop = EStop()
-        self.stop = stop = StopRequest()
+        session = Session(cfg.keyboard, cfg.keyboard_tty, on_key=self.keys.on_key)
         writer = EpisodeRecorder(cfg.out, cameras=list(CAMERAS), compress="lzf")
         fault = None
-        try:
-            self._connect()
-            safety = SafetyFilter(SafetyLimits.for_robot(self.profile))
-            if cfg.view or cfg.view_save:
-                from vla_edge.edge.episodes.view import LiveView
-
-                self.live = LiveView(cfg.view_save)
-
-            def on_trip(reason: str) -> None:
-                self.robot.estop(firmware=not self.forward)
-                self._event(writer, "estop", reason)
-
-            def on_resume() -> None:
-                self.robot.resume()
-                self._event(writer, "resume", "")
-
-            estop.on_trip(on_trip)
-            estop.on_resume(on_resume)
-            listener = KeyboardListener(estop, source=cfg.keyboard, tty_fd=cfg.keyboard_tty, on_key=self.keys.on_key,
-                                        on_interrupt=lambda: stop.request(signal.SIGINT, "ctrl+c"),
-                                        on_lost=lambda why: stop.request(signal.SIGHUP, why))
-            restore = install_signal_handlers(estop, stop)
-            wiring = "forwarding through the safety filter" if self.forward else "puppets follow the masters"
-            print(f"vla-edge record: robot={self.profile.name} ({wiring}), {cfg.episodes} episodes of up to "
-                  f"{cfg.episode_s:g} s into {cfg.out}; keyboard {listener.source}: n/right = next, b = re-record, "
-                  "q/esc = quit, space = e-stop, r then y = resume", file=sys.stderr)
+        with session:
+            self.stop = stop = session.stop
             try:
-                with listener:
-                    self.robot.attach_stop_wire(listener.wire)
-                    fault = self._episodes(writer, safety, estop)
+                self._connect()
+                safety = SafetyFilter(SafetyLimits.for_robot(self.profile))
+                if cfg.view or cfg.view_save:
+                    from vla_edge.edge.episodes.view import LiveView  # Rerun: imported only when asked
+
+                    self.live = LiveView(cfg.view_save)
+                session.arm(self.robot, firmware_estop=not self.forward,
+                            notify=lambda kind, reason: self._event(writer, kind, reason))
+                listener = session.open_keyboard()
+                wiring = "forwarding through the safety filter" if self.forward else "puppets follow the masters"
+                print(f"vla-edge record: robot={self.profile.name} ({wiring}), {cfg.episodes} episodes of up to "
+                      f"{cfg.episode_s:g} s into {cfg.out}; keyboard {listener.source}: n/right = next, "
+                      "b = re-record, q/esc = quit, space = e-stop, r then y = resume", file=sys.stderr)
+                with session.keys(self.robot):
+                    fault = self._episodes(writer, safety, session.estop)
             finally:
-                restore()
-        finally:
-            try:
-                if self.episode_open:
-                    if fault:
-                        writer.record_event(time.monotonic(), "fault", fault)
-                    self.episode_open = False
-                    self._keep(writer.close())
-            finally:
-                self._disconnect()
-                if self.live is not None:
-                    self.live.close()
+                try:
+                    if self.episode_open:
+                        if fault:
+                            writer.record_event(time.monotonic(), "fault", fault)
+                        self.episode_open = False
+                        self._keep(writer.close())
+                finally:
+                    self._disconnect()
+                    if self.live is not None:
+                        self.live.close()
         print(f"vla-edge record: {len(self.saved)} episodes saved in {cfg.out}", file=sys.stderr)
         if stop.requested and not fault:
             print(f"vla-edge record: stopped by {stop.reason}", file=sys.stderr)
@@ -308,7 +290,7 @@ class Recorder:
             safety.reset(self.robot.read_state().qpos)
             if self.teleop is not None:
                 self.teleop.go()
-            fault = self._ticks(writer, safety, estop, self.cfg.episode_s, lambda: self.keys.end.is_set())
+            fault = self._loop(writer, safety, estop, self.cfg.episode_s, self.keys.end.is_set)
             if fault:
                 writer.record_event(time.monotonic(), "fault", fault)
             self.episode_open = False
@@ -329,7 +311,7 @@ class Recorder:
         if self.teleop is not None:
             self.teleop.reset(self.cfg.seed + i)
             safety.reset(self.robot.read_state().qpos)
-            fault = self._ticks(None, safety, estop, SIM_RESET_TIMEOUT_S, self.teleop.puppets_there)
+            fault = self._loop(None, safety, estop, SIM_RESET_TIMEOUT_S, self.teleop.puppets_there)
             if fault or not self.teleop.puppets_there():
                 return fault or "sim reset: the puppet arms did not follow the masters to the start pose"
             time.sleep(0.1)  # let the cameras draw the new scene
@@ -337,61 +319,43 @@ class Recorder:
         if first:
             return None
         print(f"reset the scene: {self.cfg.reset_s:g} s (n: start now)", file=sys.stderr)
-        return self._ticks(None, safety, estop, self.cfg.reset_s, lambda: self.keys.end.is_set())
+        return self._loop(None, safety, estop, self.cfg.reset_s, self.keys.end.is_set)
 
-    def _ticks(self, writer, safety, estop, seconds: float, done) -> str | None:
-        """Ticks at ``rate_hz`` on absolute deadlines for ``seconds`` or until ``done()``; records into
-        ``writer`` unless it is None. Returns the fault that stopped the robot, or None."""
-        dt = 1.0 / self.rate_hz
-        t0 = time.monotonic()
-        k = 0
-        while not done() and not self.stop.requested and k * dt < seconds - 1e-9:
-            deadline = t0 + k * dt
-            if (now := time.monotonic()) < deadline:
-                time.sleep(deadline - now)
-            try:
-                self._tick(writer, safety, estop, time.monotonic())
-            except VlaEdgeError as e:
-                self._safe_stop()
-                return str(e)
-            k = max(k + 1, int((time.monotonic() - t0) / dt))
-        return None
+    def _loop(self, writer, safety, estop, seconds: float, done) -> str | None:
+        """The control loop with the master arms as the action source, for ``seconds`` or until ``done()``;
+        records into ``writer`` unless it is None. Returns the fault that stopped the robot, or None."""
+        if done() or self.stop.requested:
+            return None
+        cfg = LoopConfig(rate_hz=self.rate_hz, seconds=seconds)
+        loop = ControlLoop(self.robot, MasterArms(self), self.cfg.instruction, cfg, safety, estop,
+                           RunStats(period_s=1.0 / self.rate_hz), writer, cameras=list(CAMERAS),
+                           stop_requested=self.stop.event, view=self.live if writer is not None else None,
+                           until=done, safe_stop=self._safe_stop)
+        loop.tick_base = self.ticks
+        fault = loop.run()
+        if writer is not None:
+            self.ticks += loop.ticks
+        return fault
 
-    def _motion(self) -> tuple[np.ndarray, np.ndarray]:
+
+class MasterArms(TickSource):
+    """The master arms as the control loop's action source: their commands (piper_sdk ``GetArmJointCtrl`` /
+    ``GetArmGripperCtrl``, rad and m) each tick, forwarded to the puppets when the wiring needs it."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+        self.forward = recorder.forward
+        self.estop_faults_expected = not recorder.forward  # the firmware e-stop shows as arm status 0x01
+
+    def faults(self) -> list[str]:
+        return [f for r in self.recorder.readers.values() for f in r.faults()]
+
+    def command(self) -> np.ndarray:
+        return np.concatenate([self.recorder.readers[s].read_command()[0] for s in SIDES])
+
+    def motion(self) -> tuple[np.ndarray, np.ndarray]:
         """The puppets' joint velocities (rad/s) and efforts (N m), NaN where the arm does not report them."""
-        from vla_edge.firmware_bridge.piper_motion import read_motion
-
-        sides = [read_motion(self.robot.arms[s].config.can_name, self.profile.arms[s].feedback_timeout_s)
+        rec = self.recorder
+        sides = [read_motion(rec.robot.arms[s].config.can_name, rec.profile.arms[s].feedback_timeout_s)
                  for s in SIDES]
         return np.concatenate([m[0] for m in sides]), np.concatenate([m[1] for m in sides])
-
-    def _tick(self, writer, safety, estop, now: float) -> None:
-        robot = self.robot
-        if not estop.is_latched and robot.base_estop_reported():  # the button on the base
-            estop.trigger("e-stop button on the base")
-        faults = robot.faults() + [f for r in self.readers.values() for f in r.faults()]
-        if estop.is_latched:  # the firmware e-stop we sent shows as arm status 0x01: expected, not a fault
-            faults = [f for f in faults if "e-stop" not in f]
-        if faults:
-            raise VlaEdgeError("; ".join(faults))
-        state = robot.read_state()
-        action = np.concatenate([self.readers[s].read_command()[0] for s in SIDES])
-        clamps = 0
-        if self.forward and not estop.is_latched:
-            safe, clamped = safety.filter_joints(action, state.qpos)
-            clamps = len(clamped)
-            robot.send_joint_targets(safe)
-        if writer is None:
-            return
-        frames, stamps = {}, {}
-        for name in CAMERAS:
-            f = robot.cameras.cameras[name].latest()
-            if f is None:
-                return  # no frame yet from this camera: nothing to record this tick
-            frames[name], stamps[name] = f.image, f.stamp_s
-        base = (state.base_vx_mps, state.base_wz_radps)
-        qvel, effort = self._motion()
-        writer.record_tick(frames, stamps, state.qpos, action, base, now, clamps, qvel=qvel, effort=effort)
-        if self.live is not None:
-            self.live.tick(self.ticks, now, frames, state.qpos, action, base)
-        self.ticks += 1

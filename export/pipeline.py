@@ -215,7 +215,8 @@ def _parity(reference, engines: dict, inputs, cuda_bundle: Path | None, precisio
     A GPU failure does not fail the export (the bundle is the same either way): it is returned, recorded
     in parity.json as ``gpu_error`` and logged; the CPU report is computed without it.
     """
-    from vla_edge.edge.engine import Engine, available_providers
+    from vla_edge.edge.engine import Engine
+    from vla_edge.edge.providers import available_providers
     from vla_edge.export.parity import compare
 
     gpu_error = None
@@ -361,7 +362,7 @@ def _check_vision(model, path: Path, tol: float = 1e-3) -> None:
 def _check_decoder(model, head_ids, path: Path, kind: str = "plain", max_len: int = 0, tol: float = 1e-3) -> None:
     """Prefill of the first part, a one-token decode and a multi-token block must equal one full forward."""
     import torch
-    from vla_edge.edge.engine import gqa_lengths
+    from vla_edge.edge.kv_cache import gqa_lengths
 
     t = model.cfg.text
     g = torch.Generator().manual_seed(0)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from vla_edge import VlaEdgeError
+from vla_edge import DeviceFault
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ ARM_STATUS = {
 """Byte 1 of the 0x2A1 status frame (piper_sdk documentation)."""
 
 
-class ArmFault(VlaEdgeError):
+class ArmFault(DeviceFault):
     """A Piper arm cannot be reached, enabled or commanded."""
 
 

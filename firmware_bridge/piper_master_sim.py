@@ -67,11 +67,9 @@ class PiperMasterSim(VirtualCanNode):
     thread_name = "piper-master-sim"
 
     def __init__(self, config: PiperMasterSimConfig | None = None) -> None:
+        super().__init__()
         self.config = config or PiperMasterSimConfig()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._bus: can.BusABC | None = None
         self._pose: tuple[tuple[float, ...], float] | None = None
         self.sent: collections.deque[tuple[float, int, bytes]] = collections.deque(maxlen=self.config.keep_sent)
         """``(time.monotonic(), arbitration id, data)`` of every frame sent."""

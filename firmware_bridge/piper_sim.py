@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import can
 import numpy as np
 from vla_edge.firmware_bridge.piper_arm import MDEG_PER_RAD, PIPER_JOINT_HI, PIPER_JOINT_LO, UM_PER_M
+from vla_edge.firmware_bridge.sim_thread import SimThread
 
 STATUS_OK = 0x00
 STATUS_ESTOP = 0x01
@@ -63,35 +64,27 @@ def _move(current: np.ndarray, target: np.ndarray, max_step: float) -> np.ndarra
     return current + np.clip(target - current, -max_step, max_step)
 
 
-class VirtualCanNode:
-    """A simulated CAN device: one python-can virtual bus on ``config.channel`` and one daemon thread
-    running ``self._loop()`` until :meth:`stop`. Subclasses set ``_stop``, ``_thread``, ``_bus`` to
-    ``Event()``, None, None and name their thread with ``thread_name``."""
+class VirtualCanNode(SimThread):
+    """A simulated CAN device: one python-can virtual bus on ``config.channel``, opened by :meth:`start`
+    and shut down by :meth:`stop`, and the :class:`SimThread` running ``self._loop()`` on it.
+    Subclasses set ``config`` and call ``super().__init__()``."""
 
     thread_name = "can-sim"
 
-    def start(self):
-        self._bus = can.Bus(interface="virtual", channel=self.config.channel, receive_own_messages=False)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"{self.thread_name} {self.config.channel}",
-                                        daemon=True)
-        self._thread.start()
-        return self
+    def __init__(self) -> None:
+        super().__init__()
+        self._bus: can.BusABC | None = None
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=1.0)
-            self._thread = None
+    def _thread_label(self) -> str:
+        return f"{self.thread_name} {self.config.channel}"
+
+    def _open(self) -> None:
+        self._bus = can.Bus(interface="virtual", channel=self.config.channel, receive_own_messages=False)
+
+    def _release(self, ran: bool) -> None:
         if self._bus is not None:
             self._bus.shutdown()
             self._bus = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 class PiperSim(VirtualCanNode):
@@ -100,13 +93,11 @@ class PiperSim(VirtualCanNode):
     thread_name = "piper-sim"
 
     def __init__(self, config: PiperSimConfig | None = None) -> None:
+        super().__init__()
         self.config = config or PiperSimConfig()
         self._lo = np.asarray(PIPER_JOINT_LO[:6])
         self._hi = np.asarray(PIPER_JOINT_HI[:6])
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._bus: can.BusABC | None = None
         # arm state
         self.q_rad = np.asarray(self.config.initial_q_rad, dtype=np.float64)
         self.target_rad = self.q_rad.copy()

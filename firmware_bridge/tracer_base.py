@@ -47,13 +47,13 @@ import time
 from dataclasses import dataclass, field
 
 import serial
-from vla_edge import VlaEdgeError
+from vla_edge import DeviceFault
 from vla_edge.firmware_bridge import tracer_protocol as tp
 
 log = logging.getLogger(__name__)
 
 
-class BaseFault(VlaEdgeError):
+class BaseFault(DeviceFault):
     """The TRACER base cannot be reached or reported a fault."""
 
 

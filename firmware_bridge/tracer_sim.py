@@ -22,6 +22,7 @@ import tty
 from dataclasses import dataclass
 
 from vla_edge.firmware_bridge import tracer_protocol as tp
+from vla_edge.firmware_bridge.sim_thread import SimThread
 
 
 @dataclass
@@ -38,18 +39,19 @@ class TracerSimConfig:
     so a long simulated run does not grow (they took ~0.5 MB/min before)."""
 
 
-class TracerSim:
+class TracerSim(SimThread):
     """Thread-backed simulated base; use as a context manager or call :meth:`start`/:meth:`stop`."""
 
+    thread_name = "tracer-sim"
+
     def __init__(self, config: TracerSimConfig | None = None) -> None:
+        super().__init__()
         self.config = config or TracerSimConfig()
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)  # no echo, no line discipline: bytes in, bytes out
         os.set_blocking(self._master, False)
         self.port = os.ttyname(self._slave)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._reader = tp.FrameReader()
         self._counter = 0
         # state
@@ -76,16 +78,9 @@ class TracerSim:
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> TracerSim:
-        self._thread = threading.Thread(target=self._loop, name="tracer-sim", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=1.0)
-            self._thread = None
+    def _release(self, ran: bool) -> None:
+        """After the thread (:meth:`stop`): take in the driver's last commands, close both pty ends."""
+        if ran:
             self._read_commands(time.monotonic())  # what the driver sent last (e.g. its final zero)
         for fd in (self._master, self._slave):
             try:
@@ -93,12 +88,6 @@ class TracerSim:
             except OSError:
                 pass
         self._closed = True
-
-    def __enter__(self) -> TracerSim:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- observation -----------------------------------------------------------------------------
     def pose(self) -> tuple[float, float, float]:
@@ -140,9 +129,6 @@ class TracerSim:
 
     def close_port(self) -> None:
         """The device goes away: both pty ends close, the driver's reads and writes fail."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=1.0)
         self.stop()
 
     # -- internals -------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+from vla_edge import DeviceFault, VlaEdgeError
+from vla_edge.firmware_bridge.camera_sim import Scene, SyntheticSource
 from vla_edge.firmware_bridge.cameras import (
     CAMERA_NAMES,
     Camera,
@@ -15,8 +17,6 @@ from vla_edge.firmware_bridge.cameras import (
     CameraRig,
     OpenCVSource,
     ReplaySource,
-    Scene,
-    SyntheticSource,
 )
 
 PERIOD_S = 1 / 30
@@ -74,6 +74,20 @@ def test_gone_camera_is_a_fault_until_reconnected(synthetic):
     rig.reconnect("cam_high")
     time.sleep(0.1)
     assert rig.read().ages_s["cam_high"] < rig.stale_after_s
+
+
+def test_a_gone_camera_is_a_device_fault(synthetic):
+    """The device branch of the error tree: what a simulated camera raises when it disappears."""
+    rig, sources, _ = synthetic
+    sources["cam_right_wrist"].fail()
+    time.sleep(0.1)
+    with pytest.raises(DeviceFault, match="cam_right_wrist gone") as e:
+        rig.read()
+    assert type(e.value) is CameraFault and isinstance(e.value, VlaEdgeError)
+    from vla_edge.firmware_bridge.piper_arm import ArmFault
+    from vla_edge.firmware_bridge.tracer_base import BaseFault
+
+    assert issubclass(ArmFault, DeviceFault) and issubclass(BaseFault, DeviceFault)
 
 
 def test_synthetic_scene_shows_target_and_arms():

@@ -16,15 +16,15 @@ from typing import NamedTuple
 
 import pytest
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.estop import (
+from vla_edge.edge.estop.keyboard import KeyboardListener
+from vla_edge.edge.estop.latch import (
     ESTOP_THREAD_NICE,
     ESTOP_THREAD_RT_PRIORITY,
     EStop,
-    KeyboardListener,
     StopRequest,
-    install_signal_handlers,
     prefer_this_thread,
 )
+from vla_edge.edge.estop.signals import install_signal_handlers
 
 WAIT_S = 5.0  # generous: a loaded CI box may be slow to schedule the listener thread
 
@@ -373,7 +373,8 @@ def test_terminal_is_restored_at_exit_without_stop(pty):
     before = termios.tcgetattr(slave)
     child = (
         "import sys, termios\n"
-        "from vla_edge.edge.estop import EStop, KeyboardListener\n"
+        "from vla_edge.edge.estop.keyboard import KeyboardListener\n"
+        "from vla_edge.edge.estop.latch import EStop\n"
         "kl = KeyboardListener(EStop(), source='auto').start()\n"  # stdin is the pty: auto picks tty
         "assert kl.source == 'tty', kl.source\n"
         "assert not termios.tcgetattr(0)[3] & termios.ICANON\n"

@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 from conftest import run_cli  # noqa: E402
 from vla_edge.edge.bundle.manifest import Bundle  # noqa: E402
 from vla_edge.edge.cli.bench import synthetic_inputs  # noqa: E402
-from vla_edge.edge.engine import Engine, EngineError, Rows, SharedKV, gqa_lengths  # noqa: E402
+from vla_edge.edge.engine import Engine, EngineError  # noqa: E402
+from vla_edge.edge.kv_cache import Rows, SharedKV, gqa_lengths  # noqa: E402
 from vla_edge.export.checkpoint import load_checkpoint  # noqa: E402
 from vla_edge.export.model import LlavaVLA  # noqa: E402
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 from conftest import run_cli
-from vla_edge.edge.sim.evaluate import EvalSummary, SimBench, CountingPolicy, wilson_interval
+from vla_edge.edge.sim.evaluate import CountingPolicy, EvalSummary, SimBench, wilson_interval
 from vla_edge.edge.sim.task import ExpertPolicy, ReachTask, TaskError, expert_chunk, reach_pose
 
 

@@ -131,7 +131,7 @@ def test_check_sim():
         assert word in r.stdout
     assert r.stdout.count("found") == 7  # six rows and the verdict
     # what the e-stop threads get here, said as the run says it (a thread asks in the same way)
-    from vla_edge.edge.estop import PRIORITY_WORDS
+    from vla_edge.edge.estop.latch import PRIORITY_WORDS
 
     [line] = [x for x in r.stdout.splitlines() if x.startswith("e-stop threads:")]
     granted = [k for k, words in PRIORITY_WORDS.items() if words in line]

@@ -32,11 +32,11 @@ import h5py
 import numpy as np
 import pytest
 from conftest import run_cli
+from vla_edge.edge.chunks import ActionSchedule, BaseProfile, base_profile
 from vla_edge.edge.engine import ActionChunk
 from vla_edge.edge.episodes.recorder import recover_episode
-from vla_edge.edge.loop import ActionSchedule, BaseProfile, base_profile
 from vla_edge.edge.robot import Robot, load_profile
-from vla_edge.edge.session import run
+from vla_edge.edge.session import RunConfig, run
 
 INSTRUCTION = "pick up the red cube"
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
@@ -132,8 +132,8 @@ class Harness:
         kw.setdefault("keyboard", "none")
         kw.setdefault("seconds", 20.0)  # a backstop: each test ends its run itself
         try:
-            rc = run(robot, str(bundle), INSTRUCTION, on_connected=self.on_connected,
-                     policy_wrapper=self.wrap if scripted else None, **kw)
+            rc = run(RunConfig(bundle=str(bundle), robot=robot, instruction=INSTRUCTION, **kw),
+                     on_connected=self.on_connected, policy_wrapper=self.wrap if scripted else None)
         finally:
             self.finished.set()
         if self._thread is not None:

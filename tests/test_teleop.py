@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import run_cli
-from vla_edge.edge.estop import _tty_keys
+from vla_edge.edge.estop.keyboard import _tty_keys
 from vla_edge.edge.teleop import EpisodeKeys
 
 # The CLI in a child process; PiperMasterSim instances are collected so their sent frames can be dumped.

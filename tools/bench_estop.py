@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.estop import prefer_this_thread
+from vla_edge.edge.estop.latch import prefer_this_thread
 from vla_edge.firmware_bridge import tracer_protocol as tp
 
 SIM_PROFILE = Path(__file__).parents[1] / "edge" / "robots" / "sim.toml"
@@ -206,7 +206,7 @@ class _Cruise:
 def child(args) -> int:
     """The run under test: the real ``run()``; its base drives, and with ``--load inference`` the real
     engine steps back to back on a thread of its own."""
-    from vla_edge.edge.session import run
+    from vla_edge.edge.session import RunConfig, run
 
     engines = []
 
@@ -248,7 +248,7 @@ def child(args) -> int:
         if args.load == "inference":
             threading.Thread(target=infer, daemon=True).start()
 
-    rc = run(args.profile, args.bundle, "pick up the red cube", keyboard="tty", json_path=args.json,
+    rc = run(RunConfig(bundle=args.bundle, robot=args.profile, keyboard="tty", json_path=args.json),
              policy_wrapper=HoldPolicy, on_connected=on_connected)
     if estops and args.json:  # when the child saw each key (monotonic s), for the breakdown
         trips = [t for t, kind, _ in estops[0].events if kind == "trip"]

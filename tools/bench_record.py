@@ -45,7 +45,7 @@ import numpy as np
 def bench_run(args) -> dict:
     from vla_edge.edge.episodes import recorder as recorder_mod
     from vla_edge.edge.episodes.recorder import per_tick_datasets
-    from vla_edge.edge.session import run
+    from vla_edge.edge.session import RunConfig, run
     from vla_edge.export.demo import ensure_demo_bundle
 
     bundle = args.bundle or str(ensure_demo_bundle(args.workdir))
@@ -88,9 +88,9 @@ def bench_run(args) -> dict:
     json_path = out / "summary.json"
     t0 = time.monotonic()
     try:
-        code = run("sim", bundle, "pick up the red cube", mode=args.mode, seconds=args.seconds,
-                   record=None if args.no_record else str(out),
-                   json_path=str(json_path), keyboard="none", on_connected=hook)
+        cfg = RunConfig(bundle=bundle, mode=args.mode, seconds=args.seconds, keyboard="none",
+                        record=None if args.no_record else str(out), json_path=str(json_path))
+        code = run(cfg, on_connected=hook)
     finally:
         recorder_mod.EpisodeRecorder.__init__ = original
     wall_s = time.monotonic() - t0
@@ -126,9 +126,9 @@ def bench_run(args) -> dict:
 
 
 def _frames() -> dict[str, np.ndarray]:
-    from vla_edge.firmware_bridge.cameras import Scene, _Renderer
+    from vla_edge.firmware_bridge.camera_sim import Scene, SceneRenderer
 
-    sim = _Renderer("cam_high", Scene(), 640, 480).render()
+    sim = SceneRenderer("cam_high", Scene(), 640, 480).render()
     noise = np.random.default_rng(0).normal(0, 3, sim.shape).round().astype(np.int16)
     return {"sim": sim, "sim+noise3": np.clip(sim.astype(np.int16) + noise, 0, 255).astype(np.uint8)}
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.bundle.manifest import Bundle
-from vla_edge.edge.engine import STAGES, Engine, EngineError, parallel_refusal
+from vla_edge.edge.decoding import parallel_refusal
+from vla_edge.edge.engine import STAGES, Engine, EngineError
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.telemetry import out_console, percentiles
 

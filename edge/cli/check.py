@@ -139,7 +139,7 @@ def estop_priority_line() -> str:
     to get real-time priority when it is not granted."""
     import threading
 
-    from vla_edge.edge.estop import PRIORITY_WORDS, prefer_this_thread
+    from vla_edge.edge.estop.latch import PRIORITY_WORDS, prefer_this_thread
 
     got = []
     t = threading.Thread(target=lambda: got.append(prefer_this_thread()), name="check-priority")

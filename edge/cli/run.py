@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.robot import load_profile
-from vla_edge.edge.session import run
+from vla_edge.edge.session import RunConfig, run
 from vla_edge.export.demo import demo_dir, ensure_demo_bundle
 
 
@@ -29,16 +29,18 @@ def _demo_bundle_for(robot: str):
 def main(args) -> int:
     import signal
 
-    from vla_edge.edge.estop import SIGNALS
+    from vla_edge.edge.estop.signals import SIGNALS
 
     # The process exits after the run: a late second signal (after the summary, during the
     # interpreter's exit, which puts Python-handled signals back to their default) must not change
     # the exit code or print a traceback. So run()'s handlers stay until they are replaced by SIG_IGN.
-    rc = run(args.robot, args.bundle or str(_demo_bundle_for(args.robot)), args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
-             navigation=args.navigation, record=args.record, json_path=args.json, provider=args.provider,
-             max_ticks=args.max_ticks, keyboard=args.keyboard, firmware_estop=args.firmware_estop,
-             restore_signals=False, view=args.view, view_save=args.view_save,
-             record_compression=args.record_compression)
+    cfg = RunConfig(bundle=args.bundle or str(_demo_bundle_for(args.robot)), robot=args.robot,
+                    instruction=args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
+                    max_ticks=args.max_ticks, navigation=args.navigation, provider=args.provider,
+                    keyboard=args.keyboard, firmware_estop=args.firmware_estop, record=args.record,
+                    record_compression=args.record_compression, json_path=args.json, view=args.view,
+                    view_save=args.view_save)
+    rc = run(cfg, restore_signals=False)
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     return rc
@@ -72,9 +74,9 @@ def demo(args) -> int:
         seen["monitor"] = SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
 
     try:
-        code = run("sim", str(demo_dir(args.workdir) / "bundle"), INSTRUCTION, seconds=args.seconds,
-                   on_connected=place_target, view=getattr(args, "view", False),
-                   view_save=getattr(args, "view_save", None))
+        cfg = RunConfig(bundle=str(demo_dir(args.workdir) / "bundle"), robot="sim", instruction=INSTRUCTION,
+                        seconds=args.seconds, view=getattr(args, "view", False), view_save=getattr(args, "view_save", None))
+        code = run(cfg, on_connected=place_target)
     finally:
         if "monitor" in seen:
             seen["monitor"].__exit__(None, None, None)

@@ -7,10 +7,10 @@ Usage::
     #                            --action_stat data/statistics.yaml
     vla-edge export --ckpt best.pt --stats data/statistics.yaml --out bundle/
 
-Input: HDF5 episodes in the Cobot Magic layout (:mod:`vla_edge.edge.episodes.recorder`, or the stock AgileX
-recorder): ``observations/images/<cam>`` (N, H, W, 3) uint8 RGB (any HDF5 filter; the stock
-recorder's JPEG-encoded rows too), ``observations/qpos`` (N, 14) rad/m, ``action`` (N, 14) rad/m and
-the ``instruction`` attribute (or ``--instruction``).
+Input: HDF5 episodes in the Cobot Magic layout (:mod:`vla_edge.edge.episodes.format`: vla-edge's recorder
+or the stock AgileX recorder): each camera's frames (N, H, W, 3) uint8 RGB (any HDF5 filter; the stock
+recorder's JPEG-encoded rows too), ``qpos`` (N, 14) rad/m, ``action`` (N, 14) rad/m and the
+``instruction`` attribute (or ``--instruction``).
 
 Output, in OUT (written to a temporary directory and renamed into place only when complete)::
 
@@ -41,14 +41,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, ImageLayout
+from vla_edge.edge.episodes.format import (
+    ACTION,
+    EPISODE_GLOB,
+    QPOS,
+    EpisodeFormatError,
+    EpisodeReader,
+    episode_paths,
+)
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,6 @@ DATA_JSON = "data.json"
 STATISTICS_YAML = "statistics.yaml"
 SIDECAR_JSON = "vla_edge.json"
 IMAGE_DIR = "images"
-_EPISODE_RE = re.compile(r"^episode_(\d+)\.hdf5$")
 
 
 class ConvertError(VlaEdgeError):
@@ -97,64 +104,38 @@ class ConvertResult:
 def episode_files(src: Path) -> list[Path]:
     """``episode_<n>.hdf5`` files of ``src`` in episode order."""
     if not src.is_dir():
-        raise ConvertError(f"{src}: not a directory of episode_*.hdf5 files")
-    found = [(int(m.group(1)), p) for p in src.iterdir() if (m := _EPISODE_RE.match(p.name))]
+        raise ConvertError(f"{src}: not a directory of {EPISODE_GLOB} files")
+    found = episode_paths(src)
     if not found:
-        raise ConvertError(f"{src}: no episode_*.hdf5 files (record some: vla-edge record --out {src})")
-    return [p for _, p in sorted(found)]
+        raise ConvertError(f"{src}: no {EPISODE_GLOB} files (record some: vla-edge record --out {src})")
+    return found
+
+
+@contextmanager
+def _episode_errors():
+    """An episode that cannot be read (not HDF5, a dataset missing, a frame that does not decode): ConvertError."""
+    try:
+        yield
+    except EpisodeFormatError as e:
+        raise ConvertError(str(e)) from None
 
 
 def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
     """Read and check one episode's small datasets; images are read later, one tick at a time."""
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ConvertError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
-        needed = ["observations/qpos", "action"] + [f"observations/images/{c}" for c in cfg.layout.cameras]
-        missing = [name for name in needed if name not in f]
-        if missing:
-            raise ConvertError(f"{path}: no dataset {missing[0]} (the layout needs cameras {cfg.layout.cameras})")
-        qpos = f["observations/qpos"][()].astype(np.float32)
-        action = f["action"][()].astype(np.float32)
-        lengths = {name: f[name].shape[0] for name in needed}
-        instruction = cfg.instruction or _text(f.attrs.get("instruction", ""))
-    if len(set(lengths.values())) != 1:
-        raise ConvertError(f"{path}: datasets have different lengths {lengths} (an interrupted recording? "
-                           "vla_edge.edge.episodes.recorder.recover_episode repairs it)")
+    with _episode_errors(), EpisodeReader(path, cfg.layout.cameras) as r:
+        qpos = r.qpos().astype(np.float32)
+        action = r.action().astype(np.float32)
+        instruction = cfg.instruction or r.instruction()
+        r.check_equal_rows()
     if qpos.ndim != 2 or action.ndim != 2 or qpos.shape[0] == 0:
         raise ConvertError(f"{path}: qpos {qpos.shape} / action {action.shape}: expected (N, D) with N > 0")
-    for name, arr in (("observations/qpos", qpos), ("action", action)):
+    for name, arr in ((QPOS, qpos), (ACTION, action)):
         bad = np.argwhere(~np.isfinite(arr))
         if bad.size:
             raise ConvertError(f"{path}: {name} is not finite at tick {bad[0][0]}, dimension {bad[0][1]}")
     if not instruction.strip():
         raise ConvertError(f"{path}: no 'instruction' attribute; pass --instruction")
-    m = _EPISODE_RE.match(path.name)
-    return EpisodeInfo(path, int(m.group(1)) if m else 0, instruction, qpos, action)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_frames(f, cameras: list[str], t: int) -> list[np.ndarray]:
-    """Tick ``t``'s frames, (H, W, 3) uint8 RGB, C-contiguous; decodes the stock recorder's JPEG rows."""
-    import cv2
-
-    frames = []
-    for cam in cameras:
-        ds = f[f"observations/images/{cam}"]
-        row = ds[t]
-        if ds.ndim != 4:  # stock recorder with compress=True: one JPEG (zero-padded) per row
-            row = cv2.imdecode(np.asarray(row, np.uint8).ravel(), cv2.IMREAD_COLOR)
-            if row is None:
-                raise ConvertError(f"{f.filename}: {cam} tick {t} is not a decodable JPEG")
-            row = cv2.cvtColor(row, cv2.COLOR_BGR2RGB)
-        frames.append(np.ascontiguousarray(row, dtype=np.uint8))
-    return frames
+    return EpisodeInfo(path, r.index or 0, instruction, qpos, action)
 
 
 # -- samples -----------------------------------------------------------------------------------------------
@@ -214,7 +195,6 @@ def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig
             progress=None) -> ConvertResult:
     """Convert every episode of ``src`` into ``out`` (see the module docstring). Checks everything first."""
     import cv2
-    import h5py
     from vla_edge import kernels
 
     src, out = Path(src), Path(out)
@@ -235,9 +215,9 @@ def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig
         samples, composer = [], None
         for ep in episodes:
             chunks = action_chunks(ep.action, cfg.chunk_size)
-            with h5py.File(ep.path, "r") as f:
+            with _episode_errors(), EpisodeReader(ep.path, cfg.layout.cameras) as r:
                 for t in range(len(ep.qpos)):
-                    frames = read_frames(f, cfg.layout.cameras, t)
+                    frames = r.frames(t)
                     if composer is None or composer.frame_shapes != [fr.shape[:2] for fr in frames]:
                         composer = kernels.Composer(cfg.layout, [fr.shape[:2] for fr in frames])
                     canvas = np.asarray(composer.canvas(frames))

@@ -1,24 +1,7 @@
 """Episode recording (``vla-edge run --record DIR``): one HDF5 file per episode, written off the tick.
 
-The file has the Cobot Magic stock layout (CONTRACT section 2), so existing loaders read it::
-
-    observations/images/<cam>   (N, H, W, 3) uint8      one dataset per camera
-    observations/qpos           (N, 14) float32         measured joints (rad) and grippers (m)
-    observations/qvel|effort    (N, 14) float32         NaN where the caller did not measure them
-    action                      (N, 14) float32         joint targets sent (after the safety filter)
-    base_action                 (N, 2)  float32         [vx m/s, wz rad/s] sent
-    attrs: sim=False, compress=False, plus the episode's meta (instruction, bundle, robot, ...)
-
-and vla-edge's own datasets under ``vla_edge/``::
-
-    vla_edge/tick_t                (N,) float64          monotonic start time of each tick (s)
-    vla_edge/clamps                (N,) int32            safety clamps in that tick
-    vla_edge/frame_ts/<cam>        (N,) float64          capture time of the frame used (s)
-    vla_edge/inference/t           (M,) float64          one row per inference
-    vla_edge/inference/stage_ms    (M, S) float32        attr stage_names
-    vla_edge/inference/token_ids   (M, max_tokens) int32 generated ids, padded with -1
-    vla_edge/inference/n_tokens    (M,) int32
-    vla_edge/events/t|kind|reason  (K,) float64 | S16 | S128   e-stop and other events
+The file's layout (the Cobot Magic stock layout plus vla-edge's ``vla_edge/`` datasets), its keys and
+its naming are defined in :mod:`.format`; this module is the writer.
 
 **Off the tick.** :meth:`EpisodeRecorder.record_tick` checks its arguments and hands them to a writer
 thread through a bounded queue (``queue_ticks`` rows, 1 s at 30 Hz); it never waits for the disk. The
@@ -47,7 +30,7 @@ Every dataset is chunked and resizable and the file is written in SWMR mode. The
 whatever is queued (up to ``BATCH_ROWS``), writes it and flushes: one row per flush while it keeps
 up, bigger and cheaper batches when it lags. A crash or ``kill -9`` leaves a file holding every row
 flushed before it (:attr:`EpisodeRecorder.rows_written`); such a file opens with
-``h5py.File(path, "r", swmr=True)`` and :func:`recover_episode` turns it into an ordinary file.
+``h5py.File(path, "r", swmr=True)`` and :func:`.repair.recover_episode` turns it into an ordinary file.
 
 Usage::
 
@@ -59,11 +42,9 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import re
 import resource
 import threading
 import time
@@ -74,12 +55,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 from vla_edge.edge.engine import STAGES
+from vla_edge.edge.episodes import format as fmt
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
-KIND_BYTES = 16
-REASON_BYTES = 128
 GZIP_LEVEL = 1
 """deflate level of the image chunks (level 1: ~10x faster than 6 for a few % larger files)."""
 QUEUE_TICKS = 30
@@ -90,25 +70,11 @@ BATCH_ROWS = 30
 """At most this many queued items are written per HDF5 flush."""
 CLOSE_TIMEOUT_S = 30.0
 """close() waits this long for the queued rows to be written (a hung disk must not hang shutdown)."""
-_ROWS_PER_CHUNK = 256  # small per-tick datasets: rows per HDF5 chunk
-_EPISODE_RE = re.compile(r"episode_(\d+)\.hdf5$")
-_INFERENCE = ("vla_edge/inference/stage_ms", "vla_edge/inference/token_ids", "vla_edge/inference/n_tokens",
-              "vla_edge/inference/t")
-_EVENTS = ("vla_edge/events/kind", "vla_edge/events/reason", "vla_edge/events/t")
 _CLOSE = object()
 
 
 class RecorderFault(VlaEdgeError):
     """The recording cannot go on (a write error such as a full disk, or a writer that fell behind)."""
-
-
-def per_tick_datasets(f: h5py.File) -> list[str]:
-    """Names of the datasets that get one row per tick (all must have the same length)."""
-    names = ["observations/qpos", "observations/qvel", "observations/effort", "action", "base_action",
-             "vla_edge/tick_t", "vla_edge/clamps"]
-    names += [f"observations/images/{c}" for c in f["observations/images"]]
-    names += [f"vla_edge/frame_ts/{c}" for c in f["vla_edge/frame_ts"]]
-    return names
 
 
 class WriterStats:
@@ -176,17 +142,13 @@ class EpisodeRecorder:
         self._abandoned: list[h5py.File] = []  # files HDF5 failed on: never closed (closing may crash)
 
     # -- episode lifecycle ----------------------------------------------------------------------------
-    def _next_path(self) -> Path:
-        taken = [int(m.group(1)) for p in self.directory.glob("episode_*.hdf5") if (m := _EPISODE_RE.search(p.name))]
-        return self.directory / f"episode_{max(taken, default=-1) + 1}.hdf5"
-
     def start_episode(self, meta: dict | None = None) -> Path:
         """Create the next episode file with every dataset empty and start its writer; return its path."""
         if self._f is not None:
             raise VlaEdgeError("recorder: an episode is already open; close() it first")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self._next_path()
+            path = fmt.next_episode_path(self.directory)
             f = h5py.File(path, "w", libver="latest")
         except OSError as e:
             raise RecorderFault(f"recorder: cannot create an episode in {self.directory}: {e}") from e
@@ -210,38 +172,10 @@ class EpisodeRecorder:
         return path
 
     def _create_layout(self, f: h5py.File, meta: dict) -> None:
-        f.attrs["sim"] = False
-        f.attrs["compress"] = False  # ALOHA-style loaders read True as "rows are JPEG bytes"
-        f.attrs["image_filter"] = self.image_filter if self.image_filter != "gzip" else f"gzip-{GZIP_LEVEL}"
-        for key, value in meta.items():
-            f.attrs[key] = value if isinstance(value, str | int | float | bool) else json.dumps(value)
-        f.attrs["cameras"] = json.dumps(self.cameras)
-
-        def grow(name, row_shape, dtype, rows_per_chunk=_ROWS_PER_CHUNK, **kw):
-            return f.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-                                    chunks=(rows_per_chunk, *row_shape), **kw)
-
-        image_kw = {}
-        if self.image_filter == "gzip":
-            image_kw = {"compression": "gzip", "compression_opts": GZIP_LEVEL}
-        elif self.image_filter == "lzf":
-            image_kw = {"compression": "lzf"}
-        for cam in self.cameras:
-            grow(f"observations/images/{cam}", self.image_shape, np.uint8, rows_per_chunk=1, **image_kw)
-            grow(f"vla_edge/frame_ts/{cam}", (), np.float64)
-        for name in ("observations/qpos", "observations/qvel", "observations/effort", "action"):
-            grow(name, (14,), np.float32)
-        grow("base_action", (2,), np.float32)
-        grow("vla_edge/tick_t", (), np.float64)
-        grow("vla_edge/clamps", (), np.int32)
-        grow("vla_edge/inference/t", (), np.float64, rows_per_chunk=64)
-        grow("vla_edge/inference/stage_ms", (len(self.stage_names),), np.float32, rows_per_chunk=64)
-        f["vla_edge/inference/stage_ms"].attrs["stage_names"] = json.dumps(self.stage_names)
-        grow("vla_edge/inference/token_ids", (self.max_tokens,), np.int32, rows_per_chunk=64)
-        grow("vla_edge/inference/n_tokens", (), np.int32, rows_per_chunk=64)
-        grow("vla_edge/events/t", (), np.float64, rows_per_chunk=64)
-        grow("vla_edge/events/kind", (), f"S{KIND_BYTES}", rows_per_chunk=64)
-        grow("vla_edge/events/reason", (), f"S{REASON_BYTES}", rows_per_chunk=64)
+        kw = {"gzip": {"compression": "gzip", "compression_opts": GZIP_LEVEL}, "lzf": {"compression": "lzf"}}
+        name = self.image_filter if self.image_filter != "gzip" else f"gzip-{GZIP_LEVEL}"
+        fmt.create_layout(f, meta, self.cameras, self.image_shape, self.stage_names, self.max_tokens,
+                          image_filter=name, image_kw=kw.get(self.image_filter, {}))
 
     def close(self) -> Path | None:
         """Drain the queue, cut every dataset group to its complete rows, close the file. Safe to call twice.
@@ -281,8 +215,8 @@ class EpisodeRecorder:
         return self.path
 
     def _trim(self, f: h5py.File) -> None:
-        groups = [(per_tick_datasets(f), self.rows_written), (_INFERENCE, self._counts["inference"]),
-                  (_EVENTS, self._counts["events"])]
+        groups = [(fmt.per_tick_datasets(f), self.rows_written),
+                  (fmt.INFERENCE_DATASETS, self._counts["inference"]), (fmt.EVENT_DATASETS, self._counts["events"])]
         for names, n in groups:
             for name in names:
                 if f[name].shape[0] != n:
@@ -320,22 +254,7 @@ class EpisodeRecorder:
             if img.shape != self.image_shape or img.dtype != np.uint8:
                 raise VlaEdgeError(f"recorder: {cam} frame is {img.shape} {img.dtype}, expected {self.image_shape} uint8")
             images[cam] = img
-        rows = {
-            "observations/qpos": qpos,
-            "observations/qvel": np.full(14, np.nan) if qvel is None else qvel,
-            "observations/effort": np.full(14, np.nan) if effort is None else effort,
-            "action": action,
-            "base_action": base_action,
-        }
-        for name, value in rows.items():
-            want = (2,) if name == "base_action" else (14,)
-            rows[name] = np.array(value, dtype=np.float32)  # a copy: the caller may reuse its arrays
-            if rows[name].shape != want:
-                raise VlaEdgeError(f"recorder: {name} has shape {rows[name].shape}, expected {want}")
-        for cam in self.cameras:
-            rows[f"vla_edge/frame_ts/{cam}"] = float(frame_ts[cam])
-        rows["vla_edge/clamps"] = int(clamps)
-        rows["vla_edge/tick_t"] = float(tick_t)
+        rows = fmt.tick_row(frame_ts, qpos, action, base_action, tick_t, clamps, qvel, effort)
         self._put(("tick", images, rows), f"{self.queue_ticks} ticks waiting to be written")
         self.n_ticks += 1
         return self.n_ticks
@@ -343,26 +262,16 @@ class EpisodeRecorder:
     def record_inference(self, t: float, stage_ms: dict, token_ids) -> None:
         """Queue one inference: per-stage milliseconds (missing stages NaN) and the generated token ids."""
         self._require_open()
-        ids = np.asarray(token_ids, dtype=np.int64).ravel()
-        if ids.size > self.max_tokens:
-            log.warning("recorder: %d tokens, keeping the first %d", ids.size, self.max_tokens)
-            ids = ids[: self.max_tokens]
-        padded = np.full(self.max_tokens, -1, dtype=np.int32)
-        padded[: ids.size] = ids
-        unknown = set(stage_ms) - set(self.stage_names)
-        if unknown:
-            raise VlaEdgeError(f"recorder: unknown stage(s) {sorted(unknown)}; known: {self.stage_names}")
-        stages = np.array([stage_ms.get(s, np.nan) for s in self.stage_names], dtype=np.float32)
-        rows = dict(zip(_INFERENCE, (stages, padded, ids.size, float(t)), strict=True))
+        rows = fmt.inference_row(t, stage_ms, token_ids, self.stage_names, self.max_tokens)
         self._put(("inference", None, rows), "the writer fell behind")
 
     def record_event(self, t: float, kind: str, reason: str = "") -> None:
-        """Queue an event (e.g. an :class:`~vla_edge.edge.estop.EStop` trip); text is truncated to fit.
+        """Queue an event (e.g. an :class:`~vla_edge.edge.estop.latch.EStop` trip); text is truncated to fit.
 
         Never raises for a faulted recording (events come from e-stop callbacks): the event is dropped.
         """
         self._require_open()
-        rows = dict(zip(_EVENTS, (kind.encode()[:KIND_BYTES], reason.encode()[:REASON_BYTES], float(t)), strict=True))
+        rows = fmt.event_row(t, kind, reason)
         try:
             self._put(("events", None, rows), "the writer fell behind")
         except RecorderFault as e:  # already reported once, when the recording faulted
@@ -463,7 +372,7 @@ class EpisodeRecorder:
             return
         n, k = self.rows_written, len(ticks)
         for cam in self.cameras:
-            images = ds[f"observations/images/{cam}"]
+            images = ds[fmt.image_key(cam)]
             images.resize(n + k, axis=0)
             if chunks:
                 for i in range(k):
@@ -493,33 +402,3 @@ def _short(e: Exception) -> str:
     text = " ".join(str(e).split())
     return text[:200]
 
-
-def recover_episode(path: str | Path) -> int:
-    """Turn the file of an interrupted recording into an ordinary HDF5 file; return its tick count.
-
-    Per-tick datasets are cut to the shortest one (a kill during a tick's writes may leave some a row
-    ahead); the file is rewritten next to the original and renamed over it.
-    """
-    path = Path(path)
-    tmp = path.with_suffix(".recovering.hdf5")
-    with h5py.File(path, "r", swmr=True) as src:
-        per_tick = per_tick_datasets(src)
-        n = min(src[name].shape[0] for name in per_tick)
-        with h5py.File(tmp, "w") as dst:
-            dst.attrs.update(src.attrs)
-
-            def copy(name, obj):
-                if isinstance(obj, h5py.Group):
-                    dst.require_group(name).attrs.update(obj.attrs)
-                    return
-                rows = n if name in per_tick else obj.shape[0]
-                ds = dst.create_dataset(name, shape=(rows, *obj.shape[1:]), maxshape=obj.maxshape, dtype=obj.dtype,
-                                        chunks=obj.chunks, compression=obj.compression,
-                                        compression_opts=obj.compression_opts)
-                for start in range(0, rows, 64):  # bounded memory for long image datasets
-                    ds[start : start + 64] = obj[start : min(start + 64, rows)]
-                ds.attrs.update(obj.attrs)
-
-            src.visititems(copy)
-    os.replace(tmp, path)
-    return n

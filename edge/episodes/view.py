@@ -36,12 +36,15 @@ from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, ImageLayout
+from vla_edge.edge.episodes.format import EpisodeFormatError, EpisodeReader
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
 JOINT_NAMES = [f"{side}_{j}" for side in "LR" for j in ("j1", "j2", "j3", "j4", "j5", "j6", "gripper")]
 """Names of the 14 state/action dimensions, in CONTRACT order."""
+STOCK_RATE_HZ = 30.0
+"""Tick rate assumed for a recording without tick times (the stock recorder's)."""
 
 
 class ViewError(VlaEdgeError):
@@ -118,29 +121,24 @@ class TickLogger:
 
 def log_episode(rec, path: Path, cfg: ViewConfig = ViewConfig()) -> int:
     """Log episode ``path`` into the Rerun recording stream ``rec``; returns the number of ticks."""
-    import h5py
-    from vla_edge.edge.episodes.convert import read_frames
-
     rr = import_rerun()
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ViewError(f"{path}: not a readable HDF5 episode ({e})") from None
-    with f:
-        missing = [n for n in ("observations/qpos", "action") if n not in f]
-        if missing:
-            raise ViewError(f"{path}: no dataset {missing[0]}")
-        qpos, action = f["observations/qpos"][()], f["action"][()]
+        reader = EpisodeReader(path)  # every camera in the file
+    except EpisodeFormatError as e:
+        raise ViewError(str(e)) from None
+    with reader:
+        qpos, action = reader.qpos(), reader.action()
         n = len(qpos)
-        tick_t = f["vla_edge/tick_t"][()] if "vla_edge/tick_t" in f else np.arange(n) / 30.0
+        tick_t = reader.tick_t_s()
+        tick_t = np.arange(n) / STOCK_RATE_HZ if tick_t is None else tick_t
         t0 = float(tick_t[0]) if n else 0.0
-        base = f["base_action"][()] if "base_action" in f else np.zeros((n, 2))
-        cams = list(f["observations/images"]) if "observations/images" in f else []
+        base = reader.base_action()
+        base = np.zeros((n, 2)) if base is None else base
         logger = TickLogger(rec, cfg)
         for k in range(n):
-            frames = dict(zip(cams, read_frames(f, cams, k), strict=True))
+            frames = dict(zip(reader.cameras, reader.frames(k), strict=True))
             logger.log(k, float(tick_t[k]) - t0, frames, qpos[k], action[k], base[k])
-        _log_timed(rec, rr, f, tick_t, t0)
+        _log_timed(rec, rr, reader, tick_t, t0)
     return n
 
 
@@ -196,26 +194,24 @@ class LiveView:
             log.info("view: %d ticks not shown (the logger was behind)", self.dropped)
 
 
-def _log_timed(rec, rr, f, tick_t: np.ndarray, t0: float) -> None:
+def _log_timed(rec, rr, reader: EpisodeReader, tick_t: np.ndarray, t0: float) -> None:
     """Inference latencies and events, each at the tick it happened in."""
 
     def at(t: float) -> None:
         rec.set_time("tick", sequence=int(max(0, np.searchsorted(tick_t, t, side="right") - 1)))
         rec.set_time("time", duration=float(t) - t0)
 
-    if "vla_edge/inference/t" in f and len(f["vla_edge/inference/t"]):
-        names = json.loads(f["vla_edge/inference/stage_ms"].attrs.get("stage_names", "[]"))
-        for t, row in zip(f["vla_edge/inference/t"][()], f["vla_edge/inference/stage_ms"][()], strict=True):
+    if (inference := reader.inference()) is not None:
+        times, stage_ms, names = inference
+        for t, row in zip(times, stage_ms, strict=True):
             at(t)
             for name, ms in zip(names, row, strict=True):
                 if np.isfinite(ms):
                     rec.log(f"latency/{name}_ms", rr.Scalars([float(ms)]))
-    if "vla_edge/events/t" in f:
-        for t, kind, reason in zip(f["vla_edge/events/t"][()], f["vla_edge/events/kind"][()],
-                                   f["vla_edge/events/reason"][()], strict=True):
-            at(t)
-            text = kind.decode() + (f": {reason.decode()}" if reason else "")
-            rec.log("events", rr.TextLog(text, level="WARN" if kind != b"resume" else "INFO"))
+    for t, kind, reason in reader.events():
+        at(t)
+        text = kind + (f": {reason}" if reason else "")
+        rec.log("events", rr.TextLog(text, level="WARN" if kind != "resume" else "INFO"))
 
 
 def view(path: str | Path, save: str | Path | None = None, cfg: ViewConfig = ViewConfig()) -> int:

@@ -205,7 +205,7 @@ class SimBench:
 
         ``random_start``: start from :meth:`ReachTask.start_pose` (training data) instead of the ready pose.
         """
-        from vla_edge.edge.estop import EStop
+        from vla_edge.edge.estop.latch import EStop
         from vla_edge.edge.loop import ControlLoop, LoopConfig
         from vla_edge.edge.safety import SafetyFilter, SafetyLimits
         from vla_edge.edge.telemetry import RunStats

@@ -7,7 +7,7 @@ The task (what ``vla-edge eval`` measures and what ``vla-edge train-tiny`` learn
     stays in its ready pose. Success: the reaching arm's fingertip is within ``tolerance_m`` of the
     disc centre (horizontally) and below ``max_tip_height_m``, for ``hold_ticks`` control ticks in a row.
 
-Geometry has one source of truth: :func:`vla_edge.firmware_bridge.cameras.arm_points`, the planar arm model the
+Geometry has one source of truth: :func:`vla_edge.firmware_bridge.camera_sim.arm_points`, the planar arm model the
 synthetic cameras draw. The expert's reach pose is that model's inverse (:func:`reach_pose`), and the
 success test evaluates that same model on the simulator's measured joints.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from vla_edge.edge.engine import ActionChunk
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.firmware_bridge.cameras import _LINKS_M, Scene, arm_points
+from vla_edge.firmware_bridge.camera_sim import LINKS_M, Scene, arm_points
 
 INSTRUCTION = "touch the red target"
 """The instruction of every reach episode (recorded with the data, used by training and eval)."""
@@ -156,7 +156,7 @@ def reach_pose(dx_m: float, dy_m: float, hover_m: float, gripper_m: float = 0.0)
 def _reach_pose_tilted(dx_m, dy_m, hover_m, tilt_rad, gripper_m) -> np.ndarray | None:
     from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
-    upper, fore, hand = _LINKS_M
+    upper, fore, hand = LINKS_M
     j1 = math.atan2(dx_m, dy_m)
     a3 = math.pi + tilt_rad  # last-link pitch from vertical (pi: straight down; > pi: tilted back)
     r = math.hypot(dx_m, dy_m) - hand * math.sin(a3)  # wrist, horizontally from the base
