@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from vla_edge.edge.bundle.manifest import Bundle
@@ -39,6 +38,7 @@ from vla_edge.edge.bundle.prompt import tokenizer_encoder
 from vla_edge.edge.decoding import decode_jacobi, decode_sequential, parallel_refusal
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.kv_cache import GrowingKV, Rows, SharedKV, gqa_lengths
+from vla_edge.edge.policy import ActionChunk
 from vla_edge.edge.providers import ProviderError, pick_providers
 
 log = logging.getLogger(__name__)
@@ -48,23 +48,6 @@ STAGES = ("compose", "vision", "prompt", "prefill", "decode", "detokenize")
 
 class EngineError(VlaEdgeError):
     """Bad engine input (camera count, state width) or an unavailable provider."""
-
-
-@dataclass
-class ActionChunk:
-    """One policy output.
-
-    ``joints``: (chunk_size, action_dim) absolute joint targets, radians for joints and metres for
-    grippers, in the robot's 14-vector order. ``None`` for a navigation step that moves the base.
-    ``base``: ``(direction, value)`` for navigation outputs: metres for ``forward``, degrees for
-    turns, ``("stop", 0.0)`` when the model chose to manipulate; ``None`` in manipulation mode.
-    """
-
-    joints: np.ndarray | None
-    base: tuple[str, float] | None = None
-    token_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    decode_calls: int = 0
 
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

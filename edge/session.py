@@ -38,7 +38,8 @@ from vla_edge.edge.estop.keyboard import KeyboardListener
 from vla_edge.edge.estop.latch import EStop, StopRequest
 from vla_edge.edge.estop.signals import install_signal_handlers
 from vla_edge.edge.loop import ControlLoop, LoopConfig
-from vla_edge.edge.robot import Robot, load_profile
+from vla_edge.edge.profile import load_profile
+from vla_edge.edge.robot import Robot
 from vla_edge.edge.safety import SafetyFilter, SafetyLimits
 from vla_edge.edge.telemetry import RunStats, log_console
 

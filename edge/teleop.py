@@ -54,7 +54,8 @@ import numpy as np
 from vla_edge.edge.episodes.recorder import EpisodeRecorder
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.loop import ControlLoop, LoopConfig, TickSource
-from vla_edge.edge.robot import SIDES, Robot, _profile_path, load_profile
+from vla_edge.edge.profile import SIDES, load_profile, profile_path
+from vla_edge.edge.robot import Robot
 from vla_edge.edge.safety import SafetyFilter, SafetyLimits
 from vla_edge.edge.session import Session
 from vla_edge.edge.telemetry import RunStats
@@ -98,7 +99,7 @@ class RecordConfig:
 
 def master_cans(robot: str) -> dict[str, str]:
     """The CAN interface of each master arm: ``master_can`` of ``[arms.left]`` / ``[arms.right]``."""
-    path = _profile_path(robot)
+    path = profile_path(robot)
     arms = tomllib.loads(path.read_text()).get("arms", {})
     out = {}
     for side in SIDES:

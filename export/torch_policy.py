@@ -16,7 +16,7 @@ import time
 import numpy as np
 from vla_edge import kernels
 from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
-from vla_edge.edge.engine import ActionChunk
+from vla_edge.edge.policy import ActionChunk
 from vla_edge.export.model import LlavaVLA
 from vla_edge.export.reference import TorchReference
 

@@ -65,7 +65,7 @@ class _Frozen:
         pass
 
     def step(self, frames, state):
-        from vla_edge.edge.engine import ActionChunk
+        from vla_edge.edge.policy import ActionChunk
 
         return ActionChunk(joints=np.repeat(np.asarray(state)[None], 5, axis=0))
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import wait_until
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.robot import Robot, load_profile
+from vla_edge.edge.profile import load_profile
+from vla_edge.edge.robot import Robot
 
 pytestmark = pytest.mark.filterwarnings("ignore:The 'bustype' argument is deprecated:DeprecationWarning")
 

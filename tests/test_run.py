@@ -33,9 +33,10 @@ import numpy as np
 import pytest
 from conftest import run_cli
 from vla_edge.edge.chunks import ActionSchedule, BaseProfile, base_profile
-from vla_edge.edge.engine import ActionChunk
-from vla_edge.edge.episodes.recorder import recover_episode
-from vla_edge.edge.robot import Robot, load_profile
+from vla_edge.edge.episodes.repair import recover_episode
+from vla_edge.edge.policy import ActionChunk
+from vla_edge.edge.profile import load_profile
+from vla_edge.edge.robot import Robot
 from vla_edge.edge.session import RunConfig, run
 
 INSTRUCTION = "pick up the red cube"
@@ -257,7 +258,7 @@ def test_max_ticks_run_records_the_documented_episode(int8_bundle, tmp_path):
 def stall_tolerant_sim(tmp_path: Path) -> Path:
     """The sim profile with 2 s device watchdogs: a loaded 2-core machine stalls the whole process for
     ~0.4 s at times, which the sim's 0.3 s limits rightly call a fault; tests of other things use this."""
-    from vla_edge.edge.robot import PROFILE_DIR
+    from vla_edge.edge.profile import PROFILE_DIR
 
     text = (PROFILE_DIR / "sim.toml").read_text()
     for key in ("feedback_timeout_s = 0.3", "stale_after_s = 0.3"):

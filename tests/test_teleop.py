@@ -104,7 +104,7 @@ def test_record_refuses_bad_arguments_in_one_line(tmp_path):
     r = run_cli("record", "--robot", "sim", "--instruction", " ", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "instruction must not be empty" in r.stderr
     profile = tmp_path / "nomaster.toml"
-    from vla_edge.edge.robot import PROFILE_DIR
+    from vla_edge.edge.profile import PROFILE_DIR
 
     profile.write_text((PROFILE_DIR / "sim.toml").read_text().replace('master_can = "sim_can_right"', "#"))
     r = run_cli("record", "--robot", str(profile), "--instruction", "x", "--out", str(tmp_path / "o"))
@@ -131,7 +131,7 @@ def test_episode_keys_and_terminal_key_decoding():
 @pytest.mark.parametrize("forward", [True])
 def test_record_forwarding_master_on_its_own_bus(tmp_path, forward):
     """A master on a bus of its own: vla-edge forwards its commands to the puppet through the safety filter."""
-    from vla_edge.edge.robot import PROFILE_DIR
+    from vla_edge.edge.profile import PROFILE_DIR
 
     profile = tmp_path / "sep.toml"
     text = (PROFILE_DIR / "sim.toml").read_text()

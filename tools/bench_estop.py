@@ -219,7 +219,7 @@ def child(args) -> int:
             self.engine.start_episode(instruction, navigation=navigation)
 
         def step(self, frames, state):
-            from vla_edge.edge.engine import ActionChunk
+            from vla_edge.edge.policy import ActionChunk
 
             return ActionChunk(joints=np.tile(np.asarray(state, np.float64), (5, 1)), timings_ms={"total": 0.0})
 

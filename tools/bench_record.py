@@ -44,7 +44,7 @@ import numpy as np
 
 def bench_run(args) -> dict:
     from vla_edge.edge.episodes import recorder as recorder_mod
-    from vla_edge.edge.episodes.recorder import per_tick_datasets
+    from vla_edge.edge.episodes.format import TICK_T, episode_paths, per_tick_datasets
     from vla_edge.edge.session import RunConfig, run
     from vla_edge.export.demo import ensure_demo_bundle
 
@@ -107,10 +107,10 @@ def bench_run(args) -> dict:
     }
     if args.no_record:
         return result
-    [path] = sorted(out.glob("episode_*.hdf5"))
+    [path] = episode_paths(out)
     with h5py.File(path, "r") as f:
         lengths = {f[n].shape[0] for n in per_tick_datasets(f)}
-        t = f["vla_edge/tick_t"][:]
+        t = f[TICK_T][:]
     duration_s = float(t[-1] - t[0]) if t.size > 1 else 0.0
     writer = loop.recorder.stats.summary()
     return {

@@ -1,8 +1,8 @@
 """``vla-edge train-tiny``: fit a tiny LLaVA-VLA-shaped model to recorded episodes on a CPU, in minutes.
 
-Data: HDF5 episodes in the Cobot Magic layout (what ``vla-edge run --record`` and
-:func:`vla_edge.edge.sim.evaluate.record_expert_episodes` write): ``observations/images/<cam>``,
-``observations/qpos`` and ``action``, attribute ``instruction``. With ``--record N`` the scripted
+Data: HDF5 episodes in the Cobot Magic layout of :mod:`vla_edge.edge.episodes.format` (what
+``vla-edge run --record`` and :func:`vla_edge.edge.sim.evaluate.record_expert_episodes` write): each
+camera's frames, ``qpos`` and ``action``, attribute ``instruction``. With ``--record N`` the scripted
 expert of the simulated reach task (:mod:`vla_edge.edge.sim.task`) records N episodes into ``--data`` first.
 
 Every tick ``t`` with five actions after it is one sample, exactly as the runtime will see it
@@ -73,17 +73,19 @@ class Dataset:
 
 
 def episode_files(data_dir: str | Path) -> list[Path]:
-    files = sorted(Path(data_dir).glob("episode_*.hdf5"), key=lambda p: int(p.stem.split("_")[1]))
+    """The ``episode_<n>.hdf5`` files of ``data_dir`` in episode order."""
+    from vla_edge.edge.episodes.format import EPISODE_GLOB, episode_paths
+
+    files = episode_paths(data_dir)
     if not files:
-        raise VlaEdgeError(f"no episode_*.hdf5 files in {data_dir} (record some: vla-edge train-tiny --record N)")
+        raise VlaEdgeError(f"no {EPISODE_GLOB} files in {data_dir} (record some: vla-edge train-tiny --record N)")
     return files
 
 
 def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=None) -> Dataset:
     """Read the episodes and compose each tick's views once (uint8, the model's input before scaling)."""
-    import cv2
-    import h5py
     from vla_edge import kernels
+    from vla_edge.edge.episodes.format import EpisodeReader
 
     files = episode_files(data_dir)
     if max_episodes:
@@ -91,33 +93,24 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
     images, qpos, actions, instr, all_q, all_a, targets = [], [], [], [], [], [], []
     composer = None
     for path in files:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in ("observations/qpos", "action") if k not in f]
-            missing += [f"observations/images/{c}" for c in layout.cameras if f"observations/images/{c}" not in f]
-            if missing:
-                raise VlaEdgeError(f"{path}: no dataset {missing[0]}")
-            q = f["observations/qpos"][()].astype(np.float64)
-            a = f["action"][()].astype(np.float64)
-            compressed_jpeg = bool(f.attrs.get("compress", False)) and f[f"observations/images/{layout.cameras[0]}"].ndim == 2
-            cams = [f[f"observations/images/{c}"][()] for c in layout.cameras]
-            text = str(f.attrs.get("instruction", ""))
-            target = json.loads(f.attrs["target_xy_m"]) if "target_xy_m" in f.attrs else None
-        if not text:
-            raise VlaEdgeError(f"{path}: no 'instruction' attribute")
-        all_q.append(q)
-        all_a.append(a)
-        for t in range(len(q) - CHUNK + 1):
-            frames = [cams[i][t] for i in range(len(cams))]
-            if compressed_jpeg:  # the stock recorder's JPEG rows
-                frames = [cv2.cvtColor(cv2.imdecode(fr, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for fr in frames]
-            frames = [np.ascontiguousarray(fr) for fr in frames]
-            if composer is None:
-                composer = kernels.Composer(layout, [fr.shape[:2] for fr in frames])
-            images.append(np.asarray(composer.compose_uint8(frames)))
-            qpos.append(q[t])
-            actions.append(a[t : t + CHUNK])
-            instr.append(text)
-            targets.append(target)
+        with EpisodeReader(path, layout.cameras) as r:  # qpos, action and the layout's cameras, or an error
+            q = r.qpos().astype(np.float64)
+            a = r.action().astype(np.float64)
+            text = r.instruction()
+            target = json.loads(r.attrs["target_xy_m"]) if "target_xy_m" in r.attrs else None
+            if not text:
+                raise VlaEdgeError(f"{path}: no 'instruction' attribute")
+            all_q.append(q)
+            all_a.append(a)
+            for t in range(len(q) - CHUNK + 1):
+                frames = r.frames(t)  # (H, W, 3) uint8 RGB; the stock recorder's JPEG rows decoded
+                if composer is None:
+                    composer = kernels.Composer(layout, [fr.shape[:2] for fr in frames])
+                images.append(np.asarray(composer.compose_uint8(frames)))
+                qpos.append(q[t])
+                actions.append(a[t : t + CHUNK])
+                instr.append(text)
+                targets.append(target)
         if progress is not None:
             progress()
     if not images:

@@ -42,9 +42,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.prompt import PromptTemplate
 from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec, TokenSpec
-from vla_edge.edge.errors import VlaEdgeError
 
 FORMAT = "vla-edge-bundle"
 FORMAT_VERSION = 1

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
-from vla_edge.edge.robot import SIDES, Robot, load_profile
+from vla_edge.edge.profile import SIDES, load_profile
+from vla_edge.edge.robot import Robot
 from vla_edge.edge.telemetry import out_console
 from vla_edge.firmware_bridge import tracer_protocol as tp
 from vla_edge.firmware_bridge.cameras import Camera

@@ -14,7 +14,7 @@ use, :mod:`vla_edge.export.demo`); a real robot needs ``--bundle``.
 from __future__ import annotations
 
 from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.robot import load_profile
+from vla_edge.edge.profile import load_profile
 from vla_edge.edge.session import RunConfig, run
 from vla_edge.export.demo import demo_dir, ensure_demo_bundle
 

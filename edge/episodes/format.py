@@ -114,7 +114,8 @@ def per_tick_datasets(f: h5py.File) -> list[str]:
 
 
 class EpisodeFormatError(VlaEdgeError):
-    """An episode file that cannot be read: not HDF5, a dataset missing, a frame that does not decode."""
+    """An episode file that cannot be read (not HDF5, a dataset missing, a frame that does not decode), or a
+    row that does not fit the layout (a wrong shape, an unknown stage)."""
 
 
 # -- writing ---------------------------------------------------------------------------------------------

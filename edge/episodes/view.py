@@ -28,7 +28,6 @@ command sent, as ``run --record`` stores them.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, ImageLayout
-from vla_edge.edge.episodes.format import EpisodeFormatError, EpisodeReader
 from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
@@ -121,6 +119,8 @@ class TickLogger:
 
 def log_episode(rec, path: Path, cfg: ViewConfig = ViewConfig()) -> int:
     """Log episode ``path`` into the Rerun recording stream ``rec``; returns the number of ticks."""
+    from vla_edge.edge.episodes.format import EpisodeFormatError, EpisodeReader  # h5py: only when reading
+
     rr = import_rerun()
     try:
         reader = EpisodeReader(path)  # every camera in the file
@@ -194,8 +194,9 @@ class LiveView:
             log.info("view: %d ticks not shown (the logger was behind)", self.dropped)
 
 
-def _log_timed(rec, rr, reader: EpisodeReader, tick_t: np.ndarray, t0: float) -> None:
-    """Inference latencies and events, each at the tick it happened in."""
+def _log_timed(rec, rr, reader, tick_t: np.ndarray, t0: float) -> None:
+    """Inference latencies and events of ``reader`` (an :class:`~.format.EpisodeReader`), each at the tick
+    it happened in."""
 
     def at(t: float) -> None:
         rec.set_time("tick", sequence=int(max(0, np.searchsorted(tick_t, t, side="right") - 1)))

@@ -156,7 +156,8 @@ class SimBench:
 
     def __init__(self, task: ReachTask | None = None, robot: str = "sim", rate_hz: float | None = None,
                  max_seconds: float = 8.0, cameras: list[str] | None = None):
-        from vla_edge.edge.robot import Robot, load_profile
+        from vla_edge.edge.profile import load_profile
+        from vla_edge.edge.robot import Robot
 
         self.task = task or ReachTask()
         self.profile = load_profile(robot)

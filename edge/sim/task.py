@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from vla_edge.edge.engine import ActionChunk
 from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.policy import ActionChunk
 from vla_edge.firmware_bridge.camera_sim import LINKS_M, Scene, arm_points
 
 INSTRUCTION = "touch the red target"

@@ -16,7 +16,7 @@ import threading
 import time
 
 import numpy as np
-from vla_edge.edge.robot import SIDES
+from vla_edge.edge.profile import SIDES
 from vla_edge.edge.sim.task import ExpertPolicy, ReachTask
 
 
