@@ -32,11 +32,13 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from vla_edge.edge.chunks import ActionSchedule, BaseProfile, InferenceWorker, base_profile
 from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.observers import Tick, TickObserver
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,9 @@ class ControlLoop:
     ``until()`` or a stop request. ``safe_stop()``: what a fault does to the robot (default: arms hold,
     base zero)."""
 
-    def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats, recorder=None,
-                 cameras: list[str] | None = None, stop_requested: threading.Event | None = None, view=None,
-                 until=None, safe_stop=None):
+    def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats,
+                 observers: Sequence[TickObserver] = (), cameras: list[str] | None = None,
+                 stop_requested: threading.Event | None = None, until=None, safe_stop=None):
         self.robot = robot
         self.policy = policy
         self.per_tick = isinstance(policy, TickSource)
@@ -113,9 +115,8 @@ class ControlLoop:
         self.safety = safety
         self.estop = estop
         self.stats = stats
-        self.recorder = recorder
-        self.view = view
-        """A live view (``run --view``): ``tick(...)``, ``inference(...)``; never blocks."""
+        self.observers = list(observers)
+        """Tick observers (:mod:`vla_edge.edge.observers`): the recorder, the live view; none blocks a tick."""
         self.cameras = cameras or list(robot.camera_names)
         self.schedule = ActionSchedule(cfg.ensemble_k if cfg.mode == "async" else None)
         self.worker = InferenceWorker(policy, robot, self.cameras)
@@ -293,12 +294,12 @@ class ControlLoop:
         self.stats.inference(chunk.timings_ms.get("total", 0.0), chunk.timings_ms)
         if frames is not None:
             self.stats.frames(list(frames.ages_s.values()), frames.skew_s)
-        if self.recorder is not None:
-            self.recorder.record_inference(time.monotonic(), chunk.timings_ms, chunk.token_ids)
-        if self.view is not None:  # the chunk boundary: this tick's plan is the new chunk's
+        if self.observers:  # the chunk boundary: this tick's plan is the new chunk's
             what = f"{chunk.base[0]} {chunk.base[1]:.2f}" if chunk.base is not None and chunk.base[0] != "stop" \
                 else f"{len(chunk.joints) if chunk.joints is not None else 0} steps"
-            self.view.inference(k, time.monotonic(), chunk.timings_ms, f"chunk: {what}, observed at tick {obs_tick}")
+            t = time.monotonic()
+            for o in self.observers:
+                o.on_chunk(k, t, chunk, f"chunk: {what}, observed at tick {obs_tick}")
         if chunk.base is not None and chunk.base[0] != "stop":
             direction, value = chunk.base
             if not math.isfinite(value):
@@ -331,32 +332,30 @@ class ControlLoop:
             clamps = len(clamped)
             self.robot.send_joint_targets(safe)
         self.stats.clamps(clamps)
-        if self.recorder is None and self.view is None:
+        if not self.observers:
             return
-        frames, stamps = {}, {}
-        for name in self.cameras:
-            f = self.robot.cameras.cameras[name].latest()
-            if f is None:
-                return  # no frame yet from this camera: nothing to record this tick
-            frames[name], stamps[name] = f.image, f.stamp_s
-        base = (state.base_vx_mps, state.base_wz_radps)
-        if self.recorder is not None:
-            qvel, effort = self.policy.motion()
-            self.recorder.record_tick(frames, stamps, state.qpos, action, base, now, clamps, qvel=qvel, effort=effort)
-        if self.view is not None:
-            self.view.tick(self.tick_base + self.ticks, now, frames, state.qpos, action, base)
+        frames, stamps = self._frames()
+        if len(frames) != len(self.cameras):
+            return  # no frame yet from a camera: nothing to record this tick
+        qvel, effort = self.policy.motion()
+        self._emit(Tick(self.tick_base + self.ticks, now, frames, stamps, state.qpos, action,
+                        (state.base_vx_mps, state.base_wz_radps), clamps, qvel, effort))
 
     def _record(self, k, now, state, target, base, clamps) -> None:
-        if self.recorder is None and self.view is None:
-            return
+        """``action``: the command in force this tick, as sent (a hold included), not the policy's wish."""
+        if self.observers:
+            frames, stamps = self._frames()
+            self._emit(Tick(k, now, frames, stamps, state.qpos, target, base, clamps))
+
+    def _frames(self) -> tuple[dict, dict]:
+        """The newest frame (RGB uint8) and its capture time (s) of each camera that has one."""
         frames, stamps = {}, {}
         for name in self.cameras:
             f = self.robot.cameras.cameras[name].latest()
             if f is not None:
                 frames[name], stamps[name] = f.image, f.stamp_s
-        if self.view is not None:
-            self.view.tick(k, now, frames, state.qpos, target, base)
-        if self.recorder is None or len(frames) != len(self.cameras):
-            return
-        # ``action``: the command in force this tick, as sent (a hold included), not the policy's wish.
-        self.recorder.record_tick(frames, stamps, state.qpos, target, np.asarray(base, np.float64), now, clamps)
+        return frames, stamps
+
+    def _emit(self, tick: Tick) -> None:
+        for o in self.observers:
+            o.on_tick(tick)

@@ -207,15 +207,13 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
                           nav_max_deg=bundle.policy.theta_max_deg)
     stats = RunStats(period_s=1.0 / loop_cfg.rate_hz)
     recorder = None
+    observers = [live] if live is not None else []
     loop = None
     fault = None
 
     def notify(kind: str, reason: str) -> None:  # e-stop events and the fault, to the recorder and the view
-        t = time.monotonic()
-        if recorder is not None:
-            recorder.record_event(t, kind, reason)
-        if live is not None:
-            live.event(loop.tick if loop is not None else 0, t, kind, reason)
+        for o in observers:
+            o.on_event(loop.tick if loop is not None else 0, time.monotonic(), kind, reason)
 
     try:
         missing = [c for c in bundle.layout.cameras if c not in robot.camera_names]
@@ -228,9 +226,10 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
                                        compress=False if cfg.record_compression == "none" else cfg.record_compression)
             recorder.start_episode({"instruction": cfg.instruction, "bundle": str(bundle.root),  # logs its path
                                     "robot": profile.name, "sim": profile.sim is not None})
+            observers.insert(0, recorder)
         session.arm(robot, cfg.firmware_estop, notify)
         loop = ControlLoop(robot, policy, cfg.instruction, loop_cfg, SafetyFilter(SafetyLimits.for_robot(profile)),
-                           estop, stats, recorder, cameras=bundle.layout.cameras, stop_requested=stop.event, view=live)
+                           estop, stats, observers, cameras=bundle.layout.cameras, stop_requested=stop.event)
         status = live_status(stats, loop)
         listener = session.open_keyboard()
         log_banner(profile, bundle, policy, cfg.mode, loop_cfg.rate_hz, listener.source)
@@ -250,7 +249,7 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
             finally:
                 if live is not None:
                     if fault:
-                        live.event(loop.tick if loop is not None else 0, time.monotonic(), "fault", fault)
+                        live.on_event(loop.tick if loop is not None else 0, time.monotonic(), "fault", fault)
                     live.close()
     for ms in estop.trip_latencies_ms:  # one per trip: a Ctrl+C and its SIGINT are one trip
         stats.estop_latency(ms)

@@ -263,7 +263,7 @@ class Recorder:
         if self.episode_open:
             writer.record_event(t, kind, reason)
         if self.live is not None:
-            self.live.event(self.ticks, t, kind, reason)
+            self.live.on_event(self.ticks, t, kind, reason)
 
     def _keep(self, path: Path | None) -> None:
         if path is not None and path not in self.saved:
@@ -286,7 +286,7 @@ class Recorder:
             path = writer.start_episode(meta)
             self.episode_open, first = True, False
             if self.live is not None:
-                self.live.event(self.ticks, time.monotonic(), "episode", path.name)
+                self.live.on_event(self.ticks, time.monotonic(), "episode", path.name)
             print(f"recording episode {len(self.saved) + 1}/{cfg.episodes}: {path.name}", file=sys.stderr)
             safety.reset(self.robot.read_state().qpos)
             if self.teleop is not None:
@@ -328,10 +328,10 @@ class Recorder:
         if done() or self.stop.requested:
             return None
         cfg = LoopConfig(rate_hz=self.rate_hz, seconds=seconds)
+        observers = [o for o in (writer, self.live) if o is not None] if writer is not None else []
         loop = ControlLoop(self.robot, MasterArms(self), self.cfg.instruction, cfg, safety, estop,
-                           RunStats(period_s=1.0 / self.rate_hz), writer, cameras=list(CAMERAS),
-                           stop_requested=self.stop.event, view=self.live if writer is not None else None,
-                           until=done, safe_stop=self._safe_stop)
+                           RunStats(period_s=1.0 / self.rate_hz), observers, cameras=list(CAMERAS),
+                           stop_requested=self.stop.event, until=done, safe_stop=self._safe_stop)
         loop.tick_base = self.ticks
         fault = loop.run()
         if writer is not None:

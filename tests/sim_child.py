@@ -28,9 +28,11 @@ def run_and_report(self: ControlLoop):
     sims.append(sim)
     self.base_plan = [(0.2, 0.0)] * 100_000
 
+    recorder = next((o for o in self.observers if hasattr(o, "rows_written")), None)
+
     def report():
         while True:
-            n = self.recorder.rows_written if self.recorder is not None else self.ticks  # rows on disk
+            n = recorder.rows_written if recorder is not None else self.ticks  # rows on disk
             print(f"STATUS {sim.base.velocity()[0]:.3f} {n}", flush=True)
             time.sleep(0.05)
 

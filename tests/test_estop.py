@@ -26,7 +26,9 @@ from vla_edge.edge.estop.latch import (
 )
 from vla_edge.edge.estop.signals import install_signal_handlers
 
-WAIT_S = 5.0  # generous: a loaded CI box may be slow to schedule the listener thread
+WAIT_S = 10.0
+"""Bound for every wait on a thread's reaction (milliseconds when it works): only a failure takes this long,
+so it is generous (a 2-core box with busy processes beside the test may be slow to schedule a thread)."""
 
 
 @pytest.fixture
@@ -249,15 +251,27 @@ def test_ctrl_c_trips_then_interrupts(pty):
         os.write(master, b"\x03")
         assert interrupted.wait(WAIT_S)
         assert estop.is_latched and estop.reason == "ctrl+c"
-    # Default: KeyboardInterrupt in the main thread.
+    # Default: KeyboardInterrupt in the main thread, through _thread.interrupt_main(SIGINT). That raises only
+    # while SIGINT's Python handler is signal.default_int_handler: a process started with SIGINT ignored (a
+    # background job of a non-interactive shell, `pytest ... &`) has SIG_IGN there and the call does nothing;
+    # so does one where an earlier test left its own handler. The test sets the default for its duration.
     estop = EStop()
-    with pytest.raises(KeyboardInterrupt):
-        with KeyboardListener(estop, source="tty", tty_fd=slave):
-            os.write(master, b"\x03")
-            deadline = time.monotonic() + WAIT_S
-            while time.monotonic() < deadline:
-                time.sleep(0.005)
-    assert estop.is_latched
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with KeyboardListener(estop, source="tty", tty_fd=slave):
+                os.write(master, b"\x03")
+                # The interrupt ends this loop at the main thread's next bytecode after the listener's call;
+                # short sleeps, since a blocking wait (Event.wait) would not wake for it. Only a failure waits
+                # out the bound.
+                deadline = time.monotonic() + WAIT_S
+                while time.monotonic() < deadline:
+                    time.sleep(0.001)
+                pytest.fail(f"no KeyboardInterrupt within {WAIT_S} s (latched: {estop.is_latched}, "
+                            f"SIGINT handler: {signal.getsignal(signal.SIGINT)})")
+    finally:
+        signal.signal(signal.SIGINT, previous)  # the listener has stopped: no interrupt can follow
+    assert estop.is_latched and estop.reason == "ctrl+c"
 
 
 def test_losing_the_terminal_trips(pty):
@@ -332,10 +346,11 @@ def test_signal_while_the_main_thread_holds_a_lock_the_trip_needs_does_not_deadl
     """SIGTERM while the main thread holds a lock the on_trip callback needs (a device lock, a
     piper_sdk getter's): the trip waits on its own thread and completes once the lock is released."""
     lock = threading.Lock()
-    tripped = threading.Event()
+    entered, tripped = threading.Event(), threading.Event()
 
     def needs_lock(reason):
-        if lock.acquire(timeout=WAIT_S):  # without a bound a broken handler hangs the test forever
+        entered.set()
+        if lock.acquire(timeout=2 * WAIT_S):  # without a bound a broken handler hangs the test forever
             lock.release()
             tripped.set()
 
@@ -345,7 +360,8 @@ def test_signal_while_the_main_thread_holds_a_lock_the_trip_needs_does_not_deadl
     try:
         with lock:
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # the main thread carries on, lock held
+            # the main thread carries on, lock held, while the watcher's trip reaches the callback and waits
+            assert entered.wait(WAIT_S), "the signal's trip never reached the on_trip callback"
             assert not tripped.is_set()
         assert tripped.wait(WAIT_S) and estop.is_latched and stop.event.wait(WAIT_S)
     finally:
@@ -562,7 +578,7 @@ def test_the_wire_gates_write_errors_like_os_write(wired):
 
 
 def test_the_wire_stops_the_base_while_no_python_thread_can_run(wired):
-    """The zero frame goes out while the GIL is held (a C call that keeps it for 2 s), and the base's own
+    """The zero frame goes out while the GIL is held (a C call that keeps it for 2.5 s), and the base's own
     streaming thread, which still wants 0.3 m/s when it runs again, puts no moving frame after it."""
     import ctypes
 
@@ -581,9 +597,9 @@ def test_the_wire_stops_the_base_while_no_python_thread_can_run(wired):
         base.attach_stop_gate(wire)
         ctl.start()
         assert wait_for(lambda: frames and frames[-1][1] > 0), "the base never got a moving command"
-        key = subprocess.Popen(["sh", "-c", "sleep 0.2; printf ' '"], stdout=kw)  # the key, from outside
-        t_hold = time.monotonic()
-        ctypes.PyDLL(None).usleep(2_000_000)  # PyDLL: the call keeps the GIL (2 s: margin for a slow sh)
+        key = subprocess.Popen(["sh", "-c", "sleep 0.5; printf ' '"], stdout=kw)  # the key, from outside
+        t_hold = time.monotonic()  # 0.5 s before the key at the earliest: margin for a slow return from Popen
+        ctypes.PyDLL(None).usleep(2_500_000)  # PyDLL: the call keeps the GIL (2.5 s: 2 s margin for a slow sh)
         t_free = time.monotonic()
         key.wait(WAIT_S)
         assert wire.tripped and t_hold < wire.trip_time_s < t_free, (t_hold, wire.trip_time_s, t_free)

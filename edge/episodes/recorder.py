@@ -277,6 +277,18 @@ class EpisodeRecorder:
         except RecorderFault as e:  # already reported once, when the recording faulted
             log.debug("recorder: event %s not recorded: %s", kind, e)
 
+    # -- a tick observer (vla_edge.edge.observers): only complete ticks are recorded --------------------------
+    def on_tick(self, tick) -> None:
+        if len(tick.frames) == len(self.cameras):
+            self.record_tick(tick.frames, tick.stamps_s, tick.qpos, tick.action, np.asarray(tick.base, np.float64),
+                             tick.t_s, tick.clamps, qvel=tick.qvel, effort=tick.effort)
+
+    def on_chunk(self, index: int, t_s: float, chunk, note: str) -> None:
+        self.record_inference(t_s, chunk.timings_ms, chunk.token_ids)
+
+    def on_event(self, index: int, t_s: float, kind: str, reason: str = "") -> None:
+        self.record_event(t_s, kind, reason)
+
     def _put(self, item, full_reason: str) -> None:
         if self.fault:
             raise RecorderFault(self.fault)

@@ -143,7 +143,7 @@ def log_episode(rec, path: Path, cfg: ViewConfig = ViewConfig()) -> int:
 
 
 class LiveView:
-    """Streams ticks to Rerun from a thread of its own: :meth:`tick` never blocks the control thread
+    """Streams ticks to Rerun from a thread of its own: :meth:`on_tick` never blocks the control thread
     (when the logger is behind, the tick is dropped and counted in ``dropped``)."""
 
     def __init__(self, save: str | Path | None = None, cfg: ViewConfig = ViewConfig()):
@@ -164,19 +164,22 @@ class LiveView:
             self._t0 = t
         return t - self._t0
 
-    def tick(self, tick: int, t: float, frames: dict, qpos, action, base) -> None:
+    # -- a tick observer (vla_edge.edge.observers) -------------------------------------------------------
+    def on_tick(self, tick) -> None:
+        """Queued unless the logger is behind (then dropped and counted)."""
         if self._q.qsize() >= 2:
             self.dropped += 1
             return
-        copies = {c: np.array(img) for c, img in frames.items()}  # camera buffers may be reused
-        self._q.put(("tick", (tick, self._time(t), copies, np.array(qpos), np.array(action), tuple(base))))
+        copies = {c: np.array(img) for c, img in tick.frames.items()}  # camera buffers may be reused
+        self._q.put(("tick", (tick.index, self._time(tick.t_s), copies, np.array(tick.qpos), np.array(tick.action),
+                              tuple(tick.base))))
 
-    def event(self, tick: int, t: float, kind: str, reason: str = "") -> None:
-        self._q.put(("event", (tick, self._time(t), kind, reason)))
+    def on_event(self, index: int, t_s: float, kind: str, reason: str = "") -> None:
+        self._q.put(("event", (index, self._time(t_s), kind, reason)))
 
-    def inference(self, tick: int, t: float, timings_ms: dict, text: str) -> None:
+    def on_chunk(self, index: int, t_s: float, chunk, note: str) -> None:
         """A few scalars and a line, a few times a second: never dropped, like events."""
-        self._q.put(("inference", (tick, self._time(t), dict(timings_ms), text)))
+        self._q.put(("inference", (index, self._time(t_s), dict(chunk.timings_ms), note)))
 
     def _run(self) -> None:
         while (item := self._q.get()) is not None:

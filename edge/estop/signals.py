@@ -23,6 +23,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -32,6 +33,8 @@ from collections.abc import Callable
 
 from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.estop.latch import POLL_S, EStop, StopRequest, prefer_this_thread
+
+log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -82,6 +85,9 @@ def install_signal_handlers(estop: EStop, stop: StopRequest, signums=SIGNALS) ->
         signal.set_wakeup_fd(previous_fd)
         done.set()
         watcher.join(1.0)
+        if watcher.is_alive():  # still inside a callback: its pipe stays open (a reused fd must not be read)
+            log.warning("e-stop: the signal watcher did not end within 1 s; its pipe is left open")
+            return
         for fd in (rfd, wfd):
             os.close(fd)
 

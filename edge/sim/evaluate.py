@@ -222,7 +222,7 @@ class SimBench:
                                     "start": "random" if random_start else "ready",
                                     "policy": type(getattr(policy, "policy", policy)).__name__})
         loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.for_robot(self.profile)), EStop(),
-                           stats, recorder, cameras=self.cameras)
+                           stats, [recorder] if recorder is not None else [], cameras=self.cameras)
         try:
             with SuccessMonitor(self.task, self.sim, episode, loop, 1.0 / cfg.rate_hz, linger_ticks) as mon:
                 fault = loop.run()
