@@ -4,7 +4,7 @@ Starts ``vla-edge run --robot sim --mode async --seconds S --keyboard none`` as 
 real command, nothing of it in this process), samples its RSS from ``/proc/PID/status`` every
 ``--every`` seconds and prints one line per sample, then the growth: a least-squares slope over the
 samples after ``--warmup`` seconds (MB/min, MB = 1e6 bytes) and the last minus the first of those.
-This is the outside view; ``tests/test_piper.py`` checks the cause (no unread queue on the CAN bus).
+This is the outside view; ``tests/firmware_bridge/test_piper.py`` checks the cause (no unread queue on the CAN bus).
 
 ``--robot-only`` runs just the simulated robot instead (no policy, no watchdog ending the run): a child
 connects ``Robot(load_profile("sim"))`` and sends targets, a base velocity and reads state and frames

@@ -231,7 +231,7 @@ def test_gpu_check_script_fails_fast_with_one_line_per_missing_piece(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
+    script = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     env = {**os.environ, "PYTHON": sys.executable, "SITE": str(tmp_path / "site"), "OUT": str(tmp_path / "out")}
     bad = subprocess.run(["bash", str(script), "--provider", "tpu"], capture_output=True, text=True, env=env)

@@ -26,7 +26,7 @@ import pytest
 
 EXIT_S = 20.0
 """Signal to process exit, generous: a loaded 2-core box. The measured value is printed."""
-SIM_PROFILE = Path(__file__).parents[1] / "edge" / "robots" / "sim.toml"
+SIM_PROFILE = Path(__file__).parents[2] / "edge" / "robots" / "sim.toml"
 
 
 class Cli:
