@@ -33,10 +33,10 @@ import logging
 import time
 
 import numpy as np
+from vla_edge import VlaEdgeError, kernels
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.bundle.prompt import tokenizer_encoder
 from vla_edge.edge.decoding import decode_jacobi, decode_sequential, parallel_refusal
-from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.kv_cache import GrowingKV, Rows, SharedKV, gqa_lengths
 from vla_edge.edge.policy import ActionChunk
 from vla_edge.edge.providers import ProviderError, pick_providers
@@ -59,8 +59,7 @@ class Engine:
                  cuda_graph: bool = False):
         """``cuda_graph``: fused decoder on CUDA only; replay the one-token decode step as a CUDA graph
         (not yet measured on a GPU: see :meth:`_init_cuda_graph`). Ignored elsewhere, with a log line."""
-        import onnxruntime as ort
-        from vla_edge import kernels
+        import onnxruntime as ort  # onnxruntime: the [cpu] or [gpu] extra
 
         if parallel and (why := parallel_refusal(bundle.manifest)):
             raise EngineError(why)

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from vla_edge import VlaEdgeError
 from vla_edge.edge.chunks import ActionSchedule, BaseProfile, InferenceWorker, base_profile
-from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.observers import Tick, TickObserver
 
 log = logging.getLogger(__name__)

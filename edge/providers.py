@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class ProviderError(VlaEdgeError):
 def preload_cuda_libraries() -> None:
     """Let onnxruntime-gpu find the CUDA/cuDNN libraries of the nvidia-* wheels (a torch install brings
     them) before its provider loads; a robot with system CUDA libraries does not need it."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # onnxruntime: the [cpu] or [gpu] extra
 
     try:
         ort.preload_dlls()
@@ -36,7 +36,7 @@ def preload_cuda_libraries() -> None:
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # onnxruntime: the [cpu] or [gpu] extra
 
     return ort.get_available_providers()
 

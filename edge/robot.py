@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.edge.profile import SIDES, RobotConfig, SimSettings
 from vla_edge.firmware_bridge.camera_sim import Scene, SyntheticSource
 from vla_edge.firmware_bridge.cameras import (
@@ -42,7 +42,9 @@ from vla_edge.firmware_bridge.cameras import (
     ReplaySource,
 )
 from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig
+from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
 from vla_edge.firmware_bridge.tracer_base import TracerBase, TracerBaseConfig
+from vla_edge.firmware_bridge.tracer_sim import TracerSim
 
 log = logging.getLogger(__name__)
 
@@ -324,9 +326,6 @@ class Robot:
         return CameraRig(cams, c.fps, c.max_skew_s, c.stale_after_s)
 
     def _start_sim(self):
-        from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
-        from vla_edge.firmware_bridge.tracer_sim import TracerSim
-
         cfg, s = self.config, self.config.sim
         assert s is not None
         # piper_sdk keeps one interface per bus name for the whole process: a fresh name per robot.

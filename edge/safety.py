@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
-from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 

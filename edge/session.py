@@ -31,9 +31,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rich.live import Live
+from rich.text import Text
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.engine import STAGES, Engine
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.episodes.recorder import EpisodeRecorder
 from vla_edge.edge.estop.keyboard import KeyboardListener
 from vla_edge.edge.estop.latch import EStop, StopRequest
 from vla_edge.edge.estop.signals import install_signal_handlers
@@ -220,8 +223,6 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
         if missing:
             raise VlaEdgeError(f"bundle expects cameras {bundle.layout.cameras}; robot {profile.name} has no {missing[0]}")
         if cfg.record:
-            from vla_edge.edge.episodes.recorder import EpisodeRecorder
-
             recorder = EpisodeRecorder(cfg.record, cameras=bundle.layout.cameras, stage_names=[*STAGES, "total"],
                                        compress=False if cfg.record_compression == "none" else cfg.record_compression)
             recorder.start_episode({"instruction": cfg.instruction, "bundle": str(bundle.root),  # logs its path
@@ -280,9 +281,6 @@ def live_status(stats, loop):
     """The live status line as a context manager: one rich region at the bottom of a terminal (log lines
     print above it, the line is cut to the width, it is removed at the end); nothing when stderr is no terminal.
     Sets ``loop.on_status``."""
-    from rich.live import Live
-    from rich.text import Text
-
     console = log_console()
     if not console.is_terminal:
         return contextlib.nullcontext()

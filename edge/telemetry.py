@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 MAX_SAMPLES = 100_000
@@ -61,8 +62,6 @@ def setup_logging(debug: bool = False) -> None:
     Without ``debug``, Python warnings from libraries (ONNX Runtime's quantiser, python-can and
     piper_sdk deprecations) are hidden too.
     """
-    from rich.logging import RichHandler
-
     if log_console().is_terminal:  # above the live region and progress bars, wrapped to the width
         handler = RichHandler(console=log_console(), show_path=debug, show_time=debug, markup=False)
     else:  # a pipe or a file: plain lines, never wrapped

@@ -47,12 +47,13 @@ import sys
 import threading
 import time
 import tomllib
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vla_edge import VlaEdgeError
 from vla_edge.edge.episodes.recorder import EpisodeRecorder
-from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.loop import ControlLoop, LoopConfig, TickSource
 from vla_edge.edge.profile import SIDES, load_profile, profile_path
 from vla_edge.edge.robot import Robot
@@ -60,6 +61,7 @@ from vla_edge.edge.safety import SafetyFilter, SafetyLimits
 from vla_edge.edge.session import Session
 from vla_edge.edge.telemetry import RunStats
 from vla_edge.firmware_bridge.piper_master import PiperMaster, PiperMasterConfig
+from vla_edge.firmware_bridge.piper_master_sim import PiperMasterSim, PiperMasterSimConfig
 from vla_edge.firmware_bridge.piper_motion import read_motion
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class Recorder:
         sim robot (:class:`vla_edge.edge.sim.teleoperator.SimTeleoperator`)."""
         cfg.check()
         if cfg.view or cfg.view_save:
+            # the live view: loaded only with --view, as below
             from vla_edge.edge.episodes.view import import_rerun
 
             import_rerun()  # not installed: say so before touching the robot
@@ -181,10 +184,6 @@ class Recorder:
     def _start_master_sims(self) -> dict[str, str]:
         """Simulated masters on the puppets' virtual buses (or on buses of their own), holding the
         puppets' current pose; returns their channels."""
-        import uuid
-
-        from vla_edge.firmware_bridge.piper_master_sim import PiperMasterSim, PiperMasterSimConfig
-
         channels, self.master_sims = {}, {}
         for side in SIDES:
             puppet = self.robot.arms[side].config.can_name

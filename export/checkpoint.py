@@ -33,10 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tokenizers import Tokenizer
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.spec import (
     BIN_KINDS,
     CALVIN_LAYOUT,
@@ -45,7 +48,6 @@ from vla_edge.edge.bundle.spec import (
     PolicySpec,
     TokenSpec,
 )
-from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.export.config import (
     KNOWN_TEXT_MODELS,
     KNOWN_VISION_TOWERS,
@@ -232,8 +234,6 @@ def tokens_from_tokenizer(tokenizer_json: str, embedding_rows: int) -> TokenSpec
     direction tokens take rows ``embedding_rows - 5 .. - 2`` and ``<Navigation>`` the row before,
     which must lie above every id the tokenizer can produce (151930.. for the 0.5B's 151936 rows).
     """
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_str(tokenizer_json)
     ids = {name: tok.token_to_id(name) for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
     missing = [n for n, i in ids.items() if i is None]
@@ -261,9 +261,7 @@ def tokens_from_tokenizer(tokenizer_json: str, embedding_rows: int) -> TokenSpec
 
 
 def _load_pt(path: Path) -> dict:
-    import pickle
-
-    import torch
+    import torch  # torch: the [export] extra
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -344,8 +342,8 @@ def _load_hf_meta(path: Path) -> dict:
 
 def _read_safetensors(path: Path) -> dict:
     """``model.safetensors``, or the shards a ``model.safetensors.index.json`` names (any float dtype)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # safetensors: the [export] extra
+    from safetensors.torch import load_file  # safetensors: the [export] extra
 
     index = path / "model.safetensors.index.json"
     wanted: dict[str, str] = {}
@@ -579,7 +577,7 @@ def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def validate_state_dict(sd: dict, m: ModelConfig) -> None:
     """Check every needed tensor exists with the right shape and a float dtype."""
-    import torch
+    import torch  # torch: the [export] extra
 
     for key, shape in expected_shapes(m).items():
         if key not in sd:

@@ -17,7 +17,10 @@ import logging
 import os
 from pathlib import Path
 
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from vla_edge import VlaEdgeError
+from vla_edge.edge.bundle.manifest import Bundle, BundleError
+from vla_edge.edge.telemetry import log_console
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     if _loads(bundle) and json.loads((bundle / "manifest.json").read_text())["source"]["name"] == wanted:
         return bundle
     try:
+        # the export tools: a robot-side install lacks them (the except below)
         from vla_edge.export.checkpoint import load_checkpoint
         from vla_edge.export.pipeline import ExportOptions, export_bundle
         from vla_edge.export.tiny import write_tiny_checkpoint
@@ -60,8 +64,6 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
             f"no demo bundle in {bundle} and the export tools are not installed ({e.name}): "
             "pip install 'vla-edge[export]' or pass --bundle"
         ) from None
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.edge.telemetry import log_console
 
     ckpt = policy
     if ckpt is None:
@@ -78,8 +80,6 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
 
 def _loads(bundle: Path) -> bool:
     """Whether a cached bundle loads with this vla-edge (an older one is exported again)."""
-    from vla_edge.edge.bundle.manifest import Bundle, BundleError
-
     try:
         Bundle.load(bundle, verify=False)
     except BundleError:
@@ -90,6 +90,7 @@ def _loads(bundle: Path) -> bool:
 def shipped_checkpoint_for(bundle) -> str | None:
     """The shipped tiny policy's path, when ``bundle`` was exported from it (its sha256 matches)."""
     if SHIPPED_POLICY.exists():
+        # export.checkpoint: kept out of `vla-edge run`'s start-up, as above
         from vla_edge.export.checkpoint import file_sha256
 
         if file_sha256(SHIPPED_POLICY) == bundle.manifest.get("source", {}).get("sha256"):

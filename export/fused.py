@@ -60,7 +60,7 @@ suffix + the chunk (up to 73 tokens) fit with room to spare for both the real an
 
 def rotary_caches(head_dim: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(max_len, head_dim/2) cos and sin tables, computed like transformers' Qwen2 rotary (float32)."""
-    import torch
+    import torch  # torch: the [export] extra
 
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     freqs = torch.arange(max_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
@@ -76,14 +76,14 @@ class _Builder:
         self.np_dtype = np_dtype
 
     def weight(self, name: str, array, dtype=None) -> str:
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # onnx: the [export] extra
 
         a = np.ascontiguousarray(np.asarray(array, dtype=dtype or self.np_dtype))
         self.inits.append(numpy_helper.from_array(a, name))
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> list[str]:
-        from onnx import helper
+        from onnx import helper  # onnx: the [export] extra
 
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs
@@ -96,7 +96,7 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
     ``text``: :class:`~vla_edge.export.config.TextConfig`; ``head_ids``: the cut head's token ids
     (``TokenSpec.head_ids``); ``max_len``: KV buffer length in positions.
     """
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # onnx: the [export] extra
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
@@ -203,7 +203,7 @@ def export_fused_decoder(model, head_ids, path: Path, max_len: int = DEFAULT_MAX
 
     Weights go to ``<path>.data`` only when the graph would pass protobuf's 2 GB limit.
     """
-    import onnx
+    import onnx  # onnx: the [export] extra
 
     proto = build_fused_decoder(model.lm, model.cfg.text, head_ids, max_len=max_len, dtype=dtype)
     large = proto.ByteSize() > 1.8e9

@@ -46,7 +46,7 @@ class DecoderGraph(nn.Module):
         self.register_buffer("head_weight_t", head, persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor, logit_index: torch.Tensor, *past: torch.Tensor):
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # transformers: the [export] extra
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)])
         out = self.lm.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)

@@ -14,7 +14,7 @@ from vla_edge.export.config import ModelConfig
 
 
 def _hf_configs(m: ModelConfig, attn: str):
-    from transformers import Qwen2Config, SiglipVisionConfig
+    from transformers import Qwen2Config, SiglipVisionConfig  # transformers: the [export] extra
 
     v, t = m.vision, m.text
     vcfg = SiglipVisionConfig(
@@ -52,7 +52,7 @@ class LlavaVLA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn: str = "eager"):
         super().__init__()
-        from transformers import Qwen2ForCausalLM, SiglipVisionModel
+        from transformers import Qwen2ForCausalLM, SiglipVisionModel  # transformers: the [export] extra
 
         self.cfg = cfg
         vcfg, tcfg = _hf_configs(cfg, attn)

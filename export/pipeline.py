@@ -18,6 +18,7 @@ Nothing is written at ``--out`` unless every step passed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -27,11 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import vla_edge
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.manifest import Bundle, check_replaceable, write_manifest
 from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, QWEN2_TOKENS, cobot_magic_policy
+from vla_edge.edge.engine import Engine
+from vla_edge.edge.kv_cache import gqa_lengths
+from vla_edge.edge.providers import available_providers
 from vla_edge.edge.telemetry import log_console, out_console
+from vla_edge.export import fused, quantize
+from vla_edge.export.checkpoint import Checkpoint, LoadOptions, load_checkpoint
+from vla_edge.export.config import LLAVA_OV_05B
 from vla_edge.export.fused import DEFAULT_MAX_LEN
+from vla_edge.export.parity import compare, fixed_inputs
+from vla_edge.export.tiny import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +86,11 @@ def check_out(out: Path, force: bool, ckpt_path: Path | None = None) -> None:
 
 def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
     """Export a loaded :class:`~vla_edge.export.checkpoint.Checkpoint` to ``opts.out``."""
-    import onnxruntime as ort
-    import torch
-    from vla_edge.export import fused, graphs, quantize
-    from vla_edge.export.model import LlavaVLA
-    from vla_edge.export.parity import fixed_inputs
-    from vla_edge.export.reference import TorchReference
+    import onnxruntime as ort  # onnxruntime: the [cpu] or [gpu] extra
+    import torch  # torch: the [export] extra
+    from vla_edge.export import graphs  # imports torch at its top
+    from vla_edge.export.model import LlavaVLA  # imports torch at its top
+    from vla_edge.export.reference import TorchReference  # imports torch at its top
 
     out = Path(opts.out)
     check_out(out, opts.force, ckpt.path)  # before any slow work: --force replaces only a bundle
@@ -139,8 +152,6 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
             write_manifest(tmp, {**manifest})  # provisional, so the engine can load it for parity
             variants[opts.precision] = tmp
         with step(f"parity on {opts.parity_samples} fixed inputs"):
-            from vla_edge.edge.engine import Engine
-
             engines = {name: Engine(Bundle.load(d), provider="cpu") for name, d in variants.items()}
             reference = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, prompt, encode)
             inputs = fixed_inputs(ckpt.layout, ckpt.policy.state_dim, opts.parity_samples)
@@ -191,8 +202,6 @@ def precision_plan(target: str, precision: str, decoder: str, quant_scheme: str 
     only: a float32 fused graph would run attention on the CPU provider), ``int8`` adding weight-only
     MatMulNBits. cpu: float32 graphs, ``int8`` = dynamic QInt8. ``fp16`` is for the GPU only.
     """
-    from vla_edge.export import quantize
-
     if target not in quantize.SCHEMES:
         raise ExportError(f"unknown target {target!r} ({', '.join(quantize.SCHEMES)})")
     if precision not in ("int8", "fp16", "fp32"):
@@ -215,10 +224,6 @@ def _parity(reference, engines: dict, inputs, cuda_bundle: Path | None, precisio
     A GPU failure does not fail the export (the bundle is the same either way): it is returned, recorded
     in parity.json as ``gpu_error`` and logged; the CPU report is computed without it.
     """
-    from vla_edge.edge.engine import Engine
-    from vla_edge.edge.providers import available_providers
-    from vla_edge.export.parity import compare
-
     gpu_error = None
     if cuda_bundle is not None and "CUDAExecutionProvider" in available_providers():
         try:
@@ -238,8 +243,6 @@ def _float16_graphs(model, head_ids, opts: ExportOptions, plan: PrecisionPlan, f
                     out: Path) -> dict:
     """The GPU graphs into ``out``: float16 vision (pixels stay float32), float16 fused decoder with
     float32 logits, its MatMuls weight-only quantised when ``plan.scheme``; each checked against PyTorch."""
-    from vla_edge.export import fused, quantize
-
     rec = {"vision": quantize.to_float16(fp32_vision, out / "vision.onnx", keep_float32=["pixels"])}
     _check_vision(model, out / "vision.onnx", tol=FLOAT16_TOL)
     dec16 = scratch / "decoder.float16.onnx"
@@ -278,10 +281,9 @@ def resolve_decoder(kind: str, head_dim: int) -> str:
 
 
 def _manifest(ckpt, opts: ExportOptions, prompt: PromptTemplate, ort_version: str) -> dict:
-    import onnx
-    import torch
-    import transformers
-    import vla_edge
+    import onnx  # onnx: the [export] extra
+    import torch  # torch: the [export] extra
+    import transformers  # transformers: the [export] extra
 
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -338,7 +340,7 @@ def _graph_io(m, decoder: str = "plain", max_len: int = 0) -> dict:
 
 
 def _session(path: Path):
-    import onnxruntime as ort
+    import onnxruntime as ort  # onnxruntime: the [cpu] or [gpu] extra
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -346,7 +348,7 @@ def _session(path: Path):
 
 
 def _check_vision(model, path: Path, tol: float = 1e-3) -> None:
-    import torch
+    import torch  # torch: the [export] extra
 
     s = model.cfg.vision.image_size
     x = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
@@ -361,8 +363,7 @@ def _check_vision(model, path: Path, tol: float = 1e-3) -> None:
 
 def _check_decoder(model, head_ids, path: Path, kind: str = "plain", max_len: int = 0, tol: float = 1e-3) -> None:
     """Prefill of the first part, a one-token decode and a multi-token block must equal one full forward."""
-    import torch
-    from vla_edge.edge.kv_cache import gqa_lengths
+    import torch  # torch: the [export] extra
 
     t = model.cfg.text
     g = torch.Generator().manual_seed(0)
@@ -402,8 +403,6 @@ class _Steps:
         self.seconds = seconds
 
     def __call__(self, name: str):
-        import contextlib
-
         @contextlib.contextmanager
         def run():
             task = self.progress.add_task(name, total=1) if self.progress else None
@@ -419,12 +418,8 @@ class _Steps:
 
 def random_checkpoint(shape: str):
     """A checkpoint of a real shape with random weights (for benchmarks; nothing downloaded)."""
-    import torch
-    from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, QWEN2_TOKENS, cobot_magic_policy
-    from vla_edge.export.checkpoint import Checkpoint
-    from vla_edge.export.config import LLAVA_OV_05B
-    from vla_edge.export.model import LlavaVLA
-    from vla_edge.export.tiny import build_tiny_tokenizer
+    import torch  # torch: the [export] extra
+    from vla_edge.export.model import LlavaVLA  # imports torch at its top
 
     if shape != "llava-ov-0.5b":
         raise ExportError(f"unknown shape {shape!r}")
@@ -443,8 +438,6 @@ def random_checkpoint(shape: str):
 
 
 def print_summary(res: ExportResult, console) -> None:
-    from rich.table import Table
-
     sizes = Table(title="bundle files", title_justify="left")
     sizes.add_column("file")
     sizes.add_column("MB", justify="right")
@@ -468,10 +461,6 @@ def _path(p: str | None) -> Path | None:
 
 
 def main(args) -> int:
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.export.checkpoint import LoadOptions, load_checkpoint
-
     console: Console = log_console()  # progress and logs: stderr, one console (logs print above the progress)
     if bool(args.ckpt) == bool(args.shape):
         raise ExportError("give exactly one of --ckpt PATH or --shape NAME")

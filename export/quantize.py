@@ -33,11 +33,13 @@ def quantize(src: Path, dst: Path, scheme: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if scheme == "dynamic-qint8":
+            # onnxruntime: the [cpu] or [gpu] extra
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
             return {"scheme": scheme, "weight_type": "QInt8", "ops": ["MatMul"], "rows_interact": True}
         if scheme in ("matmulnbits-8bit", "matmulnbits-8bit-acc4"):
+            # onnxruntime: the [cpu] or [gpu] extra
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
             acc = 4 if scheme.endswith("acc4") else None
@@ -52,7 +54,9 @@ def quantize(src: Path, dst: Path, scheme: str) -> dict:
 def to_float16(src: Path, dst: Path, keep_float32: list[str]) -> dict:
     """A float16 copy of ``src`` (weights and activations); the graph inputs/outputs named in
     ``keep_float32`` stay float32 (a Cast is inserted). Returns the manifest record."""
-    import onnx
+    import onnx  # onnx: the [export] extra
+
+    # onnxruntime: the [cpu] or [gpu] extra
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with warnings.catch_warnings():
@@ -63,7 +67,7 @@ def to_float16(src: Path, dst: Path, keep_float32: list[str]) -> dict:
 
 
 def _save(model, dst: Path) -> None:
-    import onnx
+    import onnx  # onnx: the [export] extra
 
     large = model.ByteSize() > LARGE_PROTO_BYTES
     onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,

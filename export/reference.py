@@ -17,13 +17,16 @@ Usage::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vla_edge import kernels
 from vla_edge.edge.bundle.prompt import PromptTemplate
 from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec, TokenSpec
 from vla_edge.export.model import LlavaVLA
+from vla_edge.kernels import reference
 
 
 @dataclass
@@ -66,17 +69,10 @@ class TorchReference:
         self.encode = encode
 
     def pixels(self, frames: list[np.ndarray]) -> np.ndarray:
-        from vla_edge.kernels import reference
-
         return reference.compose_views(frames, self.layout)
 
     @torch.no_grad()
     def step(self, pixels: np.ndarray, state: np.ndarray, instruction: str, navigation: bool) -> ReferenceStep:
-        import time
-
-        from vla_edge import kernels
-        from vla_edge.kernels import reference
-
         m = self.model
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
@@ -94,7 +90,7 @@ class TorchReference:
         embeds = torch.cat([emb(ids["prefix"]), image, emb(ids["after"])])[None]
         grammar = kernels.ChunkGrammar(self.tokens.n_bins, self.policy.chunk_tokens, navigation)
         proc = GrammarProcessor(grammar, self.tokens.head_ids)
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList  # transformers: the [export] extra
 
         m.lm.generate(
             inputs_embeds=embeds,

@@ -25,8 +25,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec
-from vla_edge.edge.errors import VlaEdgeError
 
 
 class StatsError(VlaEdgeError):
@@ -81,8 +82,6 @@ def _floats(d: dict, key: str, where: str) -> list[float]:
 
 def read_statistics(path: Path) -> DatasetStats:
     """Read and check ``statistics.yaml`` (and the ``vla_edge.json`` beside it, if any)."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise StatsError(f"statistics file not found: {path}")

@@ -12,7 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, SYSTEM_PROMPT, TokenSpec, cobot_magic_policy
+from vla_edge.edge.telemetry import out_console
 from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,6 @@ def _corpus() -> list[str]:
 
 def build_tiny_tokenizer(vocab_size: int = 640) -> str:
     """Train the tiny byte-level BPE and return its ``tokenizer.json`` text (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -55,8 +55,6 @@ def build_tiny_tokenizer(vocab_size: int = 640) -> str:
 
 
 def tiny_token_spec(tokenizer_json: str) -> TokenSpec:
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_str(tokenizer_json)
     v = tok.token_to_id("<|endoftext|>")
     rows = -(-(v + 3 + 5) // 64) * 64  # specials + navigation rows, rounded up like real tables
@@ -74,8 +72,8 @@ def tiny_token_spec(tokenizer_json: str) -> TokenSpec:
 
 def make_tiny_checkpoint(seed: int = 0) -> dict:
     """The vla-edge wrapper dict of a tiny random model (see :mod:`vla_edge.export.checkpoint`)."""
-    import torch
-    from vla_edge.export.model import LlavaVLA
+    import torch  # torch: the [export] extra
+    from vla_edge.export.model import LlavaVLA  # imports torch at its top
 
     tokenizer_json = build_tiny_tokenizer()
     tokens = tiny_token_spec(tokenizer_json)
@@ -106,7 +104,7 @@ def make_tiny_checkpoint(seed: int = 0) -> dict:
 
 
 def write_tiny_checkpoint(out: str | Path, seed: int = 0) -> Path:
-    import torch
+    import torch  # torch: the [export] extra
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +115,6 @@ def write_tiny_checkpoint(out: str | Path, seed: int = 0) -> Path:
 
 
 def main(args) -> int:
-    from vla_edge.edge.telemetry import out_console
-
     path = write_tiny_checkpoint(args.out, seed=args.seed)
     ck = json.dumps(TINY_MODEL.to_dict()["text"])
     out_console().print(f"[green]wrote[/] {path} ({path.stat().st_size / 1e6:.1f} MB, seed {args.seed}; text {ck})")

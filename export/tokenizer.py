@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vla_edge.edge.errors import VlaEdgeError
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from vla_edge import VlaEdgeError
 
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -43,8 +44,6 @@ def load_tokenizer_json(path: Path) -> str:
 
 
 def _checked(text: str, where: Path) -> str:
-    from tokenizers import Tokenizer
-
     try:
         Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -68,8 +67,6 @@ def _added_tokens(d: Path) -> list[tuple[int, str, bool]]:
 
 def qwen2_tokenizer_json(d: Path) -> str:
     """Build Qwen2's fast tokenizer from ``vocab.json`` + ``merges.txt`` and its added tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     try:
         vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
         lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()

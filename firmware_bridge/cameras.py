@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Protocol
 
 import cv2
+import h5py
 import numpy as np
 from vla_edge import DeviceFault
 
@@ -148,8 +149,6 @@ class ReplaySource:
         if not self.path.exists():
             raise CameraFault(f"replay file {self.path} not found")
         if self.path.suffix in (".h5", ".hdf5"):
-            import h5py
-
             with h5py.File(self.path, "r") as f:
                 key = f"observations/images/{self.camera}"
                 if key not in f:

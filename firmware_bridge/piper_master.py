@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from piper_sdk import C_PiperInterface_V2
 from vla_edge.firmware_bridge.piper_arm import (
     MDEG_PER_RAD,
     ArmFault,
@@ -50,8 +51,6 @@ class PiperMaster:
 
     def connect(self) -> None:
         """Attach to the bus and wait for the master's joint and gripper control frames."""
-        from piper_sdk import C_PiperInterface_V2
-
         cfg = self.config
         if cfg.bustype == "socketcan" and (problem := can_interface_problem(cfg.can_name)):
             raise ArmFault(problem)

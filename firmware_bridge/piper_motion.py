@@ -19,12 +19,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from piper_sdk import C_PiperInterface_V2
 
 
 def read_motion(can_name: str, max_age_s: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """``(qvel7, effort7)``: J1..J6 velocity (rad/s) and effort (N m), gripper velocity (NaN) and effort."""
-    from piper_sdk import C_PiperInterface_V2
-
     sdk = C_PiperInterface_V2(can_name, judge_flag=False, can_auto_init=False)
     qvel, effort = np.full(7, np.nan), np.full(7, np.nan)
     now = time.time()

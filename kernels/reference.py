@@ -20,7 +20,7 @@ def bin_edges(n_bins: int = N_BINS) -> np.ndarray:
 
 
 def _pil_filter(name: str):
-    from PIL import Image
+    from PIL import Image  # PIL: the [export] extra; the runtime never imports this module
 
     return {
         "lanczos": Image.Resampling.LANCZOS,
@@ -33,7 +33,7 @@ def _pil_filter(name: str):
 
 def compose_canvas(frames: list[np.ndarray], layout: Layout, bgr: bool = False) -> np.ndarray:
     """Each view resized to its tile (``tile_filter``) and pasted on a black canvas: (H, W, 3) uint8 RGB."""
-    from PIL import Image
+    from PIL import Image  # PIL: see _pil_filter
 
     canvas = Image.new("RGB", (layout.canvas_w, layout.canvas_h))
     for frame, tile in zip(frames, layout.tiles, strict=True):
@@ -45,7 +45,7 @@ def compose_canvas(frames: list[np.ndarray], layout: Layout, bgr: bool = False) 
 
 def compose_uint8(frames: list[np.ndarray], layout: Layout, bgr: bool = False) -> np.ndarray:
     """The canvas resized to ``output x output`` (``output_filter``): (S, S, 3) uint8 RGB."""
-    from PIL import Image
+    from PIL import Image  # PIL: see _pil_filter
 
     canvas = Image.fromarray(compose_canvas(frames, layout, bgr))
     return np.asarray(canvas.resize((layout.output, layout.output), _pil_filter(layout.output_filter)))

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import numpy as np
 from vla_edge.edge.estop.latch import prefer_this_thread
+from vla_edge.edge.policy import ActionChunk
+from vla_edge.edge.session import RunConfig, run
 from vla_edge.firmware_bridge import tracer_protocol as tp
 
 SIM_PROFILE = Path(__file__).parents[1] / "edge" / "robots" / "sim.toml"
@@ -206,8 +208,6 @@ class _Cruise:
 def child(args) -> int:
     """The run under test: the real ``run()``; its base drives, and with ``--load inference`` the real
     engine steps back to back on a thread of its own."""
-    from vla_edge.edge.session import RunConfig, run
-
     engines = []
 
     class HoldPolicy:  # the loop's own (rare) requests: a hold chunk, no engine work
@@ -219,8 +219,6 @@ def child(args) -> int:
             self.engine.start_episode(instruction, navigation=navigation)
 
         def step(self, frames, state):
-            from vla_edge.edge.policy import ActionChunk
-
             return ActionChunk(joints=np.tile(np.asarray(state, np.float64), (5, 1)), timings_ms={"total": 0.0})
 
     estops = []

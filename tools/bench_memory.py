@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from vla_edge.export.demo import ensure_demo_bundle
 
 ROBOT_ONLY = """
 import sys, time
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.edge.profile import load_profile
 from vla_edge.edge.robot import Robot
 from vla_edge.firmware_bridge import piper_arm
@@ -92,8 +93,6 @@ def main() -> int:
         cmd = [sys.executable, "-c", ROBOT_ONLY, str(args.seconds), "unfixed" if args.unfixed else "fixed"]
     else:
         if args.bundle is None:
-            from vla_edge.export.demo import ensure_demo_bundle
-
             args.bundle = str(ensure_demo_bundle(args.workdir))
         cmd = [sys.executable, "-m", "vla_edge.edge.cli", "run", "--robot", "sim", "--bundle", args.bundle,
                "--mode", args.mode, "--seconds", str(args.seconds), "--keyboard", "none"]

@@ -38,16 +38,17 @@ import time
 import zlib
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
+from vla_edge.edge.episodes import recorder as recorder_mod
+from vla_edge.edge.episodes.format import TICK_T, episode_paths, per_tick_datasets
+from vla_edge.edge.session import RunConfig, run
+from vla_edge.export.demo import ensure_demo_bundle
+from vla_edge.firmware_bridge.camera_sim import Scene, SceneRenderer
 
 
 def bench_run(args) -> dict:
-    from vla_edge.edge.episodes import recorder as recorder_mod
-    from vla_edge.edge.episodes.format import TICK_T, episode_paths, per_tick_datasets
-    from vla_edge.edge.session import RunConfig, run
-    from vla_edge.export.demo import ensure_demo_bundle
-
     bundle = args.bundle or str(ensure_demo_bundle(args.workdir))
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_record_"))
     seen = {}
@@ -128,8 +129,6 @@ def bench_run(args) -> dict:
 
 
 def _frames() -> dict[str, np.ndarray]:
-    from vla_edge.firmware_bridge.camera_sim import Scene, SceneRenderer
-
     sim = SceneRenderer("cam_high", Scene(), 640, 480).render()
     noise = np.random.default_rng(0).normal(0, 3, sim.shape).round().astype(np.int16)
     return {"sim": sim, "sim+noise3": np.clip(sim.astype(np.int16) + noise, 0, 255).astype(np.uint8)}
@@ -150,8 +149,6 @@ def _stall_while(write) -> float:
 
 
 def bench_codecs(n: int = 60) -> list[dict]:
-    import cv2
-
     rows = []
     for name, img in _frames().items():
         with tempfile.TemporaryDirectory() as d:

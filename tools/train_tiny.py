@@ -37,19 +37,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from vla_edge import VlaEdgeError, kernels
+from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
+from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
+from vla_edge.edge.episodes.format import EPISODE_GLOB, EpisodeReader, episode_paths
+from vla_edge.edge.sim.evaluate import record_expert_episodes
+from vla_edge.export.checkpoint import load_checkpoint
+from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
+from vla_edge.export.demo import SHIPPED_POLICY  # noqa: F401  (re-exported)
+from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
+from vla_edge.kernels.reference import bin_edges, tokenize_proprio
 
 log = logging.getLogger(__name__)
-
-from vla_edge.export.demo import SHIPPED_POLICY  # noqa: E402,F401  (re-exported)
 
 CHUNK = 5
 ACTION_DIM = 14
 
 
 def policy_model_config(vocab_rows: int):
-    from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
-
     return ModelConfig(
         vision=VisionConfig(hidden=64, intermediate=128, layers=2, heads=2, patch=32, image_size=384),
         text=TextConfig(hidden=128, intermediate=384, layers=3, heads=4, kv_heads=2, vocab_rows=vocab_rows,
@@ -74,8 +88,6 @@ class Dataset:
 
 def episode_files(data_dir: str | Path) -> list[Path]:
     """The ``episode_<n>.hdf5`` files of ``data_dir`` in episode order."""
-    from vla_edge.edge.episodes.format import EPISODE_GLOB, episode_paths
-
     files = episode_paths(data_dir)
     if not files:
         raise VlaEdgeError(f"no {EPISODE_GLOB} files in {data_dir} (record some: vla-edge train-tiny --record N)")
@@ -84,9 +96,6 @@ def episode_files(data_dir: str | Path) -> list[Path]:
 
 def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=None) -> Dataset:
     """Read the episodes and compose each tick's views once (uint8, the model's input before scaling)."""
-    from vla_edge import kernels
-    from vla_edge.edge.episodes.format import EpisodeReader
-
     files = episode_files(data_dir)
     if max_episodes:
         files = files[:max_episodes]
@@ -123,8 +132,6 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
 
 def statistics(ds: Dataset):
     """PolicySpec with bounds and proprio statistics computed from the data."""
-    from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
-
     lo = np.minimum(ds.all_actions.min(0), ds.all_qpos.min(0))
     hi = np.maximum(ds.all_actions.max(0), ds.all_qpos.max(0))
     margin = np.maximum(0.05 * (hi - lo), 0.01)
@@ -141,8 +148,6 @@ def statistics(ds: Dataset):
 
 def encode_actions(actions: np.ndarray, policy, vocab_base: int) -> np.ndarray:
     """(..., 5, 14) absolute actions -> (..., 70) token ids, step-major (CONTRACT: min-max, 256 bins)."""
-    from vla_edge.kernels.reference import bin_edges
-
     lo, hi = np.asarray(policy.action_lo), np.asarray(policy.action_hi)
     x = np.clip((actions - lo) / (hi - lo) * 2 - 1, -1, 1)
     i = np.digitize(x, bin_edges())
@@ -151,8 +156,8 @@ def encode_actions(actions: np.ndarray, policy, vocab_base: int) -> np.ndarray:
 
 # -- model -------------------------------------------------------------------------------------------
 def build_model(tokens, seed: int):
-    import torch
-    from vla_edge.export.model import LlavaVLA
+    import torch  # torch: the [export] extra
+    from vla_edge.export.model import LlavaVLA  # imports torch at its top
 
     torch.manual_seed(seed)
     model = LlavaVLA(policy_model_config(tokens.embedding_rows), attn="sdpa")
@@ -173,9 +178,6 @@ class Batcher:
     """Builds ``inputs_embeds`` and labels for a batch: prefix | image | instruction | proprio | suffix | actions."""
 
     def __init__(self, model, ds: Dataset, policy, tokens, tokenizer_json: str):
-        from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
-        from vla_edge.kernels.reference import tokenize_proprio
-
         encode = tokenizer_encoder(tokenizer_json)
         self.model, self.ds, self.tokens = model, ds, tokens
         self.prompt = PromptTemplate.build(encode, tokens)
@@ -189,7 +191,7 @@ class Batcher:
             self.after.append((instr[ds.instructions[k]] + proprio + self.prompt.suffix + target, len(target)))
 
     def __call__(self, idx):
-        import torch
+        import torch  # torch: the [export] extra
 
         m = self.model
         pixels = torch.from_numpy(self.ds.images[idx]).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -223,7 +225,7 @@ class TargetProbe:
     """
 
     def __init__(self, hidden: int, targets_xy_m: np.ndarray, weight: float):
-        import torch
+        import torch  # torch: the [export] extra
 
         standardised = (targets_xy_m - targets_xy_m.mean(0)) / (targets_xy_m.std(0) + 1e-3)
         self.targets = torch.from_numpy(standardised).float()
@@ -236,7 +238,7 @@ class TargetProbe:
 
     def loss(self, image, last_hidden, labels, idx):
         """Mean squared error of both heads (standardised units) for the samples ``idx``."""
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # torch: the [export] extra
 
         y = self.targets[idx]
         from_image = self.image_head(image[:, :-1].mean(1))  # patches only, not image_newline
@@ -248,7 +250,7 @@ class TargetProbe:
 
 def loss_of(model, batch, probe: TargetProbe | None = None, idx=None):
     """Cross-entropy of the action tokens (plus ``probe``'s weighted loss); returns ``(total, ce, aux)``."""
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # torch: the [export] extra
 
     embeds, attn, labels, image = batch
     out = model.lm(inputs_embeds=embeds, attention_mask=attn, output_hidden_states=probe is not None)
@@ -278,18 +280,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
     ``init``: start from this checkpoint's weights (one written by this function) instead of a fresh model.
     ``aux_weight``: weight of the :class:`TargetProbe` loss (used when the episodes record their target; 0: off).
     """
-    import torch
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT
-    from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
+    import torch  # torch: the [export] extra
 
     if threads:
         torch.set_num_threads(threads)
@@ -308,8 +299,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
     if init is None:
         model = build_model(tokens, seed)
     else:  # the checkpoint's own shape, which may be an older policy shape
-        from vla_edge.export.checkpoint import load_checkpoint
-        from vla_edge.export.model import LlavaVLA
+        from vla_edge.export.model import LlavaVLA  # imports torch at its top
 
         model = LlavaVLA.from_checkpoint(load_checkpoint(init), attn="sdpa")
     model.train()
@@ -368,7 +358,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
 
 def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, meta: dict, fp16: bool = True) -> Path:
     """The vla-edge wrapper (README, "Checkpoints"); tensors stored fp16 by default to keep it small."""
-    import torch
+    import torch  # torch: the [export] extra
 
     sd = model.llava_state_dict()
     if fp16:
@@ -386,13 +376,8 @@ def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, me
 
 
 def main(args) -> int:
-    from rich.console import Console
-
     console = Console(stderr=True)
     if args.record:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from vla_edge.edge.sim.evaluate import record_expert_episodes
-
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bar:
             job = bar.add_task("recording expert episodes", total=args.record)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.prompt import PromptTemplate
-from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec, TokenSpec
+from vla_edge.edge.bundle.spec import DIRECTIONS, ImageLayout, PolicySpec, TokenSpec
 
 FORMAT = "vla-edge-bundle"
 FORMAT_VERSION = 1
@@ -263,8 +263,6 @@ def _check_model(model: dict) -> str | None:
 
 
 def _check_tokens(t: dict, head_ids: list, graphs) -> str | None:
-    from vla_edge.edge.bundle.spec import DIRECTIONS
-
     for k in ("vocab_base", "endoftext", "im_start", "im_end", "newline", "navigation", "embedding_rows"):
         if not _int(t.get(k)):
             return f"tokens.{k}: expected an int >= 0, got {t.get(k)!r}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from tokenizers import Tokenizer
 from vla_edge.edge.bundle.spec import SYSTEM_PROMPT, TokenSpec
 
 
@@ -67,8 +68,6 @@ class PromptTemplate:
 
 def tokenizer_encoder(tokenizer_json: str) -> TextEncoder:
     """An encoder over a ``tokenizer.json`` (HF tokenizers), without special-token insertion."""
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_str(tokenizer_json)
 
     def encode(text: str) -> list[int]:

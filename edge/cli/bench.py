@@ -27,18 +27,29 @@ Usage::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import platform
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.bundle.manifest import Bundle
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from vla_edge import VlaEdgeError
+from vla_edge.edge.bundle.manifest import Bundle, BundleError
+from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
+from vla_edge.edge.cli import kernel_bench as kbench
 from vla_edge.edge.decoding import parallel_refusal
 from vla_edge.edge.engine import STAGES, Engine, EngineError
-from vla_edge.edge.errors import VlaEdgeError
-from vla_edge.edge.telemetry import out_console, percentiles
+from vla_edge.edge.telemetry import log_console, out_console, percentiles
+from vla_edge.export.checkpoint import LoadOptions, bundle_defaults, load_checkpoint
+from vla_edge.export.demo import cache_dir
+from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +68,6 @@ def synthetic_inputs(layout, state_dim: int, seed: int = 0):
 
 def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object]:
     """Export (once) and return the cached bundle of a real shape with random weights."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from vla_edge.edge.bundle.manifest import BundleError
-    from vla_edge.edge.telemetry import log_console
-    from vla_edge.export.demo import cache_dir
-    from vla_edge.export.pipeline import ExportOptions, export_bundle, random_checkpoint
-
     out = cache_dir() / "bundles" / f"{shape}-{target}-{precision}-{ExportOptions.decoder}"
     ckpt = None
     try:
@@ -81,9 +86,6 @@ def _shape_bundle(shape: str, target: str, precision: str) -> tuple[Path, object
 
 def gpu_memory_used_mb() -> float | None:
     """Device memory in use on GPU 0 (all processes), from ``nvidia-smi``; None without one."""
-    import shutil
-    import subprocess
-
     if not shutil.which("nvidia-smi"):
         return None
     r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
@@ -95,9 +97,6 @@ def gpu_memory_used_mb() -> float | None:
 
 
 def gpu_name() -> str | None:
-    import shutil
-    import subprocess
-
     if not shutil.which("nvidia-smi"):
         return None
     r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
@@ -120,12 +119,9 @@ def run_engine(engine: Engine, frames, state, instruction: str, navigation: bool
 
 def run_torch(ckpt, bundle: Bundle, frames, state, instruction, navigation, steps, warmup, device: str = "cpu"):
     """The PyTorch reference step: fp32 on the CPU, float16 (HF eager) on ``device="cuda"``."""
-    import time
-
-    import torch
-    from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
-    from vla_edge.export.model import LlavaVLA
-    from vla_edge.export.reference import TorchReference
+    import torch  # torch: the [export] extra
+    from vla_edge.export.model import LlavaVLA  # imports torch at its top
+    from vla_edge.export.reference import TorchReference  # imports torch at its top
 
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -154,8 +150,6 @@ _PLOT_ORDER = ("compose", "vision", "prompt", "prefill", "decode", "generate", "
 
 def plot_refusal(path) -> str | None:
     """Why ``--plot PATH`` cannot work (matplotlib missing, an unknown file type), or None."""
-    import importlib.util
-
     if Path(path).suffix.lower() not in PLOT_SUFFIXES:
         return f"--plot {path}: give a file name ending in {', '.join(PLOT_SUFFIXES)}"
     if importlib.util.find_spec("matplotlib") is None:
@@ -166,10 +160,10 @@ def plot_refusal(path) -> str | None:
 def plot_latency(path, runs: dict[str, dict[str, list[float]]], title: str) -> None:
     """Write a figure of per-stage latency distributions: for each stage a box per run (label -> stage -> ms per
     step), each step a dot on it, on a log millisecond axis."""
-    import matplotlib
+    import matplotlib  # matplotlib: the [plot] extra, only for --plot
 
     matplotlib.use("Agg")  # a file, never a window (and no display on a robot)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: the [plot] extra
 
     stages = [s for s in _PLOT_ORDER if any(s in r for r in runs.values())]
     stages += [s for r in runs.values() for s in r if s not in stages]
@@ -197,12 +191,8 @@ def plot_latency(path, runs: dict[str, dict[str, list[float]]], title: str) -> N
 
 
 def main(args) -> int:
-    from rich.table import Table
-
     console = out_console()
     if args.kernels:
-        from vla_edge.edge.cli import kernel_bench as kbench
-
         res = kbench.run()
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
@@ -286,13 +276,9 @@ def main(args) -> int:
         console.print(f"GPU {report['gpu']['name']}: engine memory {report['gpu']['engine_memory_mb']} MB (nvidia-smi delta)")
 
     if args.baseline == "torch":
-        from vla_edge.export.checkpoint import LoadOptions, bundle_defaults, load_checkpoint
-
         source = bundle.manifest["source"]
         if ckpt is None:
             if args.shape or (not args.ckpt and source["sha256"] == f"random-{source['name']}-seed0"):
-                from vla_edge.export.pipeline import random_checkpoint
-
                 ckpt = random_checkpoint(args.shape or source["name"])  # random weights of a real shape
             else:
                 src = args.ckpt
@@ -316,7 +302,7 @@ def main(args) -> int:
             "chunks_identical": same,
         }
         if engine.device == "cuda":
-            import torch
+            import torch  # torch: the [export] extra
 
             report["baseline"]["torch_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         bt = Table(title="PyTorch baseline (ms)")

@@ -15,12 +15,14 @@ seen or why not, and how to fix it. Exit status 0 when every device was found, 1
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
+from vla_edge.edge.estop.latch import PRIORITY_WORDS, prefer_this_thread
 from vla_edge.edge.profile import SIDES, load_profile
 from vla_edge.edge.robot import Robot
 from vla_edge.edge.telemetry import out_console
@@ -138,10 +140,6 @@ def probe_all(robot_name: str, seconds: float = 1.0) -> list[Probe]:
 def estop_priority_line() -> str:
     """What the e-stop threads would get in this process (a thread asks, as the keyboard's do), and how
     to get real-time priority when it is not granted."""
-    import threading
-
-    from vla_edge.edge.estop.latch import PRIORITY_WORDS, prefer_this_thread
-
     got = []
     t = threading.Thread(target=lambda: got.append(prefer_this_thread()), name="check-priority")
     t.start()

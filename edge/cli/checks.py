@@ -9,11 +9,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 import zipfile
 from pathlib import Path
 
 from vla_edge import VlaEdgeError
+from vla_edge.edge.bundle.manifest import check_replaceable
 
 
 class ArgumentError(VlaEdgeError):
@@ -82,8 +84,6 @@ def in_dir(path, what: str) -> None:
 
 def view_args(args: argparse.Namespace) -> None:
     """``--view`` / ``--view-save FILE``: at most one, and Rerun installed (found, not imported: that is slow)."""
-    import importlib.util
-
     if args.view and args.view_save:
         raise ArgumentError("give --view (a Rerun viewer) or --view-save FILE, not both")
     if args.view or args.view_save:
@@ -108,7 +108,6 @@ def validate(args: argparse.Namespace) -> None:
             raise ArgumentError(f"--stats {args.stats}: no such file (the dataset's statistics.yaml)")
         if args.tokenizer and not Path(args.tokenizer).exists():
             raise ArgumentError(f"--tokenizer {args.tokenizer}: no such file or directory")
-        from vla_edge.edge.bundle.manifest import check_replaceable
 
         if Path(args.out).exists() or Path(args.out).is_symlink():
             if not args.force:
@@ -126,6 +125,7 @@ def validate(args: argparse.Namespace) -> None:
         in_checkpoint(args.ckpt)
         out_file(args.json, "--json")
         if args.plot:
+            # a command's module: imported only when it runs (parser._call)
             from vla_edge.edge.cli.bench import plot_refusal
 
             if args.kernels:

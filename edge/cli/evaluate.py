@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.engine import Engine
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge.edge.session import Session
 from vla_edge.edge.sim.evaluate import evaluate, print_report
 from vla_edge.export.demo import demo_dir, shipped_checkpoint_for
 
@@ -50,9 +52,15 @@ def main(args) -> int:
     if args.baseline == "torch":
         baseline = torch_baseline(bundle, args.ckpt)
         policies.append(("pytorch", baseline))
-    report = evaluate(policies, args.episodes, robot=args.robot, cameras=bundle.layout.cameras,
-                      first_seed=args.seed, max_seconds=args.max_seconds, baseline=baseline)
-    print_report(report)
+    with Session(keyboard="none") as session:  # Ctrl+C/SIGTERM: the robot safe, the episodes so far reported
+        report = evaluate(policies, args.episodes, robot=args.robot, cameras=bundle.layout.cameras,
+                          first_seed=args.seed, max_seconds=args.max_seconds, baseline=baseline, session=session)
+    if any(s["episodes"] for s in report["summaries"]):
+        print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    if session.stop.requested:
+        done = sum(s["episodes"] for s in report["summaries"])
+        print(f"vla-edge eval: stopped by {session.stop.reason} after {done} episodes", file=sys.stderr)
+        return session.stop.exit_code
     return 0

@@ -15,6 +15,8 @@ import sys
 import time
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, N_BINS, QWEN2_TOKENS, cobot_magic_policy
 from vla_edge.kernels import ChunkGrammar, Composer, _core, detokenize_actions, simd
 from vla_edge.kernels import reference as ref
@@ -97,9 +99,6 @@ def run(repeats: int = 200) -> dict:
 
 
 def _print(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"vla-edge kernels (C++ {result['simd']}, one thread, {result['repeats']} repeats)")
     for col in ("workload", "impl", "median", "p99", "speed-up"):
         table.add_column(col, justify="right" if col not in ("workload", "impl") else "left")

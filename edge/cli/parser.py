@@ -14,11 +14,10 @@ checked by :mod:`vla_edge.edge.cli.checks` before any slow work.
 from __future__ import annotations
 
 import argparse
+import importlib
 
 
 def _call(module: str, func: str, args: argparse.Namespace) -> int:
-    import importlib
-
     return int(getattr(importlib.import_module(module), func)(args) or 0)
 
 

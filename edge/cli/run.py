@@ -13,9 +13,17 @@ use, :mod:`vla_edge.export.demo`); a real robot needs ``--bundle``.
 
 from __future__ import annotations
 
-from vla_edge.edge.errors import VlaEdgeError
+import random
+import signal
+import time
+
+from vla_edge import VlaEdgeError
+from vla_edge.edge.estop.signals import SIGNALS
 from vla_edge.edge.profile import load_profile
 from vla_edge.edge.session import RunConfig, run
+from vla_edge.edge.sim.evaluate import SuccessMonitor
+from vla_edge.edge.sim.task import INSTRUCTION, ReachTask
+from vla_edge.edge.telemetry import out_console
 from vla_edge.export.demo import demo_dir, ensure_demo_bundle
 
 
@@ -27,10 +35,6 @@ def _demo_bundle_for(robot: str):
 
 
 def main(args) -> int:
-    import signal
-
-    from vla_edge.edge.estop.signals import SIGNALS
-
     # The process exits after the run: a late second signal (after the summary, during the
     # interpreter's exit, which puts Python-handled signals back to their default) must not change
     # the exit code or print a traceback. So run()'s handlers stay until they are replaced by SIG_IGN.
@@ -53,13 +57,6 @@ def demo(args) -> int:
     task's tolerance of the target and low enough, for ``hold_ticks`` ticks in a row), or after
     ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
     """
-    import random
-    import time
-
-    from vla_edge.edge.sim.evaluate import SuccessMonitor
-    from vla_edge.edge.sim.task import INSTRUCTION, ReachTask
-    from vla_edge.edge.telemetry import out_console
-
     ensure_demo_bundle(args.workdir)
     task = ReachTask()
     seed = args.seed if getattr(args, "seed", None) is not None else random.randrange(1_000_000)

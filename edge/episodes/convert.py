@@ -47,7 +47,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
+import yaml
+from vla_edge import VlaEdgeError, kernels
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, ImageLayout
 from vla_edge.edge.episodes.format import (
     ACTION,
@@ -57,7 +60,6 @@ from vla_edge.edge.episodes.format import (
     EpisodeReader,
     episode_paths,
 )
-from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +186,6 @@ def statistics(qpos: np.ndarray, action: np.ndarray) -> tuple[dict, list[int]]:
 
 
 def write_statistics(path: Path, stats: dict, header: str) -> None:
-    import yaml
-
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     path.write_text(comment + yaml.safe_dump(stats, default_flow_style=None, sort_keys=False, width=1000))
 
@@ -194,9 +194,6 @@ def write_statistics(path: Path, stats: dict, header: str) -> None:
 def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig(), force: bool = False,
             progress=None) -> ConvertResult:
     """Convert every episode of ``src`` into ``out`` (see the module docstring). Checks everything first."""
-    import cv2
-    from vla_edge import kernels
-
     src, out = Path(src), Path(out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not empty (--force replaces it)")

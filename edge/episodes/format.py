@@ -47,9 +47,10 @@ import logging
 import re
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,6 @@ def next_episode_path(directory: str | Path) -> Path:
 # -- reading ---------------------------------------------------------------------------------------------
 def read_frames(f: h5py.File, cameras: list[str], t: int) -> list[np.ndarray]:
     """Tick ``t``'s frames, (H, W, 3) uint8 RGB, C-contiguous; decodes the stock recorder's JPEG rows."""
-    import cv2
-
     frames = []
     for cam in cameras:
         ds = f[image_key(cam)]

@@ -54,9 +54,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from vla_edge import VlaEdgeError
 from vla_edge.edge.engine import STAGES
 from vla_edge.edge.episodes import format as fmt
-from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,15 @@ command sent, as ``run --record`` stores them.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from vla_edge import VlaEdgeError, kernels
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, ImageLayout
-from vla_edge.edge.errors import VlaEdgeError
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +61,13 @@ class ViewConfig:
 def import_rerun():
     """``rerun``, or a one-line error saying how to install it."""
     try:
-        import rerun
+        import rerun  # Rerun: the [view] extra, only with --view
     except ImportError:
         raise ViewError("Rerun is not installed: pip install 'vla-edge[view]'") from None
     return rerun
 
 
 def _jpeg(rr, image_rgb: np.ndarray, quality: int):
-    import cv2
-
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ViewError("JPEG encoding failed")
@@ -86,8 +86,6 @@ class TickLogger:
         self.rec.set_time("time", duration=time_s)
 
     def log(self, tick: int, time_s: float, frames: dict, qpos, action, base) -> None:
-        from vla_edge import kernels
-
         rr, rec = self.rr, self.rec
         self.at(tick, time_s)
         for i, name in enumerate(JOINT_NAMES[: len(qpos)]):
@@ -147,8 +145,6 @@ class LiveView:
     (when the logger is behind, the tick is dropped and counted in ``dropped``)."""
 
     def __init__(self, save: str | Path | None = None, cfg: ViewConfig = ViewConfig()):
-        import queue
-
         rr = import_rerun()
         self.rec = rr.RecordingStream(cfg.app_id)
         self.rec.save(str(save)) if save is not None else self.rec.spawn()

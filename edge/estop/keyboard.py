@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.edge.estop.latch import (
     ESTOP_THREAD_NICE,
     ESTOP_THREAD_RT_PRIORITY,
@@ -55,6 +55,7 @@ from vla_edge.edge.estop.latch import (
     EStop,
     prefer_this_thread,
 )
+from vla_edge.kernels import StopWire
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class KeyboardListener:
 
     def _open_evdev(self, _tty_fd) -> bool:
         try:
-            import evdev
+            import evdev  # evdev: the [keyboard] extra
         except Exception:  # missing module or broken install: not available
             return False
         keyboards = []
@@ -196,8 +197,6 @@ class KeyboardListener:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> KeyboardListener:
         if self.source == "tty":
-            from vla_edge.kernels import StopWire
-
             self._enter_raw_input()
             self._relay, relay_w = os.pipe()
             try:
@@ -336,7 +335,7 @@ class KeyboardListener:
             self._restore_terminal()
 
     def _run_evdev(self) -> None:
-        import evdev
+        import evdev  # evdev: the [keyboard] extra
 
         names = {evdev.ecodes.KEY_SPACE: TRIP_KEY, evdev.ecodes.KEY_R: RESUME_KEY, evdev.ecodes.KEY_Y: CONFIRM_KEY,
                  evdev.ecodes.KEY_N: "n", evdev.ecodes.KEY_B: "b", evdev.ecodes.KEY_Q: "q",
@@ -365,7 +364,7 @@ class KeyboardListener:
             raise
 
     def _start_pynput(self) -> None:
-        from pynput import keyboard
+        from pynput import keyboard  # pynput: the [keyboard] extra
 
         def on_press(key):
             t = time.monotonic()

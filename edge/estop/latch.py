@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.edge.estop.latch import POLL_S, EStop, StopRequest, prefer_this_thread
 
 log = logging.getLogger(__name__)

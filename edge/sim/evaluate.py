@@ -27,8 +27,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from vla_edge import VlaEdgeError
+from vla_edge.edge.engine import STAGES
+from vla_edge.edge.episodes.recorder import EpisodeRecorder
+from vla_edge.edge.loop import ControlLoop, LoopConfig
+from vla_edge.edge.profile import load_profile
+from vla_edge.edge.robot import Robot
+from vla_edge.edge.safety import SafetyFilter, SafetyLimits
+from vla_edge.edge.session import Session
 from vla_edge.edge.sim.task import INSTRUCTION, Episode, ExpertPolicy, ReachTask
+from vla_edge.edge.telemetry import RunStats, log_console, out_console
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +165,10 @@ class SimBench:
     """One connected simulated robot on which episodes run back to back (a context manager)."""
 
     def __init__(self, task: ReachTask | None = None, robot: str = "sim", rate_hz: float | None = None,
-                 max_seconds: float = 8.0, cameras: list[str] | None = None):
-        from vla_edge.edge.profile import load_profile
-        from vla_edge.edge.robot import Robot
-
+                 max_seconds: float = 8.0, cameras: list[str] | None = None, session: Session | None = None):
+        """``session``: the run's :class:`~vla_edge.edge.session.Session` (entered: a signal latches the e-stop
+        and ends the episode); default: a latch of its own, no signal handlers."""
+        self.session = session or Session(keyboard="none")
         self.task = task or ReachTask()
         self.profile = load_profile(robot)
         if self.profile.sim is None:
@@ -174,6 +184,7 @@ class SimBench:
         if missing:
             self.robot.disconnect()
             raise VlaEdgeError(f"policy expects cameras {self.cameras}; robot {self.profile.name} has no {missing[0]}")
+        self.session.arm(self.robot, firmware_estop=False, notify=lambda kind, reason: None)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -206,11 +217,6 @@ class SimBench:
 
         ``random_start``: start from :meth:`ReachTask.start_pose` (training data) instead of the ready pose.
         """
-        from vla_edge.edge.estop.latch import EStop
-        from vla_edge.edge.loop import ControlLoop, LoopConfig
-        from vla_edge.edge.safety import SafetyFilter, SafetyLimits
-        from vla_edge.edge.telemetry import RunStats
-
         episode = self.task.sample(seed)
         start = self.task.start_pose(seed) if random_start else None
         self.reset(episode, start_q14=start)
@@ -221,8 +227,10 @@ class SimBench:
                                     "seed": seed, "target_xy_m": list(episode.target_xy_m), "side": episode.side,
                                     "start": "random" if random_start else "ready",
                                     "policy": type(getattr(policy, "policy", policy)).__name__})
-        loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.for_robot(self.profile)), EStop(),
-                           stats, [recorder] if recorder is not None else [], cameras=self.cameras)
+        stop = self.session.stop
+        loop = ControlLoop(self.robot, policy, instruction, cfg, SafetyFilter(SafetyLimits.for_robot(self.profile)),
+                           self.session.estop, stats, [recorder] if recorder is not None else [], cameras=self.cameras,
+                           until=lambda: stop.requested)
         try:
             with SuccessMonitor(self.task, self.sim, episode, loop, 1.0 / cfg.rate_hz, linger_ticks) as mon:
                 fault = loop.run()
@@ -250,9 +258,6 @@ def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, tas
     ``random_start`` (default): each episode starts from the seed's randomised pose
     (:meth:`ReachTask.start_pose`), so that only the image tells the policy where to go.
     """
-    from vla_edge.edge.engine import STAGES
-    from vla_edge.edge.episodes.recorder import EpisodeRecorder
-
     results = []
     with SimBench(task) as bench:
         recorder = EpisodeRecorder(out_dir, cameras=bench.cameras, compress="lzf", stage_names=[*STAGES, "total"])
@@ -269,20 +274,21 @@ def record_expert_episodes(out_dir: str | Path, n: int, first_seed: int = 0, tas
 
 
 def evaluate(policies: list[tuple[str, object]], episodes: int, *, robot: str = "sim", cameras=None,
-             first_seed: int = 1000, max_seconds: float = 8.0, baseline=None, progress: bool = True) -> dict:
+             first_seed: int = 1000, max_seconds: float = 8.0, baseline=None, progress: bool = True,
+             session: Session | None = None) -> dict:
     """Run every ``(name, policy)`` on the same seeded episodes; returns the report dict (module docstring).
 
     ``baseline``: a PyTorch policy (:class:`vla_edge.export.torch_policy.TorchPolicy`, one of ``policies``);
     the others' observations are replayed through it after each episode for the token agreement.
+    ``session``: an entered :class:`~vla_edge.edge.session.Session`; a signal ends the evaluation after the
+    running episode (the robot safe), and the report holds the episodes run so far (``"stopped"``: why).
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from vla_edge.edge.telemetry import log_console
-
     console = log_console()
+    session = session or Session(keyboard="none")
     seeds = episode_seeds(episodes, first_seed)
     summaries: list[EvalSummary] = []
     agree = [0, 0, 0, 0]
-    with SimBench(robot=robot, max_seconds=max_seconds, cameras=cameras) as bench, Progress(
+    with SimBench(robot=robot, max_seconds=max_seconds, cameras=cameras, session=session) as bench, Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, disable=not progress,
     ) as bar:
@@ -291,19 +297,27 @@ def evaluate(policies: list[tuple[str, object]], episodes: int, *, robot: str = 
             results = []
             for seed in seeds:
                 counting = CountingPolicy(pol, keep=baseline is not None and pol is not baseline)
-                results.append(bench.run_episode(counting, seed))
+                result = bench.run_episode(counting, seed)
+                if session.stop.requested:  # the episode was cut short: not a result
+                    break
+                results.append(result)
                 if counting.keep:
                     for i, v in enumerate(baseline.agreement(counting.steps, INSTRUCTION)):
                         agree[i] += v
                 bar.update(job, advance=1, description=f"{name}: {sum(r.success for r in results)} successes")
             summaries.append(EvalSummary.of(name, results))
+            if session.stop.requested:
+                break
+    n_run = max((s.episodes for s in summaries), default=0)
     report = {
         "task": asdict(bench.task),
         "instruction": INSTRUCTION,
-        "seeds": [seeds[0], seeds[-1]] if seeds else [],
+        "seeds": [seeds[0], seeds[0] + max(n_run - 1, 0)] if seeds else [],
         "max_seconds": max_seconds,
         "summaries": [asdict(s) for s in summaries],
     }
+    if session.stop.requested:
+        report["stopped"] = session.stop.reason
     if baseline is not None:
         report["token_agreement"] = {
             "tokens": agree[0] / agree[1] if agree[1] else None, "n_tokens": agree[1],
@@ -313,9 +327,6 @@ def evaluate(policies: list[tuple[str, object]], episodes: int, *, robot: str = 
 
 
 def print_report(report: dict, console=None) -> None:
-    from rich.table import Table
-    from vla_edge.edge.telemetry import out_console
-
     console = console or out_console()
     table = Table(title=f"reach task, {report['summaries'][0]['episodes']} seeded episodes "
                         f"(seeds {report['seeds'][0]}..{report['seeds'][-1]}), max {report['max_seconds']:g} s")

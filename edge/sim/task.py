@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
+from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 from vla_edge.edge.policy import ActionChunk
 from vla_edge.firmware_bridge.camera_sim import LINKS_M, Scene, arm_points
 
@@ -90,8 +91,6 @@ class ReachTask:
     def start_pose(self, seed: int, spread_rad: float | None = None) -> np.ndarray:
         """A randomised start (14,) for ``seed``: the ready pose plus U(-spread, spread) rad on J1, J2, J3, J5
         of both arms, within the Piper's limits (``spread_rad`` defaults to ``start_spread_rad``)."""
-        from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
-
         spread = self.start_spread_rad if spread_rad is None else spread_rad
         rng = np.random.default_rng([seed, 7])  # independent of the target draw of sample(seed)
         q = self.ready_q14
@@ -154,8 +153,6 @@ def reach_pose(dx_m: float, dy_m: float, hover_m: float, gripper_m: float = 0.0)
 
 
 def _reach_pose_tilted(dx_m, dy_m, hover_m, tilt_rad, gripper_m) -> np.ndarray | None:
-    from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
-
     upper, fore, hand = LINKS_M
     j1 = math.atan2(dx_m, dy_m)
     a3 = math.pi + tilt_rad  # last-link pitch from vertical (pi: straight down; > pi: tilted back)

@@ -15,7 +15,7 @@ import time
 from typing import NamedTuple
 
 import pytest
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.edge.estop.keyboard import KeyboardListener
 from vla_edge.edge.estop.latch import (
     ESTOP_THREAD_NICE,

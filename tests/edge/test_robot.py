@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import wait_until
-from vla_edge.edge.errors import VlaEdgeError
+from vla_edge import VlaEdgeError
 from vla_edge.edge.profile import load_profile
 from vla_edge.edge.robot import Robot
 

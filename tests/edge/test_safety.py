@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
-from vla_edge.edge.errors import VlaEdgeError
 from vla_edge.edge.safety import JOINT_NAMES, SafetyFilter, SafetyLimits, UnsafeAction
 
 LO = np.array(PIPER_JOINT_LO * 2)

@@ -14,11 +14,11 @@ import time
 import h5py
 import numpy as np
 import pytest
+from vla_edge import VlaEdgeError
 from vla_edge.edge.engine import STAGES
 from vla_edge.edge.episodes.format import per_tick_datasets
 from vla_edge.edge.episodes.recorder import BATCH_ROWS, RESERVE_BYTES, EpisodeRecorder, RecorderFault
 from vla_edge.edge.episodes.repair import recover_episode
-from vla_edge.edge.errors import VlaEdgeError
 
 CAMS = ["cam_high", "cam_left_wrist", "cam_right_wrist"]
 SMALL = (48, 64, 3)
