@@ -54,9 +54,8 @@ def quantize(src: Path, dst: Path, scheme: str) -> dict:
 def to_float16(src: Path, dst: Path, keep_float32: list[str]) -> dict:
     """A float16 copy of ``src`` (weights and activations); the graph inputs/outputs named in
     ``keep_float32`` stay float32 (a Cast is inserted). Returns the manifest record."""
-    import onnx  # onnx: the [export] extra
-
-    # onnxruntime: the [cpu] or [gpu] extra
+    # onnx: the [export] extra; onnxruntime: the [cpu] or [gpu] extra
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with warnings.catch_warnings():

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from piper_sdk import C_PiperInterface_V2
 from vla_edge import DeviceFault
 
 log = logging.getLogger(__name__)
@@ -193,6 +192,9 @@ class PiperArm:
         Raises :class:`ArmFault` when the interface is missing, the arm is silent, or the motors do
         not all report enabled within ``enable_timeout_s``.
         """
+        # piper_sdk and python-can (~50 ms) load when an arm connects, not with every import of the joint limits
+        from piper_sdk import C_PiperInterface_V2
+
         cfg = self.config
         if cfg.bustype == "socketcan" and (problem := can_interface_problem(cfg.can_name)):
             raise ArmFault(problem)

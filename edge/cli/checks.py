@@ -108,7 +108,6 @@ def validate(args: argparse.Namespace) -> None:
             raise ArgumentError(f"--stats {args.stats}: no such file (the dataset's statistics.yaml)")
         if args.tokenizer and not Path(args.tokenizer).exists():
             raise ArgumentError(f"--tokenizer {args.tokenizer}: no such file or directory")
-
         if Path(args.out).exists() or Path(args.out).is_symlink():
             if not args.force:
                 raise ArgumentError(f"{args.out} already exists (use --force to replace a bundle)")
