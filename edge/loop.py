@@ -39,6 +39,8 @@ import numpy as np
 from vla_edge import VlaEdgeError
 from vla_edge.edge.chunks import ActionSchedule, BaseProfile, InferenceWorker, base_profile
 from vla_edge.edge.observers import Tick, TickObserver
+from vla_edge.edge.policy import Policy
+from vla_edge.edge.robot import RobotIO
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,8 @@ class ControlLoop:
     ``until()`` or a stop request. ``safe_stop()``: what a fault does to the robot (default: arms hold,
     base zero)."""
 
-    def __init__(self, robot, policy, instruction: str, cfg: LoopConfig, safety, estop, stats,
-                 observers: Sequence[TickObserver] = (), cameras: list[str] | None = None,
+    def __init__(self, robot: RobotIO, policy: Policy | TickSource, instruction: str, cfg: LoopConfig, safety,
+                 estop, stats, observers: Sequence[TickObserver] = (), cameras: list[str] | None = None,
                  stop_requested: threading.Event | None = None, until=None, safe_stop=None):
         self.robot = robot
         self.policy = policy
@@ -349,12 +351,7 @@ class ControlLoop:
 
     def _frames(self) -> tuple[dict, dict]:
         """The newest frame (RGB uint8) and its capture time (s) of each camera that has one."""
-        frames, stamps = {}, {}
-        for name in self.cameras:
-            f = self.robot.cameras.cameras[name].latest()
-            if f is not None:
-                frames[name], stamps[name] = f.image, f.stamp_s
-        return frames, stamps
+        return self.robot.latest_frames(self.cameras)
 
     def _emit(self, tick: Tick) -> None:
         for o in self.observers:

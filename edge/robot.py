@@ -30,6 +30,7 @@ import math
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from vla_edge import VlaEdgeError
@@ -86,8 +87,29 @@ class SimHandle:
         return self.base.pose()
 
 
+class RobotIO(Protocol):
+    """The robot as the control loop and the session see it (units as in :class:`Robot`). :class:`Robot` is
+    the Cobot Magic's (and its simulator's); another robot implements these and runs the same loop."""
+
+    camera_names: list[str]
+
+    def read_state(self) -> RobotState: ...
+    def read_frames(self): ...
+    def latest_frames(self, names: list[str]) -> tuple[dict, dict]: ...
+    def faults(self) -> list[str]: ...
+    def base_estop_reported(self) -> bool: ...
+    def commanded_qpos(self) -> np.ndarray | None: ...
+    def send_joint_targets(self, q14) -> None: ...
+    def send_base_velocity(self, vx_mps: float, wz_radps: float) -> None: ...
+    def hold(self) -> None: ...
+    def estop(self, firmware: bool = False) -> None: ...
+    def resume(self) -> None: ...
+    def attach_stop_wire(self, wire) -> None: ...
+
+
 class Robot:
-    """Two :class:`PiperArm`, one :class:`TracerBase`, a :class:`CameraRig` (and simulators for sim)."""
+    """Two :class:`PiperArm`, one :class:`TracerBase`, a :class:`CameraRig` (and simulators for sim): a
+    :class:`RobotIO`."""
 
     def __init__(self, config: RobotConfig) -> None:
         self.config = config
@@ -182,6 +204,17 @@ class Robot:
         if self.cameras is None:
             raise VlaEdgeError("robot is not connected")
         return self.cameras.read()
+
+    def latest_frames(self, names: list[str]) -> tuple[dict, dict]:
+        """The newest frame (RGB uint8 (H, W, 3)) and its capture time (s) of each named camera that has one,
+        without waiting: what a tick records. ``({}, {})`` before the cameras are connected."""
+        frames, stamps = {}, {}
+        if self.cameras is not None:
+            for name in names:
+                f = self.cameras.cameras[name].latest()
+                if f is not None:
+                    frames[name], stamps[name] = f.image, f.stamp_s
+        return frames, stamps
 
     def faults(self) -> list[str]:
         """Active faults of every device (silent bus, base link loss, camera stale, ...)."""
