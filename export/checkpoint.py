@@ -44,6 +44,7 @@ from vla_edge.edge.bundle.spec import (
     BIN_KINDS,
     CALVIN_LAYOUT,
     COBOT_MAGIC_LAYOUT,
+    RESIZE_ORDERS,
     ImageLayout,
     PolicySpec,
     TokenSpec,
@@ -115,6 +116,7 @@ class LoadOptions:
     layout: str | None = None  # a LAYOUTS name
     vision_tower: str | None = None  # a known tower name or a local SigLIP directory (for a bare best.pt)
     bins: str | None = None  # BIN_KINDS: uniform (default) or norm (the reference's use_norm_bins)
+    resize_order: str | None = None  # RESIZE_ORDERS: the Pillow order of the training images' resize passes
     defaults: dict = field(default_factory=dict)  # wrapper fields to use where the checkpoint has none
 
 
@@ -137,6 +139,8 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
         raise CheckpointError(f"checkpoint not found: {path}")
     if opts.layout is not None and opts.layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {opts.layout!r} (known: {', '.join(LAYOUTS)})")
+    if opts.resize_order is not None and opts.resize_order not in RESIZE_ORDERS:
+        raise CheckpointError(f"unknown resize order {opts.resize_order!r} (known: {', '.join(RESIZE_ORDERS)})")
     if opts.bins is not None and opts.bins not in BIN_KINDS:
         raise CheckpointError(f"unknown bin kind {opts.bins!r} (known: {', '.join(BIN_KINDS)})")
     stats = read_statistics(opts.stats) if opts.stats else None
@@ -171,6 +175,7 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
         stats = read_statistics(raw["stats_path"])
     policy = _policy(raw, stats, path)
     layout = _layout(raw, stats, opts, policy)
+    layout = replace(layout, resize_order=_resize_order(raw, stats, opts, path))
     if layout.output != model.vision.image_size:
         raise CheckpointError(
             f"image layout output {layout.output} px does not match the vision tower's {model.vision.image_size} px"
@@ -225,6 +230,20 @@ def _layout(raw: dict, stats: DatasetStats | None, opts: LoadOptions, policy: Po
     log.info("image layout: %s (%s), chosen for %d action dimensions; --layout to change it",
              name, ", ".join(LAYOUTS[name].cameras), policy.action_dim)
     return LAYOUTS[name]
+
+
+def _resize_order(raw: dict, stats: DatasetStats | None, opts: LoadOptions, path: Path) -> str:
+    """The order of PIL's resize passes the training images were made with: ``--resize-order`` > the order
+    recorded with the data (``vla_edge.json``, as ``vla-edge convert`` writes it) or in the checkpoint > for a
+    trainer directory, the LLaVA-VLA reference era's (Pillow < 13: ``pillow-pre13``) > Pillow 13's."""
+    recorded = [d.get("resize_order") for d in ((stats.sidecar.get("image_layout") if stats else None),
+                                                raw.get("image_layout")) if isinstance(d, dict)]
+    order = opts.resize_order or next((o for o in recorded if o), None)
+    if order is None:
+        order = "pillow-pre13" if path.is_dir() else "pillow13"
+        log.info("image resize order: %s (%s); --resize-order to change it", order,
+                 "a trainer directory: the reference's Pillow < 13" if path.is_dir() else "Pillow 13")
+    return order
 
 
 def tokens_from_tokenizer(tokenizer_json: str, embedding_rows: int) -> TokenSpec:

@@ -470,7 +470,7 @@ def main(args) -> int:
                          max_len=args.max_len or DEFAULT_MAX_LEN)
     t0 = time.perf_counter()
     extras = LoadOptions(stats=_path(args.stats), tokenizer=_path(args.tokenizer), layout=args.layout,
-                         vision_tower=args.vision_tower, bins=args.bins)
+                         vision_tower=args.vision_tower, bins=args.bins, resize_order=args.resize_order)
     ckpt = load_checkpoint(args.ckpt, extras) if args.ckpt else random_checkpoint(args.shape)
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:

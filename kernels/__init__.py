@@ -68,7 +68,10 @@ DIRECTIONS = ("forward", "turn_left", "turn_right", "stop")
 
 class Layout(Protocol):
     """What composition needs of a layout (``vla_edge.edge.bundle.spec.ImageLayout`` is one): tiles with
-    ``x, y, w, h`` on a ``canvas_w x canvas_h`` canvas, resized to ``output`` px, PIL filter names."""
+    ``x, y, w, h`` on a ``canvas_w x canvas_h`` canvas, resized to ``output`` px, PIL filter names, and the
+    order of the two resize passes of the Pillow that made the training images: ``"pillow13"`` (Pillow >= 13
+    puts the vertical pass first when the height shrinks much more than the width) or ``"pillow-pre13"``
+    (horizontal first, always)."""
 
     tiles: tuple
     canvas_w: int
@@ -76,6 +79,7 @@ class Layout(Protocol):
     output: int
     tile_filter: str
     output_filter: str
+    resize_order: str
 
 __all__ = [
     "ChunkGrammar",
@@ -97,7 +101,8 @@ def Composer(layout: Layout, frame_shapes) -> _core.Composer:  # noqa: N802 - re
     shapes = [(int(s[0]), int(s[1])) for s in frame_shapes]
     tiles = [(t.x, t.y, t.w, t.h) for t in layout.tiles]
     return _core.Composer(
-        tiles, layout.canvas_w, layout.canvas_h, layout.output, layout.tile_filter, layout.output_filter, shapes
+        tiles, layout.canvas_w, layout.canvas_h, layout.output, layout.tile_filter, layout.output_filter, shapes,
+        layout.resize_order,
     )
 
 

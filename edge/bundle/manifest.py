@@ -44,7 +44,7 @@ from pathlib import Path
 
 from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.prompt import PromptTemplate
-from vla_edge.edge.bundle.spec import DIRECTIONS, ImageLayout, PolicySpec, TokenSpec
+from vla_edge.edge.bundle.spec import DIRECTIONS, RESIZE_ORDERS, ImageLayout, PolicySpec, TokenSpec
 
 FORMAT = "vla-edge-bundle"
 FORMAT_VERSION = 1
@@ -332,6 +332,8 @@ def _check_layout(lay: dict) -> str | None:
             return f"image_layout.tiles[{i}]: expected {{camera: str, x, y: int >= 0, w, h: int >= 1}}"
         if tile["x"] + tile["w"] > lay["canvas_w"] or tile["y"] + tile["h"] > lay["canvas_h"]:
             return f"image_layout.tiles[{i}] ({tile['camera']}) does not fit on the canvas"
+    if lay.get("resize_order", "pillow13") not in RESIZE_ORDERS:  # absent: a bundle from before the field
+        return f"image_layout.resize_order: expected one of {', '.join(RESIZE_ORDERS)}, got {lay['resize_order']!r}"
     return None
 
 

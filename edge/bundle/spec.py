@@ -104,6 +104,10 @@ SYSTEM_PROMPT = (
 )
 
 
+RESIZE_ORDERS = ("pillow13", "pillow-pre13")
+"""The orders of PIL's two resize passes a layout can name (:attr:`ImageLayout.resize_order`)."""
+
+
 @dataclass(frozen=True)
 class Tile:
     """One camera view placed on the canvas: resized (``ImageLayout.tile_filter``) to w x h pixels at (x, y)."""
@@ -122,7 +126,10 @@ class ImageLayout:
     Each tile's view is resized to its w x h with ``tile_filter`` and pasted on a black canvas of
     ``canvas_w x canvas_h``; the canvas is resized to ``output x output`` with ``output_filter``;
     pixels become ``(px/255 - 0.5) / 0.5``, RGB, NCHW. Filters are PIL names: lanczos, bicubic,
-    bilinear, nearest.
+    bilinear, nearest. ``resize_order``: the order of PIL's two resize passes, as the Pillow that made the
+    training images had it: ``"pillow13"`` (Pillow >= 13: the vertical pass first when the height shrinks by
+    more than twice as many pixels as the width) or ``"pillow-pre13"`` (horizontal first, always: the
+    LLaVA-VLA reference's era). The two differ by up to 13 levels on CALVIN's static view (CONTRACT 1c).
     """
 
     tiles: tuple[Tile, ...]
@@ -131,6 +138,7 @@ class ImageLayout:
     output: int = 384
     tile_filter: str = "lanczos"
     output_filter: str = "bicubic"
+    resize_order: str = "pillow13"
 
     @property
     def cameras(self) -> list[str]:

@@ -4,7 +4,8 @@
 //   * separable: a horizontal pass, then a vertical pass (each skipped when its size is unchanged);
 //     since Pillow 13 (PR #9549) the vertical pass goes first when the height shrinks by more than
 //     twice as many pixels as the width: out_h < in_h and in_h - out_h > 2 * (in_w - out_w).
-//     The intermediate image is uint8, so the order changes the result;
+//     The intermediate image is uint8, so the order changes the result: a layout names the order of
+//     the Pillow that made its training images ("pillow13", or "pillow-pre13": horizontal always first);
 //   * per output pixel, filter taps centred at (xx + 0.5) * scale with the support stretched by the
 //     downscale factor (antialiasing); weights normalised to sum 1 in double;
 //   * weights stored as fixed point with PRECISION_BITS = 22 (w * 2^22 rounded half away from 0),
@@ -783,11 +784,12 @@ bool g_use_vnni = false;  // AVX-512 VNNI hot loops (only with g_use_avx2)
 class Resize {
  public:
   Resize() = default;
-  Resize(int in_w, int in_h, int out_w, int out_h, const Filter& filter)
+  // `pillow13_order`: Pillow >= 13's choice of the first pass; false: Pillow < 13's (horizontal first).
+  Resize(int in_w, int in_h, int out_w, int out_h, const Filter& filter, bool pillow13_order = true)
       : in_w_(in_w), in_h_(in_h), out_w_(out_w), out_h_(out_h) {
     need_h_ = out_w != in_w;
     need_v_ = out_h != in_h;
-    vertical_first_ = need_h_ && need_v_ && out_h < in_h && (in_h - out_h) > 2 * (in_w - out_w);
+    vertical_first_ = pillow13_order && need_h_ && need_v_ && out_h < in_h && (in_h - out_h) > 2 * (in_w - out_w);
     v_ = pil_axis(in_h, out_h, filter);
     row0_ = 0;
     row1_ = in_h;
@@ -885,10 +887,14 @@ class Composer {
  public:
   Composer(const std::vector<std::tuple<int, int, int, int>>& tiles, int canvas_w, int canvas_h, int output,
            const std::string& tile_filter, const std::string& output_filter,
-           const std::vector<std::pair<int, int>>& frame_shapes)
+           const std::vector<std::pair<int, int>>& frame_shapes, const std::string& resize_order = "pillow13")
       : canvas_w_(canvas_w), canvas_h_(canvas_h), out_(output) {
     const Filter tf = parse_filter(tile_filter, "layout.tile_filter");
     const Filter of = parse_filter(output_filter, "layout.output_filter");
+    if (resize_order != "pillow13" && resize_order != "pillow-pre13") {
+      throw py::value_error("layout.resize_order must be 'pillow13' or 'pillow-pre13', got '" + resize_order + "'");
+    }
+    const bool p13 = resize_order == "pillow13";
     if (canvas_w < 1 || canvas_h < 1 || canvas_w > 16384 || canvas_h > 16384) {
       throw py::value_error("layout canvas " + std::to_string(canvas_w) + "x" + std::to_string(canvas_h) +
                             " must be 1..16384 pixels on each side");
@@ -916,7 +922,7 @@ class Composer {
       }
       rects_.push_back({x, y, w, h});
       shapes_.push_back({fh, fw});
-      tiles_.emplace_back(fw, fh, w, h, tf);
+      tiles_.emplace_back(fw, fh, w, h, tf, p13);
       // Horizontal-first: the rows the vertical pass reads; vertical-first: one vertical output row.
       const Resize& rs = tiles_.back();
       tmp_.emplace_back(rs.vertical_first() ? static_cast<size_t>(fw) * 3 + 16
@@ -925,7 +931,7 @@ class Composer {
     }
     clear_canvas_ = std::find(covered.begin(), covered.end(), 0) != covered.end();
     canvas_.assign(static_cast<size_t>(canvas_w) * canvas_h * 3 + 16, 0);
-    final_ = Resize(canvas_w, canvas_h, output, output, of);
+    final_ = Resize(canvas_w, canvas_h, output, output, of, p13);
     plane_rows_ = final_.need_h() ? final_.rows() : canvas_h;
     const int plane_w = final_.need_h() ? output : canvas_w;
     if (final_.vertical_first()) {
@@ -1122,12 +1128,13 @@ class Composer {
 };
 
 // Plain PIL-style resize of one RGB image, for tests: (H, W, 3) uint8 -> (out_h, out_w, 3) uint8.
-py::array_t<uint8_t> resize_rgb(py::handle img_obj, int out_w, int out_h, const std::string& filter) {
+py::array_t<uint8_t> resize_rgb(py::handle img_obj, int out_w, int out_h, const std::string& filter,
+                                const std::string& order) {
   auto img = require_array<uint8_t>(img_obj, "image", 3);
   if (img.shape(2) != 3) throw py::value_error("image must have shape (H, W, 3), got " + shape_str(img));
   if (out_w < 1 || out_h < 1) throw py::value_error("size must be positive");
   Composer c({{0, 0, out_w, out_h}}, out_w, out_h, 1, filter, "box",
-             {{static_cast<int>(img.shape(0)), static_cast<int>(img.shape(1))}});
+             {{static_cast<int>(img.shape(0)), static_cast<int>(img.shape(1))}}, order);
   py::list frames;
   frames.append(img);
   return c.canvas(frames);
@@ -1160,13 +1167,15 @@ void register_resample(py::module_& m) {
   }, py::arg("level"), "Tests only: pick the kernel level (falls back to what the CPU has; not thread-safe); "
                        "returns the old level.");
   m.def("resize_rgb", &resize_rgb, py::arg("image"), py::arg("width"), py::arg("height"), py::arg("filter"),
+        py::arg("order") = "pillow13",
         "PIL Image.resize of one (H, W, 3) uint8 image, bit-exact. Allocates; for tests.");
 
   py::class_<Composer>(m, "Composer", "Cached multi-view composition for one layout and frame sizes.")
       .def(py::init<const std::vector<std::tuple<int, int, int, int>>&, int, int, int, const std::string&,
-                    const std::string&, const std::vector<std::pair<int, int>>&>(),
+                    const std::string&, const std::vector<std::pair<int, int>>&, const std::string&>(),
            py::arg("tiles"), py::arg("canvas_w"), py::arg("canvas_h"), py::arg("output"),
-           py::arg("tile_filter"), py::arg("output_filter"), py::arg("frame_shapes"))
+           py::arg("tile_filter"), py::arg("output_filter"), py::arg("frame_shapes"),
+           py::arg("resize_order") = "pillow13")
       .def("compose", &Composer::compose, py::arg("frames"), py::arg("out"), py::arg("bgr") = false)
       .def("canvas", &Composer::canvas, py::arg("frames"))
       .def("compose_uint8", &Composer::compose_uint8, py::arg("frames"), py::arg("bgr") = false)

@@ -12,6 +12,7 @@ transformers tokenizer, none of vla-edge's model or prompt code.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,23 @@ def test_vision_config_in_vla_edge_json_overrides_the_tower(trainer_ckpt):
     finally:
         (trainer_ckpt.dir / "vla_edge.json").unlink(missing_ok=True)
         trainer_ckpt.write_config()
+
+
+def test_resize_order_recorded_else_the_reference_era_for_a_trainer_directory(trainer_ckpt, tiny_ckpt, tmp_path):
+    """A trainer directory's images were made by the reference's Pillow (< 13) unless the data says otherwise:
+    convert's ``vla_edge.json`` beside ``statistics.yaml`` records the order it composed with."""
+    stats = LoadOptions(stats=trainer_ckpt.stats_path)
+    assert load_checkpoint(trainer_ckpt.dir, stats).layout.resize_order == "pillow-pre13"
+    assert load_checkpoint(trainer_ckpt.dir, replace(stats, resize_order="pillow13")).layout.resize_order == "pillow13"
+    sidecar = trainer_ckpt.stats_path.with_name("vla_edge.json")
+    try:
+        sidecar.write_text(json.dumps({"image_layout": {**COBOT_MAGIC_LAYOUT.to_dict(), "resize_order": "pillow13"}}))
+        assert load_checkpoint(trainer_ckpt.dir, stats).layout.resize_order == "pillow13"
+    finally:
+        sidecar.unlink()
+    assert load_checkpoint(tiny_ckpt).layout.resize_order == "pillow13"  # vla-edge's own checkpoint: Pillow 13
+    with pytest.raises(CheckpointError, match="unknown resize order"):
+        load_checkpoint(trainer_ckpt.dir, replace(stats, resize_order="pillow9"))
 
 
 def test_statistics_are_required_and_checked(trainer_ckpt, tmp_path):
