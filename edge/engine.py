@@ -7,7 +7,8 @@ One :meth:`Engine.step` runs the stages that ``vla-edge bench`` times::
     prompt      instruction + proprio tokens + suffix -> text rows (host, from embeddings.npy)
     prefill     image + text rows (after the system prefix, cached at start-up) -> KV cache + first token
     decode      one token at a time (or Jacobi-parallel), grammar-constrained over the cut head
-    detokenize  bin tokens -> joint targets (rad, m); navigation tokens -> (direction, m | deg)
+    detokenize  bin tokens -> joint targets (rad, m) under the bundle's action encoding (manifest
+                ``policy.actions``: raw, bounds or sigma3); navigation tokens -> (direction, m | deg)
 
 What crosses between host and device inside a step (fused decoder built by this version, whose
 graph takes ``image_embeds`` and ``head_index``): up go the pixels (into one bound buffer), the
@@ -100,8 +101,7 @@ class Engine:
         self.suffix_embeds = self._embed(bundle.prompt.suffix)
         self.instruction_embeds: np.ndarray | None = None
         self.navigation = False
-        self.lo = np.asarray(self.policy.action_lo, np.float64)
-        self.hi = np.asarray(self.policy.action_hi, np.float64)
+        self.lo, self.hi = self.policy.action_bounds()  # the bundle's action encoding (policy.actions)
         self.mean = np.asarray(self.policy.proprio_mean, np.float64)
         self.edges = self.tokens.bin_edges
         self.std = np.asarray(self.policy.proprio_std, np.float64)
@@ -248,9 +248,10 @@ class Engine:
         """Frames (in the layout's camera order, HxWx3 uint8) or ready ``pixels`` + state -> chunk."""
         if self.instruction_embeds is None:
             raise EngineError("call start_episode(instruction) before step()")
-        state = np.asarray(state, np.float64)
-        if state.shape != (self.policy.state_dim,):
-            raise EngineError(f"state has shape {state.shape}, expected ({self.policy.state_dim},)")
+        try:
+            state = self.policy.model_state(state)  # the robot's state, then the bundle's state_pad
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         t = {}
         t0 = time.perf_counter()
         if pixels is None:
@@ -286,7 +287,7 @@ class Engine:
 
         Used by the parity report to compare logits with PyTorch position by position.
         """
-        prompt = self._prompt_rows(self._run_vision(pixels), np.asarray(state, np.float64))
+        prompt = self._prompt_rows(self._run_vision(pixels), self.policy.model_state(state))
         rows = Rows(prompt.image_tokens, prompt.embeds, np.asarray(head_idx[:-1], np.int64)[None])
         k = len(head_idx)
         return self._new_cache().run(np.arange(rows.count - k, rows.count, dtype=np.int64), rows)

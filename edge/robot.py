@@ -35,12 +35,12 @@ from typing import Protocol
 import numpy as np
 from vla_edge import VlaEdgeError
 from vla_edge.edge.profile import SIDES, RobotConfig, SimSettings
+from vla_edge.firmware_bridge.camera_replay import ReplaySource
 from vla_edge.firmware_bridge.camera_sim import Scene, SyntheticSource
 from vla_edge.firmware_bridge.cameras import (
     Camera,
     CameraRig,
     OpenCVSource,
-    ReplaySource,
 )
 from vla_edge.firmware_bridge.piper_arm import PiperArm, PiperArmConfig
 from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
@@ -355,7 +355,7 @@ class Robot:
                                       seed=len(cams))
             else:
                 raise VlaEdgeError(f"unknown camera source {c.source!r} (opencv, synthetic, replay)")
-            cams.append(Camera(name, src, c.fps))
+            cams.append(Camera(name, src, c.fps, size=(c.width, c.height)))
         return CameraRig(cams, c.fps, c.max_skew_s, c.stale_after_s)
 
     def _start_sim(self):

@@ -42,9 +42,11 @@ from vla_edge.edge.estop.latch import EStop, StopRequest
 from vla_edge.edge.estop.signals import install_signal_handlers
 from vla_edge.edge.loop import ControlLoop, LoopConfig
 from vla_edge.edge.profile import load_profile
+from vla_edge.edge.remote import DEFAULT_TIMEOUT_S, RemotePolicy, parse_server_urls
 from vla_edge.edge.robot import Robot
 from vla_edge.edge.safety import SafetyFilter, SafetyLimits
 from vla_edge.edge.telemetry import RunStats, log_console
+from vla_edge.edge.wire import bundle_id
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,11 @@ class RunConfig:
     json_path: str | None = None
     view: bool = False
     view_save: str | None = None
+    policy_server: str | None = None
+    """``URL[,URL2]`` of a ``vla-edge serve`` policy server: only the policy step is remote
+    (:class:`~vla_edge.edge.remote.RemotePolicy`); ``bundle``, if given, must be the bundle it serves."""
+    policy_timeout_s: float = DEFAULT_TIMEOUT_S
+    """Per policy-server request; a second failed try (the next URL) is a safe stop."""
 
 
 class StartupStopped(Exception):
@@ -183,9 +190,14 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
     try:
         profile = load_profile(cfg.robot)
         session.checkpoint("loading the bundle")
-        bundle = Bundle.load(cfg.bundle)
-        threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
-        policy = Engine(bundle, provider=cfg.provider, threads=threads)
+        if cfg.policy_server:  # the served bundle's manifest stands in for the local bundle
+            expect = bundle_id(Bundle.load(cfg.bundle).manifest) if cfg.bundle else None
+            policy = RemotePolicy.connect(parse_server_urls(cfg.policy_server), cfg.policy_timeout_s, expect)
+            bundle = policy.bundle
+        else:
+            bundle = Bundle.load(cfg.bundle)
+            threads = max(1, (os.cpu_count() or 2) - 1)  # leave a core for the control tick
+            policy = Engine(bundle, provider=cfg.provider, threads=threads)
         if policy_wrapper is not None:
             policy = policy_wrapper(policy)
         if cfg.view or cfg.view_save:

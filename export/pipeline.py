@@ -154,7 +154,7 @@ def export_bundle(ckpt, opts: ExportOptions, progress=None) -> ExportResult:
         with step(f"parity on {opts.parity_samples} fixed inputs"):
             engines = {name: Engine(Bundle.load(d), provider="cpu") for name, d in variants.items()}
             reference = TorchReference(model, ckpt.tokens, ckpt.policy, ckpt.layout, prompt, encode)
-            inputs = fixed_inputs(ckpt.layout, ckpt.policy.state_dim, opts.parity_samples)
+            inputs = fixed_inputs(ckpt.layout, ckpt.policy.robot_state_dim, opts.parity_samples)
             res.parity, gpu_error = _parity(reference, engines, inputs, tmp if opts.target == "cuda" else None,
                                             opts.precision)
             if gpu_error:

@@ -80,8 +80,8 @@ class TorchReference:
         image = m.image_embeds(torch.as_tensor(pixels).to(self.device, self.dtype))[0]
         sync()
         t1 = time.perf_counter()
-        proprio = reference.tokenize_proprio(
-            np.asarray(state, np.float64), np.asarray(self.policy.proprio_mean), np.asarray(self.policy.proprio_std),
+        proprio = reference.tokenize_proprio(  # the robot's state, then the policy's state_pad
+            self.policy.model_state(state), np.asarray(self.policy.proprio_mean), np.asarray(self.policy.proprio_std),
             self.tokens.vocab_base, self.tokens.bin_edges,
         )
         after = self.prompt.instruction_ids(self.encode, instruction, navigation) + list(proprio) + self.prompt.suffix

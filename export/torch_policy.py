@@ -44,8 +44,9 @@ class TorchPolicy:
         t0 = time.perf_counter()
         head_idx = self.head_indices(frames, state)
         ids = self.tokens.head_ids[head_idx]
-        joints = kernels.detokenize_actions(ids[head_idx < self.tokens.n_bins], self.tokens.vocab_base,
-                                            self.policy.action_lo, self.policy.action_hi, self.tokens.bin_edges)
+        lo, hi = self.policy.action_bounds()  # the encoding the bundle records (policy.actions), as the engine
+        joints = kernels.detokenize_actions(ids[head_idx < self.tokens.n_bins], self.tokens.vocab_base, lo, hi,
+                                            self.tokens.bin_edges)
         return ActionChunk(joints=joints, token_ids=ids, timings_ms={"total": (time.perf_counter() - t0) * 1e3})
 
     def agreement(self, steps, instruction: str) -> tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ Usage::
     src = SyntheticSource("cam_high", scene, fps=30.0, jitter_s=0.002)
     rig = CameraRig([Camera("cam_high", src)])      # vla_edge.firmware_bridge.cameras
     src.stall(); src.stall(False); src.fail()       # fault injection
+    src.reformat(320, 240); src.reformat(grey=True)  # ... the camera renegotiates: another size or format
     img = SceneRenderer("cam_high", scene, 640, 480).render()   # one frame, no clock
 
 Units: lengths in metres in the table frame of :class:`Scene` (x right, y away from the robot,
@@ -133,6 +134,7 @@ class SyntheticSource:
                  width: int = 640, height: int = 480, seed: int = 0) -> None:
         self.view = view
         self.scene = scene or Scene()
+        self._grey = False
         self.fps, self.jitter_s, self.seed = fps, jitter_s, seed
         self._renderer = SceneRenderer(view, self.scene, width, height)
         self._pacer: FramePacer | None = None
@@ -153,7 +155,8 @@ class SyntheticSource:
         if self._failed:
             return None
         stamp = time.monotonic()
-        return self._renderer.render(), stamp
+        img = self._renderer.render()
+        return (cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if self._grey else img), stamp
 
     def close(self) -> None:
         if self._pacer is not None:
@@ -166,6 +169,13 @@ class SyntheticSource:
             self._stalled.set()
         else:
             self._stalled.clear()
+
+    def reformat(self, width: int | None = None, height: int | None = None, grey: bool = False) -> None:
+        """From the next frame on, deliver ``width`` x ``height`` pixels (default: as now), single-channel
+        when ``grey``: a USB camera that renegotiated, or another device on the same path."""
+        r = self._renderer
+        self._renderer = SceneRenderer(self.view, self.scene, width or r.w, height or r.h)
+        self._grey = grey
 
     def fail(self) -> None:
         """The device disappears: the next read returns None (the camera is gone)."""

@@ -16,7 +16,7 @@ Sources (each has ``open()``, ``read() -> (rgb, stamp_s) | None`` blocking for t
 ``close()``):
 
 * :class:`OpenCVSource` - a V4L2 device (path or index) asked for MJPG 640x480 at 30 fps, verified.
-* :class:`ReplaySource` - an HDF5 episode (``observations/images/<cam>``) or a video file, paced.
+* ``ReplaySource`` (:mod:`vla_edge.firmware_bridge.camera_replay`) - an HDF5 episode or a video file, paced.
 * ``SyntheticSource`` (:mod:`vla_edge.firmware_bridge.camera_sim`) - the simulated robot's drawn views.
 
 :class:`CameraRig` owns the :class:`Camera` threads; :meth:`CameraRig.read` returns a
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Protocol
 
 import cv2
-import h5py
 import numpy as np
 from vla_edge import DeviceFault
 
@@ -127,78 +126,6 @@ class FramePacer:
         return not self.closed.wait(max(0.0, self._next + j - now))
 
 
-# -- replay ------------------------------------------------------------------------------------
-class ReplaySource:
-    """Replay one camera of a recorded episode, paced at ``fps``.
-
-    ``path`` is an HDF5 episode in the Cobot Magic layout (``observations/images/<camera>``,
-    ``(N, 480, 640, 3)`` uint8 RGB; JPEG-encoded rows when the file's ``compress`` attribute is
-    true) or any video file OpenCV reads (decoded BGR, converted to RGB). Loops at the end unless
-    ``loop=False`` (then the camera is gone).
-    """
-
-    def __init__(self, path: str | Path, camera: str = "cam_high", fps: float = 30.0, loop: bool = True,
-                 jitter_s: float = 0.0) -> None:
-        self.path, self.camera, self.fps, self.loop, self.jitter_s = Path(path), camera, fps, loop, jitter_s
-        self._frames: list[np.ndarray] | None = None
-        self._cap: cv2.VideoCapture | None = None
-        self._i = 0
-        self._pacer: FramePacer | None = None
-
-    def open(self) -> None:
-        if not self.path.exists():
-            raise CameraFault(f"replay file {self.path} not found")
-        if self.path.suffix in (".h5", ".hdf5"):
-            with h5py.File(self.path, "r") as f:
-                key = f"observations/images/{self.camera}"
-                if key not in f:
-                    raise CameraFault(f"{self.path}: no dataset {key}")
-                data = f[key][()]
-                compressed = bool(f.attrs.get("compress", False))
-            if compressed:
-                self._frames = [cv2.cvtColor(cv2.imdecode(row, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for row in data]
-            else:
-                self._frames = list(data)
-        else:
-            cap = cv2.VideoCapture(str(self.path))
-            if not cap.isOpened():
-                raise CameraFault(f"cannot open video {self.path}")
-            self._cap = cap
-        self._i = 0
-        self._pacer = FramePacer(self.fps, self.jitter_s, 0)
-
-    def _next_image(self) -> np.ndarray | None:
-        if self._frames is not None:
-            if self._i >= len(self._frames):
-                if not self.loop or not self._frames:
-                    return None
-                self._i = 0
-            img = self._frames[self._i]
-            self._i += 1
-            return np.ascontiguousarray(img)
-        cap = self._cap
-        if cap is None:
-            return None
-        ok, bgr = cap.read()
-        if not ok and self.loop:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, bgr = cap.read()
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if ok else None
-
-    def read(self) -> tuple[np.ndarray, float] | None:
-        if self._pacer is None or not self._pacer.wait():
-            return None
-        img = self._next_image()
-        return None if img is None else (img, time.monotonic())
-
-    def close(self) -> None:
-        if self._pacer is not None:
-            self._pacer.closed.set()
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
-
-
 # -- camera threads and the synchronised read -------------------------------------------------
 @dataclass(frozen=True)
 class Frame:
@@ -209,12 +136,37 @@ class Frame:
     seq: int
 
 
-class Camera:
-    """One source on its own thread; keeps only the newest :class:`Frame`."""
+def frame_problem(image, size: tuple[int, int] | None) -> str | None:
+    """Why ``image`` is not an RGB ``uint8`` frame of ``size`` ``(width, height)`` pixels (None: any size)."""
+    shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
+    if shape is not None and len(shape) == 3 and shape[2] == 3 and dtype == np.uint8 \
+            and (size is None or (shape[1], shape[0]) == tuple(size)):
+        return None
+    if shape is None:
+        seen = type(image).__name__
+    elif len(shape) == 2:
+        seen = f"{shape[1]}x{shape[0]} grey (one channel) {dtype}"
+    elif len(shape) == 3:
+        seen = f"{shape[1]}x{shape[0]}x{shape[2]} {dtype}"
+    else:
+        seen = f"shape {tuple(shape)} {dtype}"
+    return f"frame is {seen}, expected {f'{size[0]}x{size[1]}' if size else 'WxH'}x3 RGB uint8"
 
-    def __init__(self, name: str, source: FrameSource, fps: float = 30.0) -> None:
-        self.name, self.source, self.fps = name, source, fps
+
+class Camera:
+    """One source on its own thread; keeps only the newest :class:`Frame`.
+
+    Every frame is checked at the camera: RGB ``uint8`` of ``size`` ``(width, height)`` pixels (the
+    profile's; None: the first frame's). The first that is not (a USB camera that renegotiated, another
+    device on its path, a grey frame) is never published: the camera stops and :attr:`wrong_frame` says
+    what it saw, what was expected and what to check.
+    """
+
+    def __init__(self, name: str, source: FrameSource, fps: float = 30.0, size: tuple[int, int] | None = None) -> None:
+        self.name, self.source, self.fps, self.size = name, source, fps, size
         self.error: str | None = None
+        self.wrong_frame: str | None = None
+        """Set (and the camera stopped) by the first frame of another size or format: the fault's text."""
         self._latest: Frame | None = None
         self._thread: threading.Thread | None = None
         self._running = False
@@ -228,7 +180,7 @@ class Camera:
             raise CameraFault(f"camera {self.name}: {e}") from e
         except Exception as e:  # an OpenCV/h5py error while opening is a camera fault too
             raise CameraFault(f"camera {self.name}: cannot open ({e})") from e
-        self.error = None
+        self.error = self.wrong_frame = None
         self._latest = None
         self._stamps = []
         self._running = True
@@ -271,6 +223,14 @@ class Camera:
                 self.on_frame()
                 return
             image, stamp = got
+            if why := frame_problem(image, self.size or (self._latest and self._latest.image.shape[1::-1])):
+                where = getattr(self.source, "device", None)
+                check = f"v4l2-ctl -d {where} --get-fmt-video" if where is not None else "the source"
+                self.wrong_frame = (f"{why} (a camera that renegotiated, or another device on its path: check "
+                                    f"{check} and [cameras] in the robot profile)")
+                log.debug("camera %s: %s", self.name, self.wrong_frame)
+                self.on_frame()
+                return
             seq += 1
             self._latest = Frame(image, stamp, seq)
             self._stamps = (self._stamps + [stamp])[-30:]
@@ -330,7 +290,8 @@ class CameraRig:
                 started.append(c)
             deadline = time.monotonic() + self.first_frame_timeout_s
             with self._cond:
-                while missing := [c.name for c in started if c.latest() is None and c.error is None]:
+                while missing := [c.name for c in started if c.latest() is None and c.error is None
+                                  and c.wrong_frame is None]:
                     if time.monotonic() > deadline:
                         raise CameraFault(f"camera {missing[0]}: no frame within {self.first_frame_timeout_s:.1f} s")
                     self._cond.wait(0.05)
@@ -355,7 +316,9 @@ class CameraRig:
         out = []
         for c in self.cameras.values():
             f = c.latest()
-            if c.error:
+            if c.wrong_frame:
+                out.append(f"camera {c.name}: {c.wrong_frame}")
+            elif c.error:
                 out.append(f"camera {c.name} gone: {c.error}")
             elif f is None or now - f.stamp_s > self.stale_after_s:
                 age = "no frame" if f is None else f"newest frame {(now - f.stamp_s) * 1000:.0f} ms old"
@@ -364,6 +327,8 @@ class CameraRig:
 
     def _check(self, now: float) -> None:
         for c in self.cameras.values():
+            if c.wrong_frame:
+                raise CameraFault(f"camera {c.name}: {c.wrong_frame}")
             if c.error:
                 raise CameraFault(f"camera {c.name} gone: {c.error}")
             f = c.latest()

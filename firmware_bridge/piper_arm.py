@@ -9,15 +9,22 @@ Usage::
     arm = PiperArm(PiperArmConfig(can_name="can_left"))
     arm.connect()                   # open the bus, enable all motors, hold the measured pose
     s = arm.read_state()            # q_rad (6,), gripper_m, monotonic timestamps, status
-    arm.send_targets(q_rad, 0.04)   # clamped to the configured limits
+    arm.send_targets(q_rad, 0.04)   # clamped to the configured limits; ArmFault at once if a frame is not sent
     arm.hold()                      # re-send the last commanded target (never a measured pose)
-    arm.faults()                    # [] when healthy; "no feedback for 80 ms" on a silent bus
+    arm.faults()                    # [] when healthy; "no feedback for 80 ms" on a silent bus, a failed send
     arm.estop(); arm.resume()       # firmware e-stop (0x150 0x01); reset (0x150 0x02) + enable >= 2 times
     arm.disconnect()                # hold the last commanded target; never disables (a disabled arm drops)
 
 Threads: the SDK shares one transmit message object per interface, so every command goes through
 one lock here; in practice one control thread sends for one arm. The SDK's own thread reads, from
-the same python-can bus we send on (:func:`_send_on_the_receive_bus`: an unread second bus grows).
+the same python-can bus we send on (:func:`~vla_edge.firmware_bridge.piper_bus.send_on_the_receive_bus`:
+an unread second bus grows).
+
+A failed send (bus down, transmit buffer full) is a fault at once: the first one raises :class:`ArmFault`
+with the interface and the fix (piper_sdk only logs it; :class:`~vla_edge.firmware_bridge.piper_bus.SendWatch`
+sees it), and :meth:`PiperArm.faults` reports it until the next :meth:`PiperArm.connect`. Later failures
+are counted and logged at debug level: a hold on a dead bus does not raise again (the arm keeps its last
+target by itself).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from vla_edge import DeviceFault
+from vla_edge.firmware_bridge.piper_bus import SendWatch, open_interface, send_on_the_receive_bus
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +143,6 @@ def _wall_to_monotonic(wall_s: float) -> float:
     return time.monotonic() - (time.time() - wall_s)
 
 
-def _send_on_the_receive_bus(sdk) -> None:
-    """Make the SDK send on the bus it reads, and close its separate send bus.
-
-    piper_sdk 0.6.x (``hardware_port/can_encapsulation_v0_4_0.py``, ``C_STD_CAN.Init``) opens two
-    python-can buses on Linux, ``recv_bus`` and ``send_bus`` (one shared bus on Windows and macOS).
-    ``send_bus`` receives every frame on the wire too and nobody reads it: on python-can's
-    ``virtual`` bus its queue is unbounded and grew by ~1300 frames/s per simulated arm (the 41 MB/min
-    of issue 12); on SocketCAN it is a kernel socket buffer that stays full. One bus for both
-    directions is what the SDK does on the other platforms, and its ``Close`` shuts a shared bus once.
-    """
-    port = sdk.GetCanBus()
-    rx, tx = getattr(port, "recv_bus", None), getattr(port, "send_bus", None)
-    if rx is None or tx is None or tx is rx:
-        return
-    port.send_bus = rx
-    tx.shutdown()
-
-
 class PiperArm:
     """One Piper arm. See the module docstring for the life cycle."""
 
@@ -166,6 +156,8 @@ class PiperArm:
         """(7,) j1..j6 rad, gripper m: the last target sent, as it went on the bus (None: none yet)."""
         self._firmware_estopped = False
         """Between :meth:`estop` and the end of :meth:`resume`: the arm's e-stop status is ours, not a fault."""
+        self._sends: SendWatch | None = None
+        self._send_fault_raised = False
         self._lo = np.asarray(self.config.joint_lo, dtype=np.float64)
         self._hi = np.asarray(self.config.joint_hi, dtype=np.float64)
         # Limits in bus units, rounded inward: a clamped target never rounds past a limit.
@@ -192,19 +184,16 @@ class PiperArm:
         Raises :class:`ArmFault` when the interface is missing, the arm is silent, or the motors do
         not all report enabled within ``enable_timeout_s``.
         """
-        # piper_sdk and python-can (~50 ms) load when an arm connects, not with every import of the joint limits
-        from piper_sdk import C_PiperInterface_V2
-
         cfg = self.config
         if cfg.bustype == "socketcan" and (problem := can_interface_problem(cfg.can_name)):
             raise ArmFault(problem)
-        # piper_sdk keeps one interface object per bus name for the life of the process.
-        sdk = C_PiperInterface_V2(cfg.can_name, judge_flag=False, can_auto_init=False)
-        try:
-            sdk.CreateCanBus(cfg.can_name, bustype=cfg.bustype, expected_bitrate=1_000_000, judge_flag=False)
+        try:  # piper_sdk keeps one interface object per bus name for the life of the process
+            sdk = open_interface(cfg.can_name, cfg.bustype)
         except ConnectionError as e:
             raise ArmFault(f"cannot open CAN interface {cfg.can_name}: {e}") from e
-        _send_on_the_receive_bus(sdk)
+        send_on_the_receive_bus(sdk)
+        self._sends = SendWatch(sdk, cfg.can_name)
+        self._send_fault_raised = False
         self._connect_wall_s = time.time()
         sdk.ConnectPort()  # starts the SDK's reader thread, asks for limits and firmware
         self._sdk = sdk
@@ -243,10 +232,13 @@ class PiperArm:
         g = float(np.clip(gripper_m, self._lo[6], self._hi[6]))
         effort = max(0, min(5000, round(self.config.gripper_effort_nm * 1000)))
         with self._lock:
+            failed = self._sends.failures
             sdk.ModeCtrl(0x01, 0x01, self.config.speed_pct, 0x00)  # CAN control, MOVE J, pos-vel
             sdk.JointCtrl(*mdeg)
             sdk.GripperCtrl(m_to_um(g), effort, 0x01, 0x00)
-            self._last_target = np.append(np.asarray(mdeg, np.float64) / MDEG_PER_RAD, g)
+            if self._sends.failures == failed:  # on the bus: what the arm now holds
+                self._last_target = np.append(np.asarray(mdeg, np.float64) / MDEG_PER_RAD, g)
+            self._check_sends()
 
     @property
     def last_target(self) -> np.ndarray | None:
@@ -276,6 +268,7 @@ class PiperArm:
         with self._lock:
             self._firmware_estopped = True
             sdk.EmergencyStop(0x01)
+            self._check_sends()
 
     def resume(self) -> None:
         """Leave a firmware e-stop: reset (0x150 byte0 0x02), enable (at least twice, CONTRACT
@@ -304,6 +297,7 @@ class PiperArm:
             sent = 0
             while True:
                 sdk.EnableArm(7, 0x02)
+                self._check_sends()
                 sent += 1
                 time.sleep(0.03)
                 low = sdk.GetArmLowSpdInfoMsgs()
@@ -341,6 +335,8 @@ class PiperArm:
         name = f"arm {self.config.can_name}"
         if self._sdk is None:
             return [f"{name}: not connected"]
+        if self._sends is not None and self._sends.failure is not None:  # the cause: no need for its symptoms
+            return [self._sends.failure]
         age = self._feedback_age_s()
         if age > self.config.feedback_timeout_s:
             return [f"{name}: no feedback for {age * 1000:.0f} ms (silent bus)"]
@@ -367,6 +363,14 @@ class PiperArm:
         if self._sdk is None:
             raise ArmFault(f"Piper arm on {self.config.can_name} is not connected")
         return self._sdk
+
+    def _check_sends(self) -> None:
+        """The first failed send since :meth:`connect` as an :class:`ArmFault`, raised once; later ones are
+        only counted (:meth:`faults` keeps reporting it)."""
+        w = self._sends
+        if w is not None and w.failure is not None and not self._send_fault_raised:
+            self._send_fault_raised = True
+            raise ArmFault(w.failure)
 
     def _feedback_wall_s(self) -> float:
         sdk = self._require()

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from piper_sdk import C_PiperInterface_V2
 from vla_edge.firmware_bridge.piper_arm import (
     MDEG_PER_RAD,
     ArmFault,
@@ -30,6 +29,7 @@ from vla_edge.firmware_bridge.piper_arm import (
     can_interface_problem,
     um_to_m,
 )
+from vla_edge.firmware_bridge.piper_bus import open_interface
 
 
 @dataclass
@@ -54,12 +54,11 @@ class PiperMaster:
         cfg = self.config
         if cfg.bustype == "socketcan" and (problem := can_interface_problem(cfg.can_name)):
             raise ArmFault(problem)
-        sdk = C_PiperInterface_V2(cfg.can_name, judge_flag=False, can_auto_init=False)
+        try:  # the puppet's interface when it shares the bus (already connected), else a bus of its own
+            sdk = open_interface(cfg.can_name, cfg.bustype)
+        except ConnectionError as e:
+            raise ArmFault(f"cannot open CAN interface {cfg.can_name}: {e}") from e
         if not sdk.get_connect_status():  # a bus of its own: open it, but send nothing
-            try:
-                sdk.CreateCanBus(cfg.can_name, bustype=cfg.bustype, expected_bitrate=1_000_000, judge_flag=False)
-            except ConnectionError as e:
-                raise ArmFault(f"cannot open CAN interface {cfg.can_name}: {e}") from e
             sdk.ConnectPort(piper_init=False)
             self._own_port = True
         self._sdk = sdk

@@ -44,7 +44,14 @@ from pathlib import Path
 
 from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.prompt import PromptTemplate
-from vla_edge.edge.bundle.spec import DIRECTIONS, RESIZE_ORDERS, ImageLayout, PolicySpec, TokenSpec
+from vla_edge.edge.bundle.spec import (
+    ACTION_ENCODINGS,
+    DIRECTIONS,
+    RESIZE_ORDERS,
+    ImageLayout,
+    PolicySpec,
+    TokenSpec,
+)
 
 FORMAT = "vla-edge-bundle"
 FORMAT_VERSION = 1
@@ -309,8 +316,16 @@ def _check_policy(p: dict) -> str | None:
                  ("proprio_std", p["state_dim"])):
         if not _reals(p.get(k), n):
             return f"policy.{k}: expected {n} finite numbers"
-    if any(lo >= hi for lo, hi in zip(p["action_lo"], p["action_hi"], strict=True)):
+    actions = p.get("actions", "bounds")  # absent: a bundle from before the field, decoded min-max as then
+    if actions not in ACTION_ENCODINGS:
+        return f"policy.actions: expected one of {', '.join(ACTION_ENCODINGS)}, got {actions!r}"
+    if actions == "bounds" and any(lo >= hi for lo, hi in zip(p["action_lo"], p["action_hi"], strict=True)):
         return "policy: every action_lo must be below its action_hi"
+    if actions == "sigma3" and any(std < 0 for std in p["action_lo"]):
+        return "policy.action_lo: holds the std under sigma3 (the reference's field swap), must be >= 0"
+    pad = p.get("state_pad", [])
+    if not (isinstance(pad, list) and _reals(pad, len(pad)) and len(pad) < p["state_dim"]):
+        return f"policy.state_pad: expected fewer than state_dim ({p['state_dim']}) finite numbers"
     if any(s < 0 for s in p["proprio_std"]):
         return "policy.proprio_std: must be >= 0"
     for k in ("d_max_m", "theta_max_deg"):

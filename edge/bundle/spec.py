@@ -171,13 +171,30 @@ COBOT_MAGIC_LAYOUT = ImageLayout(
 )
 
 
+ACTION_ENCODINGS = ("raw", "bounds", "sigma3")
+"""How training turned an action into the value in [-1, 1] it binned (CONTRACT section 1c), so how a bin
+centre ``x`` decodes, with ``lo``/``hi`` the statistics' ``act_min_bound``/``act_max_bound``:
+
+* ``raw``: ``a = x``. The reference trainer's default (``encode_actions(statistics=None)``: the data's
+  floats are clipped to [-1, 1] and binned as they are); its Qwen server and CALVIN client decode so.
+* ``bounds``: ``a = (x + 1) / 2 * (hi - lo) + lo`` (the reference's ``denormalize_actions``, for data
+  normalised min-max: ``vla-edge convert`` writes its data so).
+* ``sigma3``: ``a = 3 x std + mean`` (the reference's ``denormalize_actions_real``), where, as the reference
+  reads its file, **std is ``act_min_bound`` and mean is ``act_max_bound``**.
+"""
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """Action/proprio shapes and normalisation statistics (CONTRACT section 1).
 
-    ``action_lo``/``action_hi``: per-dimension min-max bounds used to de-normalise actions
-    (radians for joints, metres for grippers). ``proprio_mean``/``proprio_std``: z-score statistics
-    of the state vector. ``d_max_m``/``theta_max_deg``: the navigation VALUE token's full scale.
+    ``action_lo``/``action_hi``: the statistics file's ``act_min_bound``/``act_max_bound`` as given
+    (radians for joints, metres for grippers), read according to ``actions`` (:data:`ACTION_ENCODINGS`; a
+    manifest without the field is ``bounds``); :meth:`action_bounds` is the decoding the runtime applies.
+    ``proprio_mean``/``proprio_std``: z-score statistics of the model's state vector, ``state_dim`` values:
+    the robot's state followed by ``state_pad`` (constants the training data appended: ``vla-edge convert``
+    pads the Cobot Magic's 14 values with one 0.0 to the 15 the reference trainer asserts).
+    ``d_max_m``/``theta_max_deg``: the navigation VALUE token's full scale.
     """
 
     chunk_size: int
@@ -189,17 +206,49 @@ class PolicySpec:
     proprio_std: list[float]
     d_max_m: float = 1.0
     theta_max_deg: float = 90.0
+    actions: str = "bounds"
+    state_pad: tuple[float, ...] = ()
 
     @property
     def chunk_tokens(self) -> int:
         return self.chunk_size * self.action_dim
 
+    @property
+    def robot_state_dim(self) -> int:
+        """Values of the robot's own state (what the loop passes): ``state_dim`` less the padding."""
+        return self.state_dim - len(self.state_pad)
+
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)`` (float64, one per action dimension) with which ``a = (x + 1) / 2 * (hi - lo) + lo``
+        decodes a bin centre ``x`` under :attr:`actions` (the form ``kernels.detokenize_actions`` takes):
+        raw ``(-1, 1)``; bounds ``(action_lo, action_hi)``; sigma3 ``mean -/+ 3 std`` with std =
+        ``action_lo`` and mean = ``action_hi`` (the reference's field swap). Equal to the reference's
+        decodings to float rounding (a few ulp)."""
+        lo, hi = np.asarray(self.action_lo, np.float64), np.asarray(self.action_hi, np.float64)
+        if self.actions == "raw":
+            return np.full(self.action_dim, -1.0), np.full(self.action_dim, 1.0)
+        if self.actions == "sigma3":
+            return hi - 3.0 * lo, hi + 3.0 * lo
+        if self.actions == "bounds":
+            return lo, hi
+        raise ValueError(f"unknown action encoding {self.actions!r} (expected one of {', '.join(ACTION_ENCODINGS)})")
+
+    def model_state(self, state) -> np.ndarray:
+        """The robot's state (``robot_state_dim`` values) followed by ``state_pad``: what the model's proprio
+        tokens encode (float64). Raises ValueError on another width."""
+        s = np.asarray(state, np.float64)
+        if s.shape != (self.robot_state_dim,):
+            raise ValueError(f"state has shape {s.shape}, expected ({self.robot_state_dim},)")
+        return np.concatenate([s, np.asarray(self.state_pad, np.float64)]) if self.state_pad else s
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["state_pad"] = list(self.state_pad)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PolicySpec:
-        return cls(**d)
+        return cls(**{**d, "state_pad": tuple(d.get("state_pad", ()))})
 
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from vla_edge import VlaEdgeError
+from vla_edge import VlaEdgeError, kernels
 from vla_edge.edge.bundle.manifest import Bundle, BundleError
 from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
 from vla_edge.edge.cli import kernel_bench as kbench
@@ -207,7 +207,7 @@ def main(args) -> int:
         raise VlaEdgeError("give --bundle DIR, --shape NAME or --kernels")
     bundle = Bundle.load(root)
     cuda_graph = getattr(args, "cuda_graph", False)
-    frames, state = synthetic_inputs(bundle.layout, bundle.policy.state_dim)
+    frames, state = synthetic_inputs(bundle.layout, bundle.policy.robot_state_dim)
     instruction = "pick up the red cube"
     if args.parallel and (why := parallel_refusal(bundle.manifest)):
         raise EngineError(why)  # before any slow work
@@ -287,6 +287,7 @@ def main(args) -> int:
                 ckpt = load_checkpoint(src, LoadOptions(defaults=bundle_defaults(bundle)))
                 if ckpt.sha256 != bundle.manifest["source"]["sha256"]:
                     raise VlaEdgeError(f"{src} is not the checkpoint {root} was exported from (sha256 differs)")
+                ckpt.policy = bundle.policy  # the statistics, state padding and action encoding it was exported with
         refs = run_torch(ckpt, bundle, frames, state, instruction, args.navigation, args.steps, args.warmup,
                          device=engine.device)
         torch_total = [r.timings_ms["total"] for r in refs]
@@ -300,7 +301,14 @@ def main(args) -> int:
             "stages_ms": {k: percentiles([r.timings_ms[k] for r in refs]) for k in refs[0].timings_ms},
             "speedup_p50": ratio,
             "chunks_identical": same,
+            "actions": bundle.policy.actions,  # both sides decode with the bundle's encoding
         }
+        if not args.navigation:  # the PyTorch chunk decoded as the engine decodes its own
+            lo, hi = bundle.policy.action_bounds()
+            err = [np.abs(kernels.detokenize_actions(bundle.tokens.head_ids[r.head_idx[:-1]], bundle.tokens.vocab_base,
+                                                     lo, hi, bundle.tokens.bin_edges) - c.joints).max()
+                   for r, c in zip(refs, chunks, strict=True)]
+            report["baseline"]["action_max_abs_diff"] = float(max(err))
         if engine.device == "cuda":
             import torch  # torch: the [export] extra
 
@@ -312,7 +320,9 @@ def main(args) -> int:
         for k, v in report["baseline"]["stages_ms"].items():
             bt.add_row(k, *(f"{v[q]:.2f}" for q in ("p50", "p95", "p99")))
         console.print(bt)
-        console.print(f"speed-up vs PyTorch (p50 total): [bold]{ratio:.2f}x[/]; chunks identical: {same}")
+        diff = report["baseline"].get("action_max_abs_diff")
+        console.print(f"speed-up vs PyTorch (p50 total): [bold]{ratio:.2f}x[/]; chunks identical: {same}"
+                      + (f"; actions ({bundle.policy.actions}) max |diff| {diff:.4f}" if diff is not None else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")

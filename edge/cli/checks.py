@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.manifest import check_replaceable
+from vla_edge.edge.remote import parse_server_urls
 
 
 class ArgumentError(VlaEdgeError):
@@ -92,6 +93,35 @@ def view_args(args: argparse.Namespace) -> None:
         out_file(args.view_save, "--view-save")
 
 
+def policy_server_args(args: argparse.Namespace) -> None:
+    """``--policy-server URL[,URL2]``: one or two http(s) URLs; ``--policy-timeout``: two tries fit in 10 s."""
+    if args.policy_server:
+        try:
+            parse_server_urls(args.policy_server)
+        except VlaEdgeError as e:
+            raise ArgumentError(str(e)) from None
+    if args.policy_timeout > 4.0:
+        raise ArgumentError(f"--policy-timeout {args.policy_timeout:g}: at most 4 s (two tries must fit in the "
+                            "loop's 10 s inference deadline)")
+
+
+def serve_args(args: argparse.Namespace) -> None:
+    """``vla-edge serve``: Ray Serve installed, the bundle a directory, autoscaling bounds in order."""
+    if importlib.util.find_spec("ray") is None:
+        raise ArgumentError("Ray Serve is not installed: pip install 'vla-edge[serve]'")
+    in_dir(args.bundle, "--bundle")
+    lo, hi = args.min_replicas, args.max_replicas
+    if lo is not None and hi is not None and lo > hi:
+        raise ArgumentError(f"--min-replicas {lo} is more than --max-replicas {hi}")
+    if (lo is not None or hi is not None) and args.replicas != 1:
+        raise ArgumentError("give --replicas N or autoscaling bounds (--min-replicas/--max-replicas), not both")
+    if args.address and args.num_cpus:
+        raise ArgumentError("--num-cpus sizes a local Ray; a cluster (--address) has its own")
+    if not args.route_prefix.startswith("/"):
+        raise ArgumentError(f"--route-prefix {args.route_prefix!r}: must start with /")
+    out_file(args.write_config, "--write-config")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check that can be made from the arguments alone, before anything slow or any device."""
     cmd = args.command
@@ -101,7 +131,7 @@ def validate(args: argparse.Namespace) -> None:
         if bool(args.ckpt) == bool(args.shape):
             raise ArgumentError("give exactly one of --ckpt PATH or --shape NAME")
         in_checkpoint(args.ckpt)
-        extras = [f for f in ("stats", "tokenizer", "layout", "vision_tower", "bins") if getattr(args, f)]
+        extras = [f for f in ("stats", "tokenizer", "layout", "vision_tower", "bins", "resize_order") if getattr(args, f)]
         if args.shape and extras:
             raise ArgumentError(f"--{extras[0].replace('_', '-')} goes with --ckpt, not --shape")
         if args.stats and not Path(args.stats).is_file():
@@ -117,6 +147,10 @@ def validate(args: argparse.Namespace) -> None:
     elif cmd == "bench":
         if not (args.bundle or args.shape or args.kernels):
             raise ArgumentError("give --bundle DIR, --shape NAME or --kernels")
+        if args.fleet and (not args.bundle or args.shape or args.kernels or args.baseline or args.parallel):
+            raise ArgumentError("--fleet goes with --bundle DIR alone (no --shape, --kernels, --baseline, --parallel)")
+        if args.fleet and importlib.util.find_spec("ray") is None:
+            raise ArgumentError("--fleet needs Ray Serve: pip install 'vla-edge[serve]'")
         in_dir(args.bundle, "--bundle")
         if args.baseline == "torch" and args.bundle and not args.shape and not args.ckpt:
             raise ArgumentError("--baseline torch with --bundle needs --ckpt (the checkpoint the bundle was "
@@ -137,11 +171,15 @@ def validate(args: argparse.Namespace) -> None:
         out_file(args.json, "--json")
         out_dir(args.record, "--record")
         view_args(args)
+        policy_server_args(args)
     elif cmd == "record":
         view_args(args)
     elif cmd == "demo":
         out_dir(args.workdir, "--workdir")
         view_args(args)
+        policy_server_args(args)
+    elif cmd == "serve":
+        serve_args(args)
     elif cmd == "eval":
         in_dir(args.bundle, "--bundle")
         in_checkpoint(args.ckpt)

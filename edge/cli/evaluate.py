@@ -35,6 +35,7 @@ def torch_baseline(bundle: Bundle, ckpt_path: str | None):
     ck = load_checkpoint(src, LoadOptions(defaults=bundle_defaults(bundle)))
     if ck.sha256 != bundle.manifest["source"]["sha256"]:
         raise VlaEdgeError(f"{src} is not the checkpoint {bundle.root} was exported from (sha256 differs)")
+    ck.policy = bundle.policy  # the statistics, state padding and action encoding the bundle was exported with
     return TorchPolicy(ck)
 
 

@@ -74,7 +74,7 @@ def run(repeats: int = 200) -> dict:
     logits = np.random.default_rng(1).normal(size=(chunk + 1, N_BINS + 5)).astype(np.float32)
     grammar = ChunkGrammar(N_BINS, chunk, False)
     head_ids = QWEN2_TOKENS.head_ids
-    lo, hi = np.asarray(policy.action_lo), np.asarray(policy.action_hi)
+    lo, hi = policy.action_bounds()
 
     def decode_cpp():
         heads = grammar.argmax_rows(logits)

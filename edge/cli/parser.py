@@ -84,6 +84,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "local SigLIP directory with its config.json")
     p.add_argument("--bins", choices=["uniform", "norm"],
                    help="bin edges the model was trained with: uniform (default) or norm (use_norm_bins)")
+    p.add_argument("--resize-order", choices=["pillow13", "pillow-pre13"],
+                   help="order of PIL's two resize passes in the Pillow that made the training images: pillow13 "
+                   "(Pillow >= 13) or pillow-pre13 (older; the LLaVA-VLA reference's era). Default: the order "
+                   "vla-edge convert recorded in vla_edge.json, else pillow-pre13 for a trainer directory and "
+                   "pillow13 for a .pt")
     p.add_argument("--out", required=True, help="bundle directory to create (must not exist unless --force)")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="device the bundle is tuned for")
     p.add_argument(
@@ -133,7 +138,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the results as JSON to this path")
     p.add_argument("--plot", help="also draw per-stage latency distributions into this .png/.svg/.pdf "
                    "([plot] extra: matplotlib)")
-    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.bench", "main", a))
+    p.add_argument("--fleet", action="store_true",
+                   help="with --bundle: the policy server (a private local Ray Serve, [serve] extra) against an "
+                   "in-process engine: per-request overhead, and steps/s of 1, 2, 4 and 8 robots at once")
+    p.add_argument("--fleet-seconds", type=POSITIVE, default=5.0, help="--fleet: seconds per fleet size (default 5)")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.fleet_bench" if a.fleet else "vla_edge.edge.cli.bench",
+                                        "main", a))
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -161,8 +171,46 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "real-camera frames), none (raw, ~5 GB/min)")
     p.add_argument("--json", help="write the end-of-run summary as JSON")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    _policy_server_options(p)
     _view_options(p, "the run")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.run", "main", a))
+
+
+def _policy_server_options(p: argparse.ArgumentParser) -> None:
+    """``--policy-server URL[,URL2]`` / ``--policy-timeout S`` (checked by ``checks.validate``)."""
+    p.add_argument("--policy-server", metavar="URL[,URL2]",
+                   help="run the policy on a vla-edge serve server (the robot keeps cameras, loop, safety, e-stop); "
+                   "a second URL takes the retry. With --bundle, the server must serve that bundle")
+    p.add_argument("--policy-timeout", type=POSITIVE, default=1.0, metavar="S",
+                   help="per request to the policy server, in s (default 1.0, at most 4: two tries must fit in the "
+                   "loop's 10 s inference deadline); a second failed try is a safe stop")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a bundle to robots over HTTP on Ray Serve ([serve] extra; robots: run --policy-server)",
+        description="Deploy the bundle as a Ray Serve application: replicas of the same engine as run (kernels, "
+        "decoding, Jacobi with --parallel) behind Serve's HTTP proxies, on a local Ray or an existing cluster "
+        "(--address). Prints where it listens; Ctrl+C shuts it down.",
+    )
+    p.add_argument("--bundle", help="bundle directory (default: the demo bundle, exported on first use)")
+    p.add_argument("--address", help="an existing Ray cluster (auto, or HOST:PORT of its head); default: a local Ray")
+    p.add_argument("--host", default="127.0.0.1", help="the proxies' address (default 127.0.0.1; 0.0.0.0 for robots)")
+    p.add_argument("--port", type=COUNT, default=8000, help="the proxies' HTTP port (default 8000)")
+    p.add_argument("--route-prefix", default="/", help="URL path of the application (default /)")
+    p.add_argument("--replicas", type=COUNT, default=1, help="fixed number of replicas (default 1)")
+    p.add_argument("--min-replicas", type=NON_NEGATIVE_INT, help="autoscaling: at least this many replicas")
+    p.add_argument("--max-replicas", type=COUNT, help="autoscaling: at most this many replicas")
+    p.add_argument("--cpus-per-replica", type=NON_NEGATIVE, default=1.0, help="Ray CPUs per replica (default 1)")
+    p.add_argument("--gpus-per-replica", type=NON_NEGATIVE, default=0.0, help="Ray GPUs per replica (default 0)")
+    p.add_argument("--threads", type=COUNT, help="ONNX Runtime threads per replica (default: --cpus-per-replica)")
+    p.add_argument("--num-cpus", type=COUNT, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    p.add_argument("--parallel", action="store_true", help="Jacobi parallel decoding (as bench --parallel)")
+    p.add_argument("--write-config", metavar="FILE",
+                   help="write a Serve config file for `serve deploy FILE` on a cluster, and exit")
+    p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.serve", "main", a))
 
 
 def _view_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -182,6 +230,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=POSITIVE, default=10.0, help="how long to run the simulated robot")
     p.add_argument("--seed", type=int, help="episode seed: where the target is (default: a random one)")
     p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
+    _policy_server_options(p)
     _view_options(p, "the demo")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.run", "demo", a))
 
@@ -312,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks, debug logs and library warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_run, _add_tiny_ckpt, _add_export, _add_bench, _add_check, _add_eval,
-                _add_train_tiny, _add_record, _add_convert, _add_view):
+                _add_train_tiny, _add_record, _add_convert, _add_view, _add_serve):
         add(sub)
     for p in sub.choices.values():  # `vla-edge run --debug` as well as `vla-edge --debug run`
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -6,6 +6,7 @@ Usage::
     vla-edge run --robot cobot_magic --bundle b/ --record eps/  # the real one, recording each episode
     vla-edge run --robot sim --seconds 10 --view                # and watch it live in Rerun ([view] extra)
     vla-edge demo                                               # shipped policy -> INT8 bundle -> sim reach
+    vla-edge demo --policy-server http://127.0.0.1:8000         # the same, the policy on `vla-edge serve`
 
 Without ``--bundle`` the simulated robot runs the demo bundle (exported from the shipped tiny policy on first
 use, :mod:`vla_edge.export.demo`); a real robot needs ``--bundle``.
@@ -38,12 +39,13 @@ def main(args) -> int:
     # The process exits after the run: a late second signal (after the summary, during the
     # interpreter's exit, which puts Python-handled signals back to their default) must not change
     # the exit code or print a traceback. So run()'s handlers stay until they are replaced by SIG_IGN.
-    cfg = RunConfig(bundle=args.bundle or str(_demo_bundle_for(args.robot)), robot=args.robot,
+    served = args.policy_server and not args.bundle  # the server's bundle; none needed here
+    cfg = RunConfig(bundle=args.bundle or ("" if served else str(_demo_bundle_for(args.robot))), robot=args.robot,
                     instruction=args.instruction, mode=args.mode, seconds=args.seconds, rate_hz=args.rate,
                     max_ticks=args.max_ticks, navigation=args.navigation, provider=args.provider,
                     keyboard=args.keyboard, firmware_estop=args.firmware_estop, record=args.record,
                     record_compression=args.record_compression, json_path=args.json, view=args.view,
-                    view_save=args.view_save)
+                    view_save=args.view_save, policy_server=args.policy_server, policy_timeout_s=args.policy_timeout)
     rc = run(cfg, restore_signals=False)
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
@@ -57,7 +59,9 @@ def demo(args) -> int:
     task's tolerance of the target and low enough, for ``hold_ticks`` ticks in a row), or after
     ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
     """
-    ensure_demo_bundle(args.workdir)
+    served = getattr(args, "policy_server", None)  # vla-edge serve runs the (demo) bundle
+    if not served:
+        ensure_demo_bundle(args.workdir)
     task = ReachTask()
     seed = args.seed if getattr(args, "seed", None) is not None else random.randrange(1_000_000)
     episode = task.sample(seed)
@@ -71,8 +75,10 @@ def demo(args) -> int:
         seen["monitor"] = SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
 
     try:
-        cfg = RunConfig(bundle=str(demo_dir(args.workdir) / "bundle"), robot="sim", instruction=INSTRUCTION,
-                        seconds=args.seconds, view=getattr(args, "view", False), view_save=getattr(args, "view_save", None))
+        cfg = RunConfig(bundle="" if served else str(demo_dir(args.workdir) / "bundle"), robot="sim",
+                        instruction=INSTRUCTION, seconds=args.seconds, view=getattr(args, "view", False),
+                        view_save=getattr(args, "view_save", None), policy_server=served,
+                        policy_timeout_s=getattr(args, "policy_timeout", 1.0))
         code = run(cfg, on_connected=place_target)
     finally:
         if "monitor" in seen:

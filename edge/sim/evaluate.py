@@ -238,6 +238,10 @@ class SimBench:
             if recorder is not None:
                 recorder.close()
         self.robot.hold()
+        # The monitor's stop does not wait for an inference in flight (loop.run); wait here, the robot safe: the
+        # next episode must not share the policy with it, nor the process exit under it (a daemon thread still
+        # in torch or ONNX Runtime at exit aborts the interpreter: "terminate called without an active exception").
+        loop.finish(cfg.inference_deadline_s)
         err, _ = self.task.tip_error(self.sim.joint_state(), episode.target_xy_m)
         ok = mon.success_t is not None
         return EpisodeResult(seed=seed, success=ok, target_xy_m=episode.target_xy_m, side=episode.side,

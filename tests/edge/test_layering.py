@@ -5,6 +5,7 @@ hidden in a function body counts as much as one at the top.
 Imports under ``if TYPE_CHECKING:`` (annotations only) are not arrows. Rooms, top to bottom::
 
     vla_edge.edge.cli                       the command line: may import anything
+    vla_edge.edge.serve                     the policy server (Ray Serve): the runtime never imports it
     vla_edge.tools, vla_edge.export         scripts; the exporter (reads the runtime to verify a bundle)
     vla_edge.edge (the runtime), .sim, .episodes
     vla_edge.edge.bundle                    the bundle format both export and the runtime reach
@@ -66,7 +67,7 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 def _room(module: str) -> str:
     parts = module.split(".")
-    if parts[1] == "edge" and len(parts) > 2 and parts[2] in ("cli", "sim", "episodes", "bundle"):
+    if parts[1] == "edge" and len(parts) > 2 and parts[2] in ("cli", "sim", "episodes", "bundle", "serve"):
         return f"edge.{parts[2]}"
     return "runtime" if parts[1] == "edge" else parts[1]
 
@@ -82,7 +83,8 @@ def test_only_the_cli_imports_export_tools_or_the_cli():
     for name, deps in GRAPH.items():
         room = _room(name)
         for dep in deps:
-            if room in ("runtime", "edge.sim", "edge.episodes", "edge.bundle", "firmware_bridge", "kernels") and \
+            if room in ("runtime", "edge.sim", "edge.episodes", "edge.bundle", "edge.serve", "firmware_bridge",
+                        "kernels") and \
                     _room(dep) in ("export", "tools", "edge.cli"):
                 bad.append(f"{name} -> {dep}")
             if room in ("export", "tools") and _room(dep) == "edge.cli":
@@ -97,6 +99,7 @@ def test_lower_rooms_import_nothing_above_them():
         "edge.bundle": {"edge.bundle", "kernels", "firmware_bridge"},
         "edge.episodes": {"edge.episodes", "edge.bundle", "kernels", "firmware_bridge", "runtime"},
         "runtime": {"runtime", "edge.bundle", "edge.episodes", "kernels", "firmware_bridge"},
+        "edge.serve": {"edge.serve", "runtime", "edge.bundle", "kernels", "firmware_bridge"},
     }
     bad = [f"{name} -> {dep}" for name, deps in GRAPH.items() if _room(name) in allowed
            for dep in deps if _room(dep) not in allowed[_room(name)]]

@@ -1,5 +1,6 @@
 """The robot-side runtime must not import torch or transformers (they are an install extra), nor Rerun or
-matplotlib (``--view`` and ``bench --plot`` import them when asked)."""
+matplotlib (``--view`` and ``bench --plot`` import them when asked), nor Ray (only ``vla-edge serve`` does:
+the robot's policy-server client is the standard library's HTTP)."""
 
 import subprocess
 import sys
@@ -24,14 +25,17 @@ RUNTIME = [
     "vla_edge.kernels",
     "vla_edge.edge.cli.bench",  # matplotlib only for --plot
     "vla_edge.edge.episodes.view",  # rerun only when a view is asked for
+    "vla_edge.edge.remote",  # run --policy-server: no ray on the robot
+    "vla_edge.edge.serve.handler",  # the server's engine side, apart from Ray
+    "vla_edge.edge.cli.serve",  # ray only when the command runs
 ]
 
 
-def test_runtime_imports_neither_torch_nor_transformers_nor_rerun_nor_matplotlib():
+def test_runtime_imports_neither_torch_nor_transformers_nor_rerun_nor_matplotlib_nor_ray():
     code = (
         "import sys, importlib\n"
         f"for m in {RUNTIME!r}: importlib.import_module(m)\n"
-        "heavy = sorted({'torch', 'transformers', 'PIL', 'rerun', 'matplotlib'} & set(sys.modules))\n"
+        "heavy = sorted({'torch', 'transformers', 'PIL', 'rerun', 'matplotlib', 'ray'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

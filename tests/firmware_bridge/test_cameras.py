@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from vla_edge import DeviceFault, VlaEdgeError
+from vla_edge.firmware_bridge.camera_replay import ReplaySource
 from vla_edge.firmware_bridge.camera_sim import Scene, SyntheticSource
 from vla_edge.firmware_bridge.cameras import (
     CAMERA_NAMES,
@@ -16,7 +17,6 @@ from vla_edge.firmware_bridge.cameras import (
     CameraFault,
     CameraRig,
     OpenCVSource,
-    ReplaySource,
 )
 
 PERIOD_S = 1 / 30
@@ -88,6 +88,42 @@ def test_a_gone_camera_is_a_device_fault(synthetic):
     from vla_edge.firmware_bridge.tracer_base import BaseFault
 
     assert issubclass(ArmFault, DeviceFault) and issubclass(BaseFault, DeviceFault)
+
+
+@pytest.mark.parametrize(("size", "reformat", "seen"), [
+    ((640, 480), {"width": 320, "height": 240}, "frame is 320x240x3 uint8, expected 640x480x3 RGB uint8"),
+    ((640, 480), {"width": 1280, "height": 720}, "frame is 1280x720x3 uint8, expected 640x480x3 RGB uint8"),
+    ((640, 480), {"grey": True}, "frame is 640x480 grey (one channel) uint8, expected 640x480x3 RGB uint8"),
+    (None, {"width": 320, "height": 240}, "frame is 320x240x3 uint8, expected 640x480x3 RGB uint8"),
+], ids=["smaller", "larger", "grey", "size-of-the-first-frame"])
+def test_a_frame_of_another_size_or_format_is_a_fault_at_the_camera(size, reformat, seen):
+    """Checked where the frame arrives: the fault names the camera, what it saw and what it expects; the wrong
+    frame is never handed out (the newest frame stays the last good one), with or without a recorder."""
+    sources = {n: SyntheticSource(n, Scene(), seed=i) for i, n in enumerate(CAMERA_NAMES)}
+    rig = CameraRig([Camera(n, s, size=size) for n, s in sources.items()], stale_after_s=1.0)  # a loaded box
+    rig.start()
+    try:
+        rig.read()
+        sources["cam_left_wrist"].reformat(**reformat)
+        deadline = time.monotonic() + 5.0
+        with pytest.raises(CameraFault) as e:
+            while time.monotonic() < deadline:
+                assert rig.read()["cam_left_wrist"].shape == (480, 640, 3)
+        line = str(e.value)
+        assert line.startswith(f"camera cam_left_wrist: {seen} (a camera that renegotiated"), line
+        assert "[cameras] in the robot profile" in line
+        assert rig.faults() == [line]
+        assert rig.cameras["cam_left_wrist"].latest().image.shape == (480, 640, 3)
+    finally:
+        rig.stop()
+
+
+def test_a_v4l2_camera_says_which_device_to_check():
+    cam = Camera("cam_high", OpenCVSource("/dev/video4"), size=(640, 480))
+    cam.source.read = lambda: (np.zeros((240, 320, 3), np.uint8), time.monotonic())
+    cam._running = True
+    cam._loop()
+    assert "check v4l2-ctl -d /dev/video4 --get-fmt-video" in cam.wrong_frame
 
 
 def test_synthetic_scene_shows_target_and_arms():

@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 from conftest import wait_until
 from vla_edge.firmware_bridge.piper_arm import ArmFault, PiperArm, PiperArmConfig, m_to_um, rad_to_mdeg
+from vla_edge.firmware_bridge.piper_bus import open_interface
 from vla_edge.firmware_bridge.piper_sim import PiperSim, PiperSimConfig
 
 Q0 = (0.0, 0.8, -1.0, 0.0, 0.2, 0.0)
-
-# piper_sdk 0.6.2 still passes python-can's deprecated ``bustype``.
-pytestmark = pytest.mark.filterwarnings("ignore:The 'bustype' argument is deprecated:DeprecationWarning")
-
 
 @pytest.fixture
 def channel():
@@ -158,10 +155,7 @@ def test_late_answers_and_error_codes(arm, sim):
 
 
 def test_sim_refuses_targets_beyond_limits_with_status_4(sim, channel):
-    from piper_sdk import C_PiperInterface_V2
-
-    sdk = C_PiperInterface_V2(channel, judge_flag=False, can_auto_init=False)
-    sdk.CreateCanBus(channel, bustype="virtual", expected_bitrate=1_000_000, judge_flag=False)
+    sdk = open_interface(channel, "virtual")
     sdk.ConnectPort()
     try:
         assert wait_until(lambda: sdk.GetArmJointMsgs().time_stamp > 0)
@@ -214,3 +208,44 @@ def test_no_bus_on_the_channel_piles_up_unread_frames(arm, sim, channel):
     assert max(backlog) < 200, backlog  # was ~2000 after 1.5 s: one queue nobody read
     assert len(backlog) == 2  # the simulator and the SDK's one bus, nothing else
     assert arm.faults() == []
+
+
+def test_a_failed_send_is_a_fault_at_once_with_the_interface_and_the_fix(arm, channel, sim, capfd):
+    """The bus goes down under piper_sdk (its python-can bus is shut): the very next command raises one
+    ArmFault naming the interface and the fix; piper_sdk's own "[ERROR] ... send failed" lines never
+    reach the terminal; the arm keeps the last target it did receive; holds on the dead bus raise no more."""
+    arm.send_targets(Q0, 0.01)
+    held = arm.last_target
+    arm._sdk.GetCanBus().send_bus.shutdown()
+    with pytest.raises(ArmFault) as e:
+        arm.send_targets(np.array(Q0) + 0.01, 0.01)
+    line = str(e.value)
+    assert line.startswith(f"arm {channel}: CAN send failed (frame 0x151: Cannot operate on a closed bus)"), line
+    assert f"sudo ip link set {channel} up type can bitrate 1000000" in line
+    np.testing.assert_allclose(arm.last_target, held)  # not sent: not what the arm holds
+    assert arm.faults() == [line]
+    arm.hold()  # the arm keeps its last target by itself: counted, not raised again
+    assert arm.faults() == [line]
+    np.testing.assert_allclose(sim.target_rad, held[:6], atol=1e-5)
+    out, err = capfd.readouterr()
+    assert "send failed" not in out + err and "PIPER" not in out + err, out + err
+
+
+def test_a_full_transmit_queue_says_what_to_check():
+    from vla_edge.firmware_bridge.piper_bus import send_fault
+
+    line = send_fault("can_left", 0x155, "Failed to transmit: [Errno 105] No buffer space available")
+    assert line.startswith("arm can_left: CAN send failed (frame 0x155: ") and "is the arm powered" in line
+    assert "ip -details -statistics link show can_left" in line
+
+
+def test_connecting_shows_no_third_party_warning(sim, channel):
+    """piper_sdk passes python-can's deprecated ``bustype``: silenced where the bus is made, nowhere else."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        a = PiperArm(PiperArmConfig(can_name=channel, bustype="virtual"))
+        a.connect()
+        a.disconnect()
+    assert [str(w.message) for w in seen] == []
