@@ -312,6 +312,45 @@ def test_run_refuses_a_server_of_another_bundle_at_connect(server, tmp_path, int
     assert last.startswith("vla-edge run: error: policy server") and "not this robot's --bundle" in last, last
 
 
+def test_the_e_stop_does_not_wait_for_a_hung_request(server, tmp_path, policy_bundle):
+    """A request hangs on a killed replica (up to the 4 s timeout); the e-stop latches and makes the robot safe
+    (base zero, arms hold) at once, from the thread that tripped it, while the request is still in flight."""
+    from vla_edge.edge.session import RunConfig, run
+
+    seen: dict = {}
+
+    def script(robot, loop, estop) -> None:
+        def go() -> None:
+            try:
+                deadline = time.monotonic() + 60
+                while loop.stats.summary()["inferences"] < 1:  # a remote step has landed
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                (name,) = replica_names()
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                while not (loop.worker.busy and loop.worker.running_for_s > 0.3):  # a request in flight, hanging
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                t0 = time.monotonic()
+                estop.trigger("test: e-stop during a hung request")
+                seen["trip_s"] = time.monotonic() - t0
+                seen["estopped"] = robot.estopped
+                seen["request_in_flight"] = loop.worker.busy
+            finally:
+                loop.stop_requested.set()
+
+        threading.Thread(target=go, daemon=True).start()
+
+    cfg = RunConfig(bundle=str(policy_bundle), robot=str(stall_tolerant_sim(tmp_path)), keyboard="none", seconds=60,
+                    policy_server=server, policy_timeout_s=4.0)
+    try:
+        run(cfg, on_connected=script)
+    finally:
+        wait_ready(server)
+    assert seen.get("estopped") and seen["request_in_flight"], seen
+    assert seen["trip_s"] < 0.5, f"the e-stop took {seen['trip_s']:.3f} s (the request hangs for 4 s)"
+
+
 def test_server_stopped_mid_run_is_a_safe_stop_with_one_line(server, tmp_path):
     """Last in the module: it shuts Serve down under a running robot."""
     p = subprocess.Popen(run_args(tmp_path, server, "--seconds", "60"), stderr=subprocess.PIPE, text=True)
