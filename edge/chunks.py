@@ -15,8 +15,22 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 
 import numpy as np
+
+_abandoned: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+"""The threads of policy steps given up on (:meth:`InferenceWorker.abandon`)."""
+
+
+def abandoned_step_running() -> bool:
+    """True while a policy step given up on (past its deadline) still runs in this process.
+
+    Its daemon thread may sit in ONNX Runtime (or torch) for ever, and an interpreter torn down under such a
+    thread aborts ("terminate called without an active exception"): a command that sees this after the robot
+    is safe and the summary is out ends with ``os._exit`` instead of waiting for it.
+    """
+    return any(t.is_alive() for t in list(_abandoned))
 
 
 class ActionSchedule:
@@ -134,6 +148,9 @@ class InferenceWorker:
         self._result = None
         self._started_s = 0.0
         self._obs_tick = 0
+        self._thread: threading.Thread | None = None
+        self.abandoned = False
+        """The running step was given up on (:meth:`abandon`): nothing waits for it, its result is dropped."""
 
     @property
     def busy(self) -> bool:
@@ -153,10 +170,17 @@ class InferenceWorker:
         self._thread.start()
 
     def join(self, timeout_s: float) -> None:
-        """Wait for a running step to finish (ONNX Runtime must not be torn down mid-run)."""
-        t = getattr(self, "_thread", None)
-        if t is not None:
-            t.join(timeout_s)
+        """Wait for a running step to finish (ONNX Runtime must not be torn down mid-run); not for one given up on."""
+        if self._thread is not None and not self.abandoned:
+            self._thread.join(timeout_s)
+
+    def abandon(self) -> None:
+        """Give up on the running step (it missed its deadline): :meth:`join` returns at once from now on, no
+        new step starts, and the step's result, should it ever come, is dropped. Its daemon thread is left
+        to run (:func:`abandoned_step_running`)."""
+        if self._busy and self._thread is not None:
+            self.abandoned = True
+            _abandoned.add(self._thread)
 
     def _run(self) -> None:
         try:
@@ -168,8 +192,9 @@ class InferenceWorker:
         except Exception as e:  # reported to the control thread, which makes the robot safe
             out = ("error", e, self._obs_tick, None)
         with self._lock:
-            self._result = out
-            self._busy = False
+            if not self.abandoned:
+                self._result = out
+                self._busy = False
 
     def poll(self):
         with self._lock:

@@ -190,14 +190,15 @@ class ControlLoop:
         return self.fault
 
     def finish(self, timeout_s: float) -> None:
-        """Wait for a running inference step (ONNX Runtime must not be torn down mid-run)."""
+        """Wait for a running inference step (ONNX Runtime must not be torn down mid-run); a step past its
+        deadline was given up on and is not waited for (:func:`~vla_edge.edge.chunks.abandoned_step_running`)."""
         self.worker.join(timeout_s)
 
     def _safe_stop(self, message: str) -> None:
         """Arms hold their last commanded target, base zero velocity; remember why."""
         if self.fault is None:
             self.fault = message
-            log.error("safe stop: %s", message)
+            log.debug("safe stop: %s", message)  # the caller prints it, once (vla-edge run: stopped safely: ...)
         self._hold()
 
     def _hold(self) -> None:
@@ -244,24 +245,25 @@ class ControlLoop:
             self._stale_obs_tick = k
         self._collect_inference(k)
         if self.worker.busy and self.worker.running_for_s > cfg.inference_deadline_s:
+            self.worker.abandon()  # the run ends now, through the safe stop, without waiting for the hung step
             raise VlaEdgeError(
-                f"inference step past its deadline ({self.worker.running_for_s:.1f} s > {cfg.inference_deadline_s:.1f} s)"
-            )
+                f"inference step past its deadline ({self.worker.running_for_s:.2f} s > {cfg.inference_deadline_s:g} s); "
+                "abandoned, not waited for: is the policy hung, or this machine too slow for it? (vla-edge bench)")
         # next joint target
         q = self.schedule.pop(k)
-        clamps = 0
+        clamped: list[str] = []
         if q is not None:
             safe, clamped = self.safety.filter_joints(q, self._target)
-            clamps += len(clamped)
             self._target = safe
             robot.send_joint_targets(safe)
         # base
         vx, wz = self.base_plan.pop(0) if self.base_plan else (0.0, 0.0)
         vx, wz, bclamped = self.safety.filter_base(vx, wz, 1.0 / cfg.rate_hz)
-        clamps += len(bclamped)
+        clamped = clamped + bclamped
+        clamps = len(clamped)
         robot.send_base_velocity(vx, wz)
         self._base_cmd = (vx, wz)
-        self.stats.clamps(clamps)
+        self.stats.clamps(clamps, clamped)
         # ask for the next chunk
         if not self.worker.busy and not self.base_plan:
             if cfg.mode == "sync":
@@ -328,12 +330,12 @@ class ControlLoop:
         """A :class:`TickSource`'s tick: its command (forwarded through the safety filter unless the e-stop
         is latched) recorded as ``action`` with the measured base velocity, once every camera has a frame."""
         action = self.policy.command()
-        clamps = 0
+        clamped: list[str] = []
         if self.policy.forward and not self.estop.is_latched:
             safe, clamped = self.safety.filter_joints(action, state.qpos)
-            clamps = len(clamped)
             self.robot.send_joint_targets(safe)
-        self.stats.clamps(clamps)
+        clamps = len(clamped)
+        self.stats.clamps(clamps, clamped)
         if not self.observers:
             return
         frames, stamps = self._frames()

@@ -13,8 +13,9 @@ through :class:`SafetyFilter` first:
   ``max_ax_mps2``/``max_aw_radps2`` times the tick's ``dt_s``.
 
 Every clamp is counted in :attr:`SafetyFilter.clamp_counts` under a name such as ``"L_j3_limit"``,
-``"R_gripper_step"`` or ``"base_vx_accel"``, and logged: the first of each name as a warning, every
-one at debug level.
+``"R_gripper_step"`` or ``"base_vx_accel"``, and the first clamp of each joint (``L_j3``, ``base_vx``:
+:func:`clamp_joint`) is logged at debug level. Clamps are routine (a policy asking for more than the step
+limit): the run's summary says how many per joint, in one line (:class:`~vla_edge.edge.telemetry.RunStats`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ IS_GRIPPER = np.array([j == "gripper" for _ in ("L", "R") for j in ARM_JOINTS])
 
 MAX_BASE_DT_S = 0.2
 """A longer tick (a stall) does not buy a bigger base speed change than this many seconds would."""
+
+
+def clamp_joint(name: str) -> str:
+    """The joint (or base axis) of a clamp name: ``"L_j3_step"`` -> ``"L_j3"``, ``"base_vx_accel"`` -> ``"base_vx"``."""
+    return name.rsplit("_", 1)[0]
 
 
 class UnsafeAction(VlaEdgeError):
@@ -96,13 +102,36 @@ class SafetyLimits:
         return cls(**section)
 
     @classmethod
-    def for_robot(cls, robot) -> SafetyLimits:
+    def for_robot(cls, robot, policy=None) -> SafetyLimits:
         """The limits of a loaded robot profile (:class:`~vla_edge.edge.robot.RobotConfig`): its arms' joint
-        limits, its base's speed (m/s, rad/s) and acceleration (m/s^2, rad/s^2) limits."""
+        limits, its base's speed (m/s, rad/s) and acceleration (m/s^2, rad/s^2) limits.
+
+        ``policy``: the bundle's :class:`~vla_edge.edge.bundle.spec.PolicySpec`; the joints whose targets, as
+        the bundle decodes them (:meth:`PolicySpec.action_bounds`, its action encoding), can leave these limits
+        are logged once as a warning (those targets will be clamped: a sign of a wrong encoding)."""
         arm, base = robot.arms["left"], robot.base
-        return cls(joint_lo=arm.joint_lo, joint_hi=arm.joint_hi, max_vx_mps=base.max_linear_mps,
-                   max_wz_radps=base.max_angular_radps, max_ax_mps2=base.max_linear_accel_mps2,
-                   max_aw_radps2=base.max_angular_accel_radps2)
+        limits = cls(joint_lo=arm.joint_lo, joint_hi=arm.joint_hi, max_vx_mps=base.max_linear_mps,
+                     max_wz_radps=base.max_angular_radps, max_ax_mps2=base.max_linear_accel_mps2,
+                     max_aw_radps2=base.max_angular_accel_radps2)
+        if policy is not None and policy.action_dim == len(JOINT_NAMES):
+            beyond = limits.beyond(*policy.action_bounds())
+            if beyond:
+                log.warning("safety: the bundle's actions (encoding %s) reach beyond the joint limits on %s; those "
+                            "targets will be clamped", policy.actions, ", ".join(beyond))
+        return limits
+
+    def beyond(self, lo, hi, n_bins: int = 255) -> list[str]:
+        """Joints whose decoded targets can leave the limits: ``(lo, hi)`` as ``kernels.detokenize_actions``
+        takes them, the extreme bin centres being ``1 / n_bins`` of the range inside them (uniform bins), e.g.
+        ``["L_gripper [-0.996, 0.996] vs [0, 0.07]"]``."""
+        lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+        inset = (hi - lo) / (2 * n_bins)
+        first, last = lo + inset, hi - inset
+        out = []
+        for i in np.flatnonzero((first < self.joint_lo - 1e-9) | (last > self.joint_hi + 1e-9)):
+            out.append(f"{JOINT_NAMES[i]} [{first[i]:.3g}, {last[i]:.3g}] vs [{self.joint_lo[i]:.3g}, "
+                       f"{self.joint_hi[i]:.3g}]")
+        return out
 
     @property
     def step_limits(self) -> np.ndarray:
@@ -136,12 +165,10 @@ class SafetyFilter:
         self.last_wz_radps = 0.0
 
     def _count(self, name: str, detail: str) -> None:
-        n = self.clamp_counts.get(name, 0) + 1
-        self.clamp_counts[name] = n
-        if n == 1:
-            log.warning("safety: clamp %s (%s); further ones at debug level", name, detail)
-        else:
-            log.debug("safety: clamp %s #%d (%s)", name, n, detail)
+        joint = clamp_joint(name)
+        if not any(clamp_joint(k) == joint for k in self.clamp_counts):
+            log.debug("safety: first clamp of %s: %s (%s); the run's summary counts them", joint, name, detail)
+        self.clamp_counts[name] = self.clamp_counts.get(name, 0) + 1
 
     def filter_joints(self, target_q14, measured_q14=None) -> tuple[np.ndarray, list[str]]:
         """Return ``(safe_q14, clamps)``: the target limited to the joint range and the per-tick step.

@@ -241,8 +241,9 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
                                     "robot": profile.name, "sim": profile.sim is not None})
             observers.insert(0, recorder)
         session.arm(robot, cfg.firmware_estop, notify)
-        loop = ControlLoop(robot, policy, cfg.instruction, loop_cfg, SafetyFilter(SafetyLimits.for_robot(profile)),
-                           estop, stats, observers, cameras=bundle.layout.cameras, stop_requested=stop.event)
+        safety = SafetyFilter(SafetyLimits.for_robot(profile, bundle.policy))  # warns where its targets get clamped
+        loop = ControlLoop(robot, policy, cfg.instruction, loop_cfg, safety, estop, stats, observers,
+                           cameras=bundle.layout.cameras, stop_requested=stop.event)
         status = live_status(stats, loop)
         listener = session.open_keyboard()
         log_banner(profile, bundle, policy, cfg.mode, loop_cfg.rate_hz, listener.source)

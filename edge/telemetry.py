@@ -12,7 +12,7 @@ Usage::
     out_console().print(table)
 
 :class:`RunStats` collects per-tick timing, frame ages and skew, inference latencies, safety clamps
-and e-stop latencies. Samples live in ring buffers of bounded size (the last ``max_samples``), so a
+(per joint: one line at the end of the summary, ``clamps_by_joint`` in the JSON) and e-stop latencies. Samples live in ring buffers of bounded size (the last ``max_samples``), so a
 long run uses constant memory; counters (ticks, overruns, clamps) cover the whole run.
 :func:`percentiles` is shared with the benchmark.
 """
@@ -31,6 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from vla_edge.edge.safety import clamp_joint
 
 MAX_SAMPLES = 100_000
 LIVE_WINDOW = 300
@@ -125,6 +126,8 @@ class RunStats:
         self.n_ticks = 0
         self.n_overruns = 0
         self.n_clamps = 0
+        self.clamps_by_joint: dict[str, int] = {}
+        """Safety clamps per joint (``L_j3``, ``base_vx``: :func:`~vla_edge.edge.safety.clamp_joint`)."""
         self.estop_latched = False
         self.estop_reason = ""
         self._t_first: float | None = None
@@ -168,8 +171,17 @@ class RunStats:
         for name, value in (stage_ms or {}).items():
             self._stage_ms.setdefault(name, Ring(self._max_samples)).add(value)
 
-    def clamps(self, n: int) -> None:
+    def clamps(self, n: int, names=()) -> None:
+        """``n`` safety clamps this tick; ``names`` (``"L_j3_step"``, ...) count them per joint too."""
         self.n_clamps += int(n)
+        for name in names:
+            joint = clamp_joint(name)
+            self.clamps_by_joint[joint] = self.clamps_by_joint.get(joint, 0) + 1
+
+    def clamp_line(self) -> str:
+        """The clamps in one line, most clamped joint first, e.g. ``safety clamps: 232 (L_j2 80, R_j2 76, ...)``."""
+        by = sorted(self.clamps_by_joint.items(), key=lambda kv: (-kv[1], kv[0]))
+        return f"safety clamps: {self.n_clamps}" + (f" ({', '.join(f'{j} {n}' for j, n in by)})" if by else "")
 
     def estop_latency(self, ms: float) -> None:
         """Time from an e-stop's detection to the actuators commanded (ms). One per trip: a short list."""
@@ -226,6 +238,7 @@ class RunStats:
             "inference_ms": percentiles(self._inference_ms.values(), (50, 99)),
             "stage_ms": {name: percentiles(r.values(), (50, 99)) for name, r in self._stage_ms.items()},
             "clamps": self.n_clamps,
+            "clamps_by_joint": dict(sorted(self.clamps_by_joint.items(), key=lambda kv: (-kv[1], kv[0]))),
             "estop_trips": len(self._estop_ms),
             "estop_latency_ms": {"max": max(self._estop_ms) if self._estop_ms else math.nan,
                                  **percentiles(self._estop_ms, (50,))},
@@ -252,7 +265,10 @@ class RunStats:
         lat = s["estop_latency_ms"]
         table.add_row("e-stop trips / latency (ms)", f"{s['estop_trips']}",
                       f"max {lat['max']:.2f}" if s["estop_trips"] else "")
-        (console or out_console()).print(table)
+        console = console or out_console()
+        console.print(table)
+        if self.n_clamps:  # one line, whatever the width (a terminal wraps it; nothing is cut)
+            console.print(self.clamp_line(), highlight=False, soft_wrap=True)
 
     def write_json(self, path: str | Path) -> None:
         """Write :meth:`summary` as JSON (NaN, i.e. no samples, becomes null)."""

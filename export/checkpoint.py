@@ -35,12 +35,14 @@ import json
 import logging
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from vla_edge import VlaEdgeError
 from vla_edge.edge.bundle.spec import (
+    ACTION_ENCODINGS,
     BIN_KINDS,
     CALVIN_LAYOUT,
     COBOT_MAGIC_LAYOUT,
@@ -88,6 +90,7 @@ class Checkpoint:
     layout: ImageLayout
     tokens: TokenSpec
     tokenizer_json: str | None
+    actions_from: str = ""  # where the action encoding (policy.actions) was read, for the export's report
 
 
 def file_sha256(path: Path) -> str:
@@ -117,6 +120,7 @@ class LoadOptions:
     vision_tower: str | None = None  # a known tower name or a local SigLIP directory (for a bare best.pt)
     bins: str | None = None  # BIN_KINDS: uniform (default) or norm (the reference's use_norm_bins)
     resize_order: str | None = None  # RESIZE_ORDERS: the Pillow order of the training images' resize passes
+    actions: str | None = None  # ACTION_ENCODINGS: how training encoded the actions (raw, bounds, sigma3)
     defaults: dict = field(default_factory=dict)  # wrapper fields to use where the checkpoint has none
 
 
@@ -143,15 +147,22 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
         raise CheckpointError(f"unknown resize order {opts.resize_order!r} (known: {', '.join(RESIZE_ORDERS)})")
     if opts.bins is not None and opts.bins not in BIN_KINDS:
         raise CheckpointError(f"unknown bin kind {opts.bins!r} (known: {', '.join(BIN_KINDS)})")
+    if opts.actions is not None and opts.actions not in ACTION_ENCODINGS:
+        raise CheckpointError(f"unknown action encoding {opts.actions!r} (known: {', '.join(ACTION_ENCODINGS)})")
     stats = read_statistics(opts.stats) if opts.stats else None
     tokenizer_json = load_tokenizer_json(opts.tokenizer) if opts.tokenizer else None
     raw = _load_hf_meta(path) if path.is_dir() else _load_pt(path)
     for key, value in opts.defaults.items():
         if not raw.get(key) and not (key == "policy" and raw.get("stats_path")):
             raw[key] = value
+    if stats is None and raw.get("stats_path"):
+        stats = read_statistics(raw["stats_path"])
+    actions, actions_from = _action_encoding(raw, stats, opts, path)
     if path.is_dir():  # what the command line must add is known before gigabytes of weights are read
-        if stats is None and not raw.get("stats_path") and not raw.get("policy"):
-            _policy(raw, None, path)  # raises, naming --stats
+        if stats is None and not raw.get("policy"):
+            _policy(raw, None, path, actions)  # raises, naming --stats
+        if stats is not None:
+            _policy({}, stats, path, actions)  # the statistics under this encoding: checked now
         if tokenizer_json is None and not raw.get("tokenizer_json"):
             raise _no_tokenizer(path)
         raw["state_dict"] = _read_safetensors(path)
@@ -171,9 +182,7 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
             f"token layout has {tokens.embedding_rows} embedding rows but model.embed_tokens has "
             f"{model.text.vocab_rows}"
         )
-    if stats is None and raw.get("stats_path"):
-        stats = read_statistics(raw["stats_path"])
-    policy = _policy(raw, stats, path)
+    policy = _policy(raw, stats, path, actions)
     layout = _layout(raw, stats, opts, policy)
     layout = replace(layout, resize_order=_resize_order(raw, stats, opts, path))
     if layout.output != model.vision.image_size:
@@ -189,6 +198,7 @@ def load_checkpoint(path: str | Path, opts: LoadOptions | None = None) -> Checkp
         layout=layout,
         tokens=tokens,
         tokenizer_json=tokenizer_json,
+        actions_from=actions_from,
     )
 
 
@@ -197,18 +207,46 @@ def _no_tokenizer(path: Path) -> CheckpointError:
                            "or the directory with vocab.json + merges.txt the trainer saved)")
 
 
-def _policy(raw: dict, stats: DatasetStats | None, path: Path) -> PolicySpec:
-    """Statistics: ``--stats`` (or a statistics.yaml in the directory) over the checkpoint's own."""
+ACTION_DECODING = {"raw": "bin centre = action", "bounds": "(x + 1) / 2 * (act_max_bound - act_min_bound) + "
+                   "act_min_bound", "sigma3": "3 x act_min_bound + act_max_bound (std, mean as the reference reads them)"}
+
+
+def _action_encoding(raw: dict, stats: DatasetStats | None, opts: LoadOptions, path: Path) -> tuple[str, str]:
+    """How training encoded the actions, and where that was read: ``--actions`` > the data's ``vla_edge.json``
+    (``actions``, as ``vla-edge convert`` writes it) > the checkpoint's ``actions`` (its ``vla_edge.json`` or
+    wrapper; or its ``policy.actions``) > for a trainer directory or a bare state dict, the reference trainer's
+    ``raw`` (``encode_actions(statistics=None)``) > for a vla-edge wrapper's policy from before the field,
+    ``bounds`` (what it was trained with)."""
+    own = raw.get("policy") if isinstance(raw.get("policy"), dict) else {}
+    for value, source in ((opts.actions, "--actions"),
+                          (stats.actions if stats is not None else None, f"{stats.path.parent / 'vla_edge.json'}"
+                           if stats is not None else ""),
+                          (raw.get("actions"), f"{path.name}'s actions"),
+                          (own.get("actions"), f"{path.name}'s policy")):
+        if value is not None:
+            if value not in ACTION_ENCODINGS:
+                raise CheckpointError(f"{source}: unknown action encoding {value!r} (known: "
+                                      f"{', '.join(ACTION_ENCODINGS)})")
+            return value, source
+    if path.is_dir() or not own:
+        return "raw", "the reference trainer's default, encode_actions(statistics=None)"
+    return "bounds", f"{path.name}'s policy, from before action encodings were recorded"
+
+
+def _policy(raw: dict, stats: DatasetStats | None, path: Path, actions: str) -> PolicySpec:
+    """Statistics: ``--stats`` (or a statistics.yaml in the directory) over the checkpoint's own, read under
+    the action encoding ``actions``."""
     own = PolicySpec.from_dict(raw["policy"]) if raw.get("policy") else None
     if stats is None:
         if own is None:
             raise CheckpointError(
                 f"{path.name} carries no normalisation statistics: give --stats statistics.yaml (the dataset's "
                 "act_min_bound, act_max_bound and robot_obs, as LLaVA-VLA training wrote them)")
-        return own
+        return replace(own, actions=actions)
     if own is None:
-        return stats.policy()
-    new = stats.policy(chunk_size=own.chunk_size, d_max_m=own.d_max_m, theta_max_deg=own.theta_max_deg)
+        return stats.policy(actions=actions)
+    new = stats.policy(chunk_size=own.chunk_size, d_max_m=own.d_max_m, theta_max_deg=own.theta_max_deg,
+                       actions=actions)
     for key, what in (("action_dim", "action dimensions"), ("state_dim", "state dimensions")):
         if getattr(new, key) != getattr(own, key):
             raise CheckpointError(
@@ -283,7 +321,9 @@ def _load_pt(path: Path) -> dict:
     import torch  # torch: the [export] extra
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a user's pickle protocol: the file is judged below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
         raise CheckpointError(
@@ -511,10 +551,14 @@ def resolve_vision(sd: dict, *, vision_config: dict | None, tower: str | None, s
             "config.json or vla_edge.json, or --vision-tower DIR with the tower's own config.json")
     got = (full.hidden, full.intermediate, full.patch, full.n_patches)
     if got != (hidden, inter, patch, positions):
+        fix = ("correct its fields" if source == "vision_config" else
+               "give the tower's own directory (its save_pretrained config.json) as --vision-tower DIR or in "
+               "mm_vision_tower, or the tower's shape as 'vision_config' (hidden_size, intermediate_size, "
+               "num_hidden_layers, num_attention_heads, patch_size, image_size) in config.json or vla_edge.json")
         raise CheckpointError(
             f"{source} (hidden {full.hidden}, intermediate {full.intermediate}, patch {full.patch}, "
             f"{full.n_patches} positions) does not match the checkpoint's vision tensors (hidden {hidden}, "
-            f"intermediate {inter}, patch {patch}, {positions} positions)")
+            f"intermediate {inter}, patch {patch}, {positions} positions): {fix}")
     if full.hidden % full.heads:
         raise CheckpointError(f"{source}: hidden {full.hidden} is not a multiple of {full.heads} heads")
     try:

@@ -41,7 +41,7 @@ from vla_edge.edge.kv_cache import gqa_lengths
 from vla_edge.edge.providers import available_providers
 from vla_edge.edge.telemetry import log_console, out_console
 from vla_edge.export import fused, quantize
-from vla_edge.export.checkpoint import Checkpoint, LoadOptions, load_checkpoint
+from vla_edge.export.checkpoint import ACTION_DECODING, Checkpoint, LoadOptions, load_checkpoint
 from vla_edge.export.config import LLAVA_OV_05B
 from vla_edge.export.fused import DEFAULT_MAX_LEN
 from vla_edge.export.parity import compare, fixed_inputs
@@ -470,10 +470,15 @@ def main(args) -> int:
                          max_len=args.max_len or DEFAULT_MAX_LEN)
     t0 = time.perf_counter()
     extras = LoadOptions(stats=_path(args.stats), tokenizer=_path(args.tokenizer), layout=args.layout,
-                         vision_tower=args.vision_tower, bins=args.bins, resize_order=args.resize_order)
+                         vision_tower=args.vision_tower, bins=args.bins, resize_order=args.resize_order,
+                         actions=args.actions)
     ckpt = load_checkpoint(args.ckpt, extras) if args.ckpt else random_checkpoint(args.shape)
     log.info("loaded %s (%s) in %.1f s", ckpt.path, ckpt.sha256[:12], time.perf_counter() - t0)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
         res = export_bundle(ckpt, opts, progress)
     print_summary(res, out_console())  # results: stdout
+    if ckpt.actions_from:
+        out_console().print(f"actions decoded as {ckpt.policy.actions} ({ckpt.actions_from}): "
+                            f"{ACTION_DECODING[ckpt.policy.actions]}; --actions to change it",
+                            soft_wrap=True, highlight=False)
     return 0

@@ -14,8 +14,11 @@ The file (CONTRACT section 1b)::
         std:  [s_0, ..., s_{S-1}]
 
 A ``vla_edge.json`` beside it (``vla-edge convert`` writes one) may add ``policy`` fields
-(``chunk_size``, ``action_dim``, ``state_dim``, ``d_max_m``, ``theta_max_deg``) and the
-``image_layout`` the data was composed with; its dimensions must agree with the statistics.
+(``chunk_size``, ``action_dim``, ``state_dim``, ``state_pad``, ``d_max_m``, ``theta_max_deg``), the
+``image_layout`` the data was composed with and ``actions``, how the data's actions were encoded
+(``raw``, ``bounds`` or ``sigma3``: :data:`~vla_edge.edge.bundle.spec.ACTION_ENCODINGS`); its dimensions
+must agree with the statistics. Under ``sigma3`` the bounds hold std (min) and mean (max), as the reference
+reads them, so ``act_min_bound <= act_max_bound`` is checked only for ``bounds``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import yaml
 from vla_edge import VlaEdgeError
-from vla_edge.edge.bundle.spec import ImageLayout, PolicySpec
+from vla_edge.edge.bundle.spec import ACTION_ENCODINGS, ImageLayout, PolicySpec
 
 
 class StatsError(VlaEdgeError):
@@ -48,9 +51,30 @@ class DatasetStats:
         d = self.sidecar.get("image_layout")
         return ImageLayout.from_dict(d) if d else None
 
-    def policy(self, chunk_size: int = 5, d_max_m: float = 1.0, theta_max_deg: float = 90.0) -> PolicySpec:
-        """A :class:`PolicySpec` with these statistics; ``vla_edge.json`` fields win over the arguments."""
+    @property
+    def actions(self) -> str | None:
+        """The action encoding ``vla_edge.json`` records for the data (``None``: not recorded)."""
+        return self.sidecar.get("actions")
+
+    def policy(self, chunk_size: int = 5, d_max_m: float = 1.0, theta_max_deg: float = 90.0,
+               actions: str = "bounds") -> PolicySpec:
+        """A :class:`PolicySpec` with these statistics, read under ``actions``; ``vla_edge.json`` fields win
+        over the arguments."""
         side = self.sidecar.get("policy", {})
+        if actions not in ACTION_ENCODINGS:
+            raise StatsError(f"unknown action encoding {actions!r} (known: {', '.join(ACTION_ENCODINGS)})")
+        if actions == "bounds":
+            bad = [i for i, (a, b) in enumerate(zip(self.action_lo, self.action_hi, strict=True)) if a > b]
+            if bad:
+                raise StatsError(f"{self.path}: act_min_bound > act_max_bound in action dimension {bad[0]}")
+        if actions == "sigma3" and any(s < 0 for s in self.action_lo):
+            raise StatsError(f"{self.path}: under sigma3 act_min_bound holds the std (the reference's field swap): "
+                             "it must not be negative")
+        pad = side.get("state_pad", [])
+        if not (isinstance(pad, list) and all(isinstance(x, int | float) and math.isfinite(x) for x in pad)
+                and len(pad) < len(self.proprio_mean)):
+            raise StatsError(f"{self.path.parent / 'vla_edge.json'}: policy.state_pad must be a list of fewer than "
+                             f"{len(self.proprio_mean)} numbers")
         spec = PolicySpec(
             chunk_size=int(side.get("chunk_size", chunk_size)),
             action_dim=len(self.action_lo),
@@ -61,6 +85,8 @@ class DatasetStats:
             proprio_std=self.proprio_std,
             d_max_m=float(side.get("d_max_m", d_max_m)),
             theta_max_deg=float(side.get("theta_max_deg", theta_max_deg)),
+            actions=actions,
+            state_pad=tuple(float(x) for x in pad),
         )
         for key in ("action_dim", "state_dim"):
             if key in side and int(side[key]) != getattr(spec, key):
@@ -94,9 +120,6 @@ def read_statistics(path: Path) -> DatasetStats:
     lo, hi = _floats(doc, "act_min_bound", str(path)), _floats(doc, "act_max_bound", str(path))
     if len(lo) != len(hi):
         raise StatsError(f"{path}: act_min_bound has {len(lo)} values but act_max_bound has {len(hi)}")
-    bad = [i for i, (a, b) in enumerate(zip(lo, hi, strict=True)) if a > b]
-    if bad:
-        raise StatsError(f"{path}: act_min_bound > act_max_bound in action dimension {bad[0]}")
     obs = doc.get("robot_obs")
     if not isinstance(obs, list) or not obs or not isinstance(obs[0], dict):
         raise StatsError(f"{path}: 'robot_obs' must be a list holding one {{mean: [...], std: [...]}} mapping")

@@ -19,6 +19,7 @@ Usage::
 
     python -m vla_edge.tools.bench_estop --bundle BUNDLE [--trips 30] [--load idle inference] [--nice -5]
                                          [--busy 6] [--json out.json]
+    python -m vla_edge.tools.bench_estop --load pty [--busy 4]   # the kernel's part alone: a bare pty each way
 
 ``--busy N`` starts N busy-loop Python processes for the whole benchmark (the README's "under CPU load").
 
@@ -256,9 +257,10 @@ def child(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", help="the bundle vla-edge runs (needed for the idle and inference loads)")
     p.add_argument("--trips", type=int, default=30)
-    p.add_argument("--load", nargs="+", choices=["idle", "inference"], default=["idle", "inference"])
+    p.add_argument("--load", nargs="+", choices=["idle", "inference", "pty"], default=["idle", "inference"],
+                   help="pty: no vla-edge, one byte through a bare pty each way between two real-time threads")
     p.add_argument("--nice", type=int, default=0,
                    help="run vla-edge under nice -n N (negative: ahead of other processes; needs root)")
     p.add_argument("--busy", type=int, default=0, metavar="N",
@@ -267,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.bundle and set(args.load) - {"pty"}:
+        p.error("--bundle is needed for the idle and inference loads")
     if args.child:
         args.load = args.load[0]
         return child(args)
@@ -286,9 +290,62 @@ def main(argv=None) -> int:
     return 0
 
 
+def measure_pty(trips: int) -> list[dict]:
+    """One byte through a bare pty, master -> slave (a terminal's key) and slave -> master (what a process
+    writes on a pty, as the simulated base's line): a real-time writer thread, a real-time reader thread, no
+    vla-edge. The kernel delivers pty bytes through its tty flip buffer, a work item of an ordinary-priority
+    kworker: what is left when no process of ours is in the way."""
+    import termios
+    import tty
+
+    out = []
+    for way in ("master -> slave", "slave -> master"):
+        master, slave = os.openpty()
+        tty.setraw(slave, termios.TCSANOW)
+        src, dst = (master, slave) if way.startswith("master") else (slave, master)
+        read_s, got = [], threading.Event()
+
+        def reader(dst=dst, read_s=read_s, got=got) -> None:
+            prefer_this_thread()
+            while len(read_s) < trips:
+                select.select([dst], [], [])
+                os.read(dst, 64)
+                read_s.append(time.monotonic())
+                got.set()
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        prefer_this_thread()
+        lat_ms, rng = [], random.Random(0)
+        try:
+            for _ in range(trips):
+                time.sleep(0.05 + 0.05 * rng.random())
+                got.clear()
+                t = time.monotonic()
+                os.write(src, b" ")
+                if not got.wait(TRIP_TIMEOUT_S):
+                    raise RuntimeError(f"bench_estop: a byte {way} never arrived")
+                lat_ms.append(1e3 * (read_s[-1] - t))
+            thread.join(TRIP_TIMEOUT_S)
+        finally:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_OTHER, os.sched_param(0))
+            os.close(master)
+            os.close(slave)
+        a = np.asarray(lat_ms)
+        out.append({"load": f"pty {way}", "trips": len(a), "p50_ms": float(np.percentile(a, 50)),
+                    "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "latencies_ms": lat_ms})
+    return out
+
+
 def _measure_all(args, results: list) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for load in args.load:
+            if load == "pty":
+                for r in measure_pty(args.trips):
+                    results.append(r)
+                    print(f"{r['load']}: trips {r['trips']:3d}  p50 {r['p50_ms']:6.2f}  p99 {r['p99_ms']:6.2f}  "
+                          f"max {r['max_ms']:6.2f} ms", flush=True)
+                continue
             r = measure(args.bundle, load, args.trips, Path(workdir), args.nice)
             results.append(r)
             inside = r["child_summary_ms"]

@@ -41,7 +41,7 @@ from vla_edge.edge.profile import load_profile
 from vla_edge.edge.robot import Robot
 from vla_edge.firmware_bridge import piper_arm
 if sys.argv[2] == "unfixed":  # issue 12 as it was: keep piper_sdk's second, never-read send bus
-    piper_arm._send_on_the_receive_bus = lambda sdk: None
+    piper_arm.send_on_the_receive_bus = lambda sdk: None
 robot = Robot(load_profile("sim"))
 robot.connect()
 q0 = robot.read_state().qpos.copy()

@@ -23,6 +23,10 @@ decoder with head size 32 (so the export picks the fused GQA decoder, the real m
 token table start as smooth Fourier features of the bin value, so neighbouring bins start close and
 the output head is ordinal from the first step. AdamW, warm-up then cosine decay.
 
+**LLaVA-VLA data** (``--data`` with a ``data.json``, e.g. ``vla-edge convert``'s): read and encoded as the reference
+trainer does (:mod:`vla_edge.tools.llava_data`, which says how to smoke-test a dataset), no target probe; the
+checkpoint carries no statistics, like the trainer's: export it with ``--stats data/statistics.yaml``.
+
 Output: a vla-edge wrapper checkpoint (``best.pt``) that ``vla-edge export`` takes like any other
 (``torch.load(weights_only=True)`` safe).
 """
@@ -56,6 +60,7 @@ from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
 from vla_edge.export.demo import SHIPPED_POLICY  # noqa: F401  (re-exported)
 from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
 from vla_edge.kernels.reference import bin_edges, tokenize_proprio
+from vla_edge.tools.llava_data import JsonBatcher, LlavaData
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +296,16 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
     t0 = time.monotonic()
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn())
+    llava = (Path(data_dir) / "data.json").is_file()  # LLaVA-VLA data: statistics and layout stay with the data
     with Progress(*cols, console=console, disable=not progress) as bar:
-        n_files = len(episode_files(data_dir)[: max_episodes or None])
-        job = bar.add_task("reading episodes", total=n_files)
-        ds = load_dataset(data_dir, layout, max_episodes, progress=lambda: bar.advance(job))
-    policy = statistics(ds)
+        if llava:
+            job = bar.add_task("reading data.json", total=None)
+            ds = LlavaData.load(data_dir, tokenizer_json, tokens, layout.output, progress=lambda: bar.advance(job))
+        else:
+            n_files = len(episode_files(data_dir)[: max_episodes or None])
+            job = bar.add_task("reading episodes", total=n_files)
+            ds = load_dataset(data_dir, layout, max_episodes, progress=lambda: bar.advance(job))
+    policy = None if llava else statistics(ds)
     if init is None:
         model = build_model(tokens, seed)
     else:  # the checkpoint's own shape, which may be an older policy shape
@@ -303,7 +313,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
 
         model = LlavaVLA.from_checkpoint(load_checkpoint(init), attn="sdpa")
     model.train()
-    batcher = Batcher(model, ds, policy, tokens, tokenizer_json)
+    batcher = JsonBatcher(model, ds) if llava else Batcher(model, ds, policy, tokens, tokenizer_json)
     probe = None
     if aux_weight > 0 and ds.targets_xy_m is not None:
         probe = TargetProbe(model.cfg.text.hidden, ds.targets_xy_m, aux_weight)
@@ -320,7 +330,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     rng = np.random.default_rng(seed)
-    n = len(ds.qpos)
+    n = len(ds.images)
     losses: list[float] = []
     console.print(f"train-tiny: {ds.episodes} episodes, {n} samples, {steps} steps of {batch}, "
                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -348,7 +358,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
             if (step + 1) % 50 == 0:
                 log.info("step %d/%d loss %.3f target probe %.3f (%.0f s)", step + 1, steps, np.mean(losses[-50:]),
                          np.mean(aux_losses[-50:]), time.monotonic() - t0)
-    path = write_checkpoint(model, policy, tokens, tokenizer_json, layout, out,
+    path = write_checkpoint(model, policy, tokens, tokenizer_json, None if llava else layout, out,
                             meta={"data": str(data_dir), "episodes": ds.episodes, "samples": n, "steps": steps,
                                   "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight if probe else 0.0,
                                   "final_loss": float(np.mean(losses[-20:]))})
@@ -357,7 +367,8 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
 
 
 def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, meta: dict, fp16: bool = True) -> Path:
-    """The vla-edge wrapper (README, "Checkpoints"); tensors stored fp16 by default to keep it small."""
+    """The vla-edge wrapper (README, "Checkpoints"); tensors stored fp16 by default to keep it small.
+    ``policy``/``layout`` None: left out (LLaVA-VLA data: the statistics and layout stay with the data)."""
     import torch  # torch: the [export] extra
 
     sd = model.llava_state_dict()
@@ -368,8 +379,9 @@ def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, me
     tmp = out.with_name(out.name + ".tmp")
     torch.save({
         "format": "vla-edge-ckpt", "version": 1, "state_dict": sd, "model": model.cfg.to_dict(),
-        "policy": policy.to_dict(), "image_layout": layout.to_dict(), "tokens": tokens.to_dict(),
-        "tokenizer_json": tokenizer_json, "training": json.dumps(meta),
+        **({"policy": policy.to_dict()} if policy is not None else {}),
+        **({"image_layout": layout.to_dict()} if layout is not None else {}),
+        "tokens": tokens.to_dict(), "tokenizer_json": tokenizer_json, "training": json.dumps(meta),
     }, tmp)
     tmp.replace(out)
     return out
@@ -385,9 +397,10 @@ def main(args) -> int:
                                              progress=lambda r: bar.advance(job))
         ok = sum(r.success for r in results)
         console.print(f"recorded {len(results)} expert episodes into {args.data} ({ok} successful)")
+    stats = f" --stats {Path(args.data) / 'statistics.yaml'}" if (Path(args.data) / "data.json").is_file() else ""
     res = train(args.data, args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_episodes=args.max_episodes, init=args.init, aux_weight=args.aux_weight)
     console.print(f"[green]wrote[/] {res.path} ({res.path.stat().st_size / 1e6:.2f} MB) after {res.seconds:.0f} s; "
                   f"loss {np.mean(res.losses[:20]):.3f} -> {np.mean(res.losses[-20:]):.3f}. "
-                  f"Next: vla-edge export --ckpt {res.path} --out bundle/")
+                  f"Next: vla-edge export --ckpt {res.path}{stats} --out bundle/")
     return 0

@@ -8,7 +8,11 @@
 
 The fixed pieces are computed at export and stored in the manifest (``prompt``); only
 ``"\\n" + instruction + "\\n"`` is tokenised at run time, as one string like the reference inference,
-once per episode, with the bundle's ``tokenizer.json``.
+once per episode, with the bundle's ``tokenizer.json``. :func:`instruction_refusal` says, before anything
+starts, whether an instruction fits the decoder's KV cache::
+
+    if why := instruction_refusal(Bundle.load(path, verify=False), "pick up the red cube"):
+        raise VlaEdgeError(why)
 """
 
 from __future__ import annotations
@@ -64,6 +68,40 @@ class PromptTemplate:
     @classmethod
     def from_dict(cls, d: dict) -> PromptTemplate:
         return cls(**d)
+
+
+def kv_rows_needed(prompt: PromptTemplate, instruction_ids: int, image_tokens: int, state_dim: int,
+                   chunk_tokens: int, navigation: bool) -> int:
+    """KV-cache rows (positions) one step needs at most: the whole prompt (prefix, image, instruction,
+    proprio, suffix) and every generated token but the last (``DIR VALUE`` too with navigation, then
+    ``<|im_end|>``), whether decoded one at a time or in Jacobi blocks."""
+    generated = chunk_tokens + (3 if navigation else 1)
+    return len(prompt.prefix) + image_tokens + instruction_ids + state_dim + len(prompt.suffix) + generated - 1
+
+
+def instruction_refusal(bundle, instruction: str, navigation: bool = False) -> str | None:
+    """Why ``instruction`` cannot run on ``bundle`` (a :class:`~vla_edge.edge.bundle.manifest.Bundle`), or None.
+
+    Empty, or too long: its prompt needs more KV rows (:func:`kv_rows_needed`) than the decoder holds (the
+    fused graph's ``max_len``; the plain graph's limit is the model's ``max_positions``). Needs only the
+    manifest and the tokenizer: ``vla-edge run`` asks before it connects anything.
+    """
+    if not instruction.strip():
+        return "--instruction is empty"
+    d, policy = bundle.dims, bundle.policy
+    if d.kind == "fused":
+        limit, what = d.max_len, "its fused decoder's max_len (re-export with a larger --max-len, or shorten it)"
+    else:
+        limit = (bundle.manifest.get("model", {}).get("text", {}) or {}).get("max_positions")
+        what = "its model's max_positions (shorten it)"
+    if not limit:
+        return None
+    n = len(bundle.prompt.instruction_ids(tokenizer_encoder(bundle.tokenizer_json()), instruction, navigation))
+    rows = kv_rows_needed(bundle.prompt, n, d.image_tokens, policy.state_dim, policy.chunk_tokens, navigation)
+    if rows <= limit:
+        return None
+    return (f"--instruction is {len(instruction)} characters, {n} tokens: a step would need {rows} KV rows and this "
+            f"bundle holds {limit}, {what}; at most {n - (rows - limit)} tokens fit")
 
 
 def tokenizer_encoder(tokenizer_json: str) -> TextEncoder:

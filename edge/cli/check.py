@@ -9,7 +9,8 @@ Each device is probed on its own, so one missing device does not hide the others
 Piper arms (SocketCAN interface up, feedback, motors enabled; the arms hold their pose, nothing moves),
 the TRACER base (serial port present and writable, feedback frames), and each camera (opens, delivers
 frames for ``--seconds``; fps measured). The table (stdout) says for each: found or missing, what was
-seen or why not, and how to fix it. Exit status 0 when every device was found, 1 otherwise.
+seen or why not; below it, one line per missing device says how to fix it (commands are never wrapped, so
+they copy whole at any width). Exit status 0 when every device was found, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def probe_cameras(cameras: dict[str, Camera], seconds: float, devices: dict) -> 
         for name, where in started.items():
             cam = cameras[name]
             frame = cam.latest()
-            if frame is None or cam.error:
-                rows[name] = Probe(f"camera {name}", where, False, cam.error or f"no frame in {seconds:g} s",
+            if frame is None or cam.error or cam.wrong_frame:
+                rows[name] = Probe(f"camera {name}", where, False,
+                                   cam.wrong_frame or cam.error or f"no frame in {seconds:g} s",
                                    "check the cable; one camera per USB controller")
             else:
                 h, w = frame.image.shape[:2]
@@ -156,14 +158,20 @@ def main(args) -> int:
     kind = "simulated" if config.sim is not None else "hardware"
     rows = probe_all(args.robot, getattr(args, "seconds", 1.0))
     table = Table(title=f"vla-edge check: robot profile {config.name} ({kind})", title_justify="left")
-    for col in ("device", "where", "", "seen / why", "how to fix"):
-        table.add_column(col, overflow="fold")
+    for col in ("device", "where", ""):
+        table.add_column(col, no_wrap=True)
+    table.add_column("seen / why", overflow="fold")
     for r in rows:
         table.add_row(r.device, r.where, Text("found", "green") if r.found else Text("missing", "red"),
-                      Text(r.detail), Text(r.fix))
+                      Text(r.detail))
     console = out_console()
     console.print(table)
-    console.print(estop_priority_line(), highlight=False)
+    fixes = [r for r in rows if r.fix and not r.found]
+    if fixes:  # commands to copy: each on a line of its own, never wrapped by us, at any width
+        console.print("how to fix:")
+        for r in fixes:
+            console.print(Text(f"  {r.device}: {r.fix}"), soft_wrap=True)
+    console.print(estop_priority_line(), highlight=False, soft_wrap=True)
     missing = [r.device for r in rows if not r.found]
     if missing:
         console.print(f"[red]{len(missing)} of {len(rows)} devices missing[/]: {', '.join(missing)}")

@@ -131,7 +131,8 @@ def validate(args: argparse.Namespace) -> None:
         if bool(args.ckpt) == bool(args.shape):
             raise ArgumentError("give exactly one of --ckpt PATH or --shape NAME")
         in_checkpoint(args.ckpt)
-        extras = [f for f in ("stats", "tokenizer", "layout", "vision_tower", "bins", "resize_order") if getattr(args, f)]
+        extras = [f for f in ("stats", "tokenizer", "layout", "vision_tower", "bins", "resize_order", "actions")
+                  if getattr(args, f)]
         if args.shape and extras:
             raise ArgumentError(f"--{extras[0].replace('_', '-')} goes with --ckpt, not --shape")
         if args.stats and not Path(args.stats).is_file():
@@ -169,6 +170,8 @@ def validate(args: argparse.Namespace) -> None:
     elif cmd == "run":
         in_dir(args.bundle, "--bundle")
         out_file(args.json, "--json")
+        if args.json and Path(args.json).exists() and not args.force:  # a second run must not replace the first's
+            raise ArgumentError(f"--json {args.json}: exists (give --force to replace it, or another file)")
         out_dir(args.record, "--record")
         view_args(args)
         policy_server_args(args)

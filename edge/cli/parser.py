@@ -84,6 +84,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "local SigLIP directory with its config.json")
     p.add_argument("--bins", choices=["uniform", "norm"],
                    help="bin edges the model was trained with: uniform (default) or norm (use_norm_bins)")
+    p.add_argument("--actions", choices=["raw", "bounds", "sigma3"],
+                   help="how training encoded the actions: raw (bin centre = action; the reference trainer's "
+                   "default), bounds (min-max over act_min/max_bound; what vla-edge convert writes) or sigma3 "
+                   "(3 x std + mean, std/mean read from act_min/max_bound as the reference does). Default: the "
+                   "data's vla_edge.json, else the checkpoint's, else raw for a trainer directory or a bare state "
+                   "dict")
     p.add_argument("--resize-order", choices=["pillow13", "pillow-pre13"],
                    help="order of PIL's two resize passes in the Pillow that made the training images: pillow13 "
                    "(Pillow >= 13) or pillow-pre13 (older; the LLaVA-VLA reference's era). Default: the order "
@@ -169,7 +175,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record-compression", choices=["gzip", "lzf", "none"], default="gzip",
                    help="image filter of the recorded frames: gzip (default, smallest), lzf (less CPU on noisy "
                    "real-camera frames), none (raw, ~5 GB/min)")
-    p.add_argument("--json", help="write the end-of-run summary as JSON")
+    p.add_argument("--json", help="write the end-of-run summary as JSON (an existing file is refused unless --force)")
+    p.add_argument("--force", action="store_true", help="let --json replace an existing file")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     _policy_server_options(p)
     _view_options(p, "the run")

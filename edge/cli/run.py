@@ -14,11 +14,16 @@ use, :mod:`vla_edge.export.demo`); a real robot needs ``--bundle``.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import sys
 import time
 
 from vla_edge import VlaEdgeError
+from vla_edge.edge.bundle.manifest import Bundle
+from vla_edge.edge.bundle.prompt import instruction_refusal
+from vla_edge.edge.chunks import abandoned_step_running
 from vla_edge.edge.estop.signals import SIGNALS
 from vla_edge.edge.profile import load_profile
 from vla_edge.edge.session import RunConfig, run
@@ -46,10 +51,24 @@ def main(args) -> int:
                     keyboard=args.keyboard, firmware_estop=args.firmware_estop, record=args.record,
                     record_compression=args.record_compression, json_path=args.json, view=args.view,
                     view_save=args.view_save, policy_server=args.policy_server, policy_timeout_s=args.policy_timeout)
+    if cfg.bundle and (why := instruction_refusal(Bundle.load(cfg.bundle, verify=False), cfg.instruction,
+                                                   cfg.navigation)):
+        raise VlaEdgeError(why)  # before anything connects: one line, exit 2
     rc = run(cfg, restore_signals=False)
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    exit_now_if_a_step_hangs(rc)
     return rc
+
+
+def exit_now_if_a_step_hangs(rc: int) -> None:
+    """End the process with ``rc`` at once when a policy step past its deadline still runs: the robot is safe
+    and the summary and the one line are out, and tearing the interpreter down under a thread inside ONNX
+    Runtime aborts it (:func:`~vla_edge.edge.chunks.abandoned_step_running`)."""
+    if abandoned_step_running():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
 
 
 def demo(args) -> int:
@@ -93,4 +112,5 @@ def demo(args) -> int:
         out_console().print(f"demo: {where}: {verdict} (eval's test: fingertip within "
                             f"{100 * task.tolerance_m:.0f} cm, held {task.hold_ticks} ticks); it ended "
                             f"{100 * err_m:.1f} cm from the target", highlight=False)
+    exit_now_if_a_step_hangs(code)
     return code

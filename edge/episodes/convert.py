@@ -16,22 +16,33 @@ Output, in OUT (written to a temporary directory and renamed into place only whe
 
     data.json          a JSON list, one sample per recorded tick t (reference: scripts/helper/calvin2json.py):
                        {"id": "episode_3_0000012", "image": "images/episode_3_0000012.jpg",
-                        "conversations": [{"from": "human", "value": "<image>\\n" + instruction + "\\n" + qpos[t]},
-                                          {"from": "gpt", "value": action[t .. t+4]}],
+                        "conversations": [{"from": "human", "value": "<image>\\n" + instruction + "\\n" + state},
+                                          {"from": "gpt", "value": actions}],
                         "embody": true}
-                       floats are ``str()`` of the recorded float32 values joined by single spaces, the
-                       chunk flattened step-major (70 numbers); the last ticks' chunks repeat the
-                       episode's last action (the reference pads the same way)
+                       in the form the reference trainer takes unmodified (``llava/train/train_vla.py``):
+                       ``actions`` is the chunk action[t .. t+4] flattened step-major (70 numbers; the last
+                       ticks' chunks repeat the episode's last action, as the reference pads), each value
+                       **min-max normalised** into [-1, 1] with statistics.yaml's bounds,
+                       ``(a - act_min_bound) / (act_max_bound - act_min_bound) * 2 - 1`` (the trainer's
+                       ``encode_actions(statistics=None)`` bins what it reads as it is, clipping to [-1, 1]:
+                       raw radians would be cut); ``state`` is qpos[t] **padded with 0.0 to the 15 values**
+                       the trainer's ``encode_robot_obs`` asserts (the Cobot Magic has 14; a wider state is
+                       refused). Floats are ``str()`` joined by single spaces: the recorded float32 state
+                       values, and the float64 normalised actions (shortest round-trip form: lossless, the
+                       recorded float32 action is ``float32((x + 1) / 2 * (hi - lo) + lo)``)
     images/*.jpg       the composed canvas of tick t (e.g. 336 x 336 for the Cobot Magic layout), before
                        the trainer's resize to 384: the layout's tiles and filter, composed by the same
                        C++ kernel as the runtime (bit-identical to PIL), JPEG quality 75 (PIL's default,
                        which the reference's ``Image.save`` uses)
     statistics.yaml    act_min_bound / act_max_bound (per action dimension, min/max over every recorded
                        action) and robot_obs: [{mean, std}] (per state dimension, numpy mean and std with
-                       ddof 0 over every recorded qpos). A dimension whose actions never vary gets the
-                       Piper's joint limits as bounds instead (the trainer divides by max - min).
-    vla_edge.json      {"policy": {"chunk_size", "action_dim", "state_dim"}, "image_layout": {...}}: what
-                       ``vla-edge export --stats`` needs beside statistics.yaml
+                       ddof 0 over every recorded qpos; mean 0, std 1 for each padded value). A dimension
+                       whose actions never vary gets the Piper's joint limits as bounds instead (a range
+                       the normalisation can divide by).
+    vla_edge.json      {"policy": {"chunk_size", "action_dim", "state_dim", "state_pad"}, "actions": "bounds",
+                        "image_layout": {...}}: what ``vla-edge export --stats`` needs beside statistics.yaml:
+                       the bundle then decodes actions min-max (``bounds``) and pads the robot's state with
+                       ``state_pad`` exactly as the data was padded
 
 Robot-side: numpy, h5py, OpenCV, PyYAML and the kernel; no torch.
 """
@@ -64,6 +75,11 @@ from vla_edge.edge.episodes.format import (
 log = logging.getLogger(__name__)
 
 DATA_JSON = "data.json"
+ACTIONS = "bounds"
+"""The action encoding convert writes (``vla_edge.json`` ``actions``; :data:`~vla_edge.edge.bundle.spec.ACTION_ENCODINGS`)."""
+TRAINER_STATE_VALUES = 15
+"""The state width the reference trainer's ``encode_robot_obs`` asserts (CALVIN's ``robot_obs``): shorter
+states are padded with 0.0 to it."""
 STATISTICS_YAML = "statistics.yaml"
 SIDECAR_JSON = "vla_edge.json"
 IMAGE_DIR = "images"
@@ -152,7 +168,14 @@ def float_text(values: np.ndarray) -> str:
     return " ".join(map(str, np.asarray(values).ravel()))
 
 
+def normalise_bounds(actions: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``(a - lo) / (hi - lo) * 2 - 1`` in float64, clipped to [-1, 1] (the reference's min-max encoding)."""
+    x = (np.asarray(actions, np.float64) - lo) / (hi - lo) * 2.0 - 1.0
+    return np.clip(x, -1.0, 1.0)
+
+
 def sample_entry(sample_id: str, image: str, instruction: str, qpos: np.ndarray, chunk: np.ndarray) -> dict:
+    """One data.json sample; ``qpos`` and ``chunk`` as they are to be written (padded, normalised)."""
     return {
         "id": sample_id,
         "image": image,
@@ -165,8 +188,10 @@ def sample_entry(sample_id: str, image: str, instruction: str, qpos: np.ndarray,
 
 
 # -- statistics ----------------------------------------------------------------------------------------------
-def statistics(qpos: np.ndarray, action: np.ndarray) -> tuple[dict, list[int]]:
-    """statistics.yaml content from every recorded tick, and the action dimensions widened to the joint limits."""
+def statistics(qpos: np.ndarray, action: np.ndarray, state_pad: int = 0) -> tuple[dict, list[int]]:
+    """statistics.yaml content from every recorded tick, and the action dimensions widened to the joint limits.
+
+    ``state_pad``: padded state values after the recorded ones (mean 0, std 1 each)."""
     lo, hi = action.min(0).astype(np.float64), action.max(0).astype(np.float64)
     widened = [int(d) for d in np.flatnonzero(hi - lo < 1e-6)]
     if widened and action.shape[1] % 7 == 0:  # Piper arms: J1..J6, gripper per arm
@@ -179,8 +204,8 @@ def statistics(qpos: np.ndarray, action: np.ndarray) -> tuple[dict, list[int]]:
     stats = {
         "act_min_bound": [float(x) for x in lo],
         "act_max_bound": [float(x) for x in hi],
-        "robot_obs": [{"mean": [float(x) for x in qpos.astype(np.float64).mean(0)],
-                       "std": [float(x) for x in qpos.astype(np.float64).std(0)]}],
+        "robot_obs": [{"mean": [float(x) for x in qpos.astype(np.float64).mean(0)] + [0.0] * state_pad,
+                       "std": [float(x) for x in qpos.astype(np.float64).std(0)] + [1.0] * state_pad}],
     }
     return stats, widened
 
@@ -204,6 +229,13 @@ def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig
     if len(dims) != 1:
         raise ConvertError(f"{src}: episodes disagree on (state, action) dimensions: {sorted(dims)}")
     state_dim, action_dim = dims.pop()
+    if state_dim > TRAINER_STATE_VALUES:
+        raise ConvertError(f"{src}: the state has {state_dim} values; the reference trainer's encode_robot_obs takes "
+                           f"{TRAINER_STATE_VALUES} (shorter states are padded with 0.0)")
+    pad = [0.0] * (TRAINER_STATE_VALUES - state_dim)
+    stats, widened = statistics(np.concatenate([e.qpos for e in episodes]),
+                                np.concatenate([e.action for e in episodes]), len(pad))
+    lo, hi = np.asarray(stats["act_min_bound"]), np.asarray(stats["act_max_bound"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -211,7 +243,8 @@ def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig
         (tmp / IMAGE_DIR).mkdir()
         samples, composer = [], None
         for ep in episodes:
-            chunks = action_chunks(ep.action, cfg.chunk_size)
+            chunks = normalise_bounds(action_chunks(ep.action, cfg.chunk_size), lo, hi)
+            states = np.concatenate([ep.qpos, np.zeros((len(ep.qpos), len(pad)), np.float32)], axis=1)
             with _episode_errors(), EpisodeReader(ep.path, cfg.layout.cameras) as r:
                 for t in range(len(ep.qpos)):
                     frames = r.frames(t)
@@ -225,20 +258,22 @@ def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig
                     if not ok:
                         raise ConvertError(f"{ep.path}: tick {t}: JPEG encoding failed")
                     (tmp / image).write_bytes(jpeg.tobytes())
-                    samples.append(sample_entry(sample_id, image, ep.instruction, ep.qpos[t], chunks[t]))
+                    samples.append(sample_entry(sample_id, image, ep.instruction, states[t], chunks[t]))
             if progress is not None:
                 progress(ep)
         with open(tmp / DATA_JSON, "w") as fh:
             json.dump(samples, fh, indent=4)
-        stats, widened = statistics(np.concatenate([e.qpos for e in episodes]),
-                                    np.concatenate([e.action for e in episodes]))
-        header = f"vla-edge convert: {len(episodes)} episodes, {len(samples)} ticks of {src}"
+        header = (f"vla-edge convert: {len(episodes)} episodes, {len(samples)} ticks of {src}\n"
+                  f"data.json actions are min-max normalised with these bounds (vla_edge.json: actions {ACTIONS})")
+        if pad:
+            header += f"\nthe state is padded with {len(pad)} x 0.0 to {TRAINER_STATE_VALUES} values (mean 0, std 1)"
         if widened:
             header += f"\naction dimensions {widened} never vary: their bounds are the Piper joint limits"
             log.warning("action dimensions %s never vary in the data: bounds set to the joint limits", widened)
         write_statistics(tmp / STATISTICS_YAML, stats, header)
-        sidecar = {"policy": {"chunk_size": cfg.chunk_size, "action_dim": action_dim, "state_dim": state_dim},
-                   "image_layout": cfg.layout.to_dict()}
+        sidecar = {"policy": {"chunk_size": cfg.chunk_size, "action_dim": action_dim,
+                              "state_dim": state_dim + len(pad), "state_pad": pad},
+                   "actions": ACTIONS, "image_layout": cfg.layout.to_dict()}
         (tmp / SIDECAR_JSON).write_text(json.dumps(sidecar, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

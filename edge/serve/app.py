@@ -23,9 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
-from ray import serve
+with warnings.catch_warnings():  # Ray Serve's config models pass Field options Pydantic 2 deprecates: not ours
+    warnings.filterwarnings("ignore", message="Using extra keyword arguments on `Field` is deprecated",
+                            category=DeprecationWarning)
+    from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from vla_edge.edge.serve.handler import PolicyHandler, RequestError

@@ -139,14 +139,22 @@ def test_check_sim():
     assert len(granted) == 1 and ("rtprio" in line) == (granted[0] != "fifo"), line
 
 
-def test_check_cobot_magic_without_hardware_reports_every_device():
+@pytest.mark.parametrize("columns", [80, 250])
+def test_check_cobot_magic_without_hardware_reports_every_device(columns):
+    """One row per device, and one line per fix below the table: at 80 columns too, every fix command is whole
+    on its own line (issue 23: they wrapped mid-word inside a table column)."""
     r = subprocess.run([sys.executable, "-m", "vla_edge.edge.cli", "check", "--robot", "cobot_magic"],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": str(columns)})
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     rows = [line for line in r.stdout.splitlines() if "missing" in line]
-    for device, fix in (("arm left", "sudo ip link set"), ("arm right", "sudo ip link set"),
-                        ("TRACER base", "USB-RS232"), ("cam_high", "v4l2-ctl"), ("cam_left_wrist", "v4l2-ctl"),
-                        ("cam_right_wrist", "v4l2-ctl")):
-        assert any(device in line and fix in line for line in rows), (device, r.stdout)
+    fixes = r.stdout.split("how to fix:\n", 1)[1].splitlines()
+    for device, fix in (("arm left", "sudo ip link set can_left up type can bitrate 1000000"),
+                        ("arm right", "sudo ip link set can_right up type can bitrate 1000000"),
+                        ("TRACER base", "plug in the USB-RS232 cable (ls /dev/ttyUSB*)"),
+                        ("camera cam_high", "(v4l2-ctl --list-devices)"),
+                        ("camera cam_left_wrist", "sudo usermod -aG video $USER"),
+                        ("camera cam_right_wrist", "sudo usermod -aG video $USER")):
+        assert any(device in line for line in rows), (device, r.stdout)
+        assert any(line.startswith(f"  {device}: ") and fix in line for line in fixes), (device, r.stdout)
     assert "6 of 6 devices missing" in r.stdout

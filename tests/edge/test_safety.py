@@ -117,16 +117,19 @@ def test_base_speed_and_acceleration_limits():
     assert vx == pytest.approx(0.2)
 
 
-def test_first_clamp_of_each_kind_is_logged_as_warning(caplog):
+def test_clamps_are_counted_and_only_the_first_of_each_joint_is_logged_at_debug(caplog):
+    """Clamps are routine: nothing at warning level (the run's summary counts them per joint, one line)."""
     f = SafetyFilter()
     target = MID.copy()
-    target[2] = 1.0
+    target[2] = 1.0  # L_j3 beyond its limit
     with caplog.at_level(logging.DEBUG, logger="vla_edge.edge.safety"):
         f.filter_joints(target)
         f.filter_joints(target)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "L_j3_limit" in warnings[0].getMessage()
-    assert sum("L_j3_limit" in r.getMessage() for r in caplog.records) == 2
+        target[2] = MID[2] + 0.3  # within the limit now, but a step past the per-tick limit: the same joint
+        f.filter_joints(target)
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert "first clamp of L_j3: L_j3_limit" in caplog.records[0].getMessage()
+    assert f.clamp_counts == {"L_j3_limit": 2, "L_j3_step": 1}
 
 
 finite = st.floats(min_value=-10, max_value=10, allow_nan=False)
@@ -148,3 +151,21 @@ def test_property_output_is_always_within_range_and_step(targets, measured):
         assert np.all(np.abs(safe - reference) <= step + 1e-12)
         assert (len(clamps) == 0) == np.array_equal(safe, np.array(t))
         reference = safe
+
+
+def test_a_bundle_whose_decoded_targets_leave_the_limits_is_named_at_start(caplog):
+    """The filter's limits and the bundle's decoding (its action encoding) are compared once: the joints whose
+    targets can leave the limits, as the bundle decodes them, are logged (a wrong encoding shows up there)."""
+    from vla_edge.edge.bundle.spec import cobot_magic_policy
+    from vla_edge.edge.profile import load_profile
+
+    profile = load_profile("sim")
+    with caplog.at_level("WARNING", logger="vla_edge.edge.safety"):
+        SafetyLimits.for_robot(profile, cobot_magic_policy())  # bounds = the joint limits: every target inside
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="vla_edge.edge.safety"):
+        SafetyLimits.for_robot(profile, cobot_magic_policy(actions="raw"))  # bin centres: within +-0.996
+    [rec] = caplog.records
+    for joint in ("L_j2 [-0.996, 0.996] vs [0, 3.14]", "L_j3", "L_gripper [-0.996, 0.996] vs [0, 0.07]", "R_gripper"):
+        assert joint in rec.getMessage()
+    assert "encoding raw" in rec.getMessage() and "L_j1" not in rec.getMessage()  # J1: +-2.62 rad holds +-0.996

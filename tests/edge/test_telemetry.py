@@ -39,7 +39,9 @@ def simulated_run(stats: RunStats, n: int = 300) -> None:
         end = start + (PERIOD + 0.010 if i % 50 == 0 else 0.010)
         stats.tick(start, deadline, end)
         stats.frames([0.020, 0.030, 0.025 + (0.1 if i % 50 == 7 else 0.0)], skew_s=0.004)
-        stats.clamps(i % 2)
+        stats.clamps(i % 2, ["L_j3_step"] if i % 2 else [])
+        if i % 100 == 0:
+            stats.clamps(2, ["R_gripper_limit", "base_vx_accel"])
         if i % 5 == 0:
             stats.inference(100.0 + (i % 100), {"vision": 20.0, "decode": 60.0 + i % 7})
 
@@ -56,8 +58,20 @@ def test_jitter_overruns_and_summary_numbers():
     assert s["frame_skew_ms"]["p99"] == pytest.approx(4.0)
     assert s["inferences"] == 60 and 100 <= s["inference_ms"]["p50"] <= 199
     assert s["stage_ms"]["vision"]["p99"] == pytest.approx(20.0)
-    assert s["clamps"] == 150
+    assert s["clamps"] == 156 and s["clamps_by_joint"] == {"L_j3": 150, "R_gripper": 3, "base_vx": 3}
+    assert list(s["clamps_by_joint"]) == ["L_j3", "R_gripper", "base_vx"]  # most clamped first
     assert s["estop_trips"] == 0 and math.isnan(s["estop_latency_ms"]["max"])
+
+
+def test_the_clamps_are_one_line_at_the_end_of_the_summary_at_any_width():
+    from rich.console import Console
+
+    stats = RunStats(PERIOD)
+    simulated_run(stats)
+    console = Console(width=40, record=True, force_terminal=False)
+    stats.print_summary(console)
+    lines = console.export_text().splitlines()
+    assert lines[-1] == "safety clamps: 156 (L_j3 150, R_gripper 3, base_vx 3)"
 
 
 def test_status_line_fits_80_columns_and_never_shows_nan():
@@ -67,7 +81,7 @@ def test_status_line_fits_80_columns_and_never_shows_nan():
     simulated_run(stats, 100)
     line = stats.status_line(width=80)
     assert "\n" not in line and len(line) <= 80 and "nan" not in line.lower()
-    assert "30.0 Hz" in line and "clamps 50" in line and "overruns 2" in line
+    assert "30.0 Hz" in line and "clamps 52" in line and "overruns 2" in line
     stats.estop(True, "space key")
     latched = stats.status_line(width=80)
     assert latched.startswith("e-stop LATCHED") and len(latched) <= 80

@@ -279,7 +279,9 @@ def test_tokenizer_built_from_vocab_and_merges_equals_transformers(trainer_ckpt)
     ({"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"]}, "unknown model_type 'llava'"),
     ({"mm_vision_select_layer": -1}, "needs 3 encoder layers, but the checkpoint holds 2"),
     ({"mm_vision_tower": "google/siglip-base-patch16-224"}, "unknown vision tower 'google/siglip-base-patch16-224'"),
-    ({"mm_vision_tower": "/data/siglip-so400m-patch14-384"}, "does not match the checkpoint's vision tensors"),
+    ({"mm_vision_tower": "/data/siglip-so400m-patch14-384"},  # and how to fix it
+     "does not match the checkpoint's vision tensors .*: give the tower's own directory .* as --vision-tower DIR "
+     "or in mm_vision_tower, or the tower's shape as 'vision_config'"),
 ])
 def test_trainer_config_refusals(trainer_ckpt, over, message):
     try:
@@ -424,7 +426,9 @@ def test_calvin_checkpoint_exports_and_benches(tmp_path):
     r = run_cli("bench", "--bundle", str(out), "--steps", "1", "--warmup", "0", "--baseline", "torch",
                 "--ckpt", str(ck.dir), "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "b.json").read_text())["baseline"]["chunks_identical"] is True
+    baseline = json.loads((tmp_path / "b.json").read_text())["baseline"]
+    assert baseline["chunks_identical"] is True
+    assert baseline["actions"] == "raw" and baseline["action_max_abs_diff"] == 0.0  # both decode as the bundle
     from vla_edge.edge.bundle.manifest import Bundle
     from vla_edge.edge.bundle.spec import CALVIN_LAYOUT
     from vla_edge.edge.engine import Engine
@@ -438,6 +442,11 @@ def test_calvin_checkpoint_exports_and_benches(tmp_path):
     assert chunk.joints.shape == (5, 7)
     want = ck.greedy_chunk(reference.compose_views(frames, CALVIN_LAYOUT), state, "push the towel.", 35)
     assert chunk.token_ids[:35].tolist() == want
+    # The reference trainer's actions are raw (encode_actions(statistics=None)); its CALVIN client takes the
+    # bin centres as they are: ActionTokenizer.decode_token_ids_to_actions.
+    centres = (np.linspace(-1, 1, 256)[:-1] + np.linspace(-1, 1, 256)[1:]) / 2
+    np.testing.assert_allclose(chunk.joints.ravel(), centres[np.clip(ck.v - np.asarray(want) - 1, 0, 254)],
+                               rtol=0, atol=1e-12)
 
 
 def test_missing_statistics_are_reported_before_the_weights_are_read(trainer_ckpt, tmp_path):

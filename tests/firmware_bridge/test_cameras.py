@@ -120,10 +120,11 @@ def test_a_frame_of_another_size_or_format_is_a_fault_at_the_camera(size, reform
 
 def test_a_v4l2_camera_says_which_device_to_check():
     cam = Camera("cam_high", OpenCVSource("/dev/video4"), size=(640, 480))
-    cam.source.read = lambda: (np.zeros((240, 320, 3), np.uint8), time.monotonic())
+    frames = iter([(np.zeros((240, 320, 3), np.uint8), time.monotonic())])  # one frame, then the device is gone
+    cam.source.read = lambda: next(frames, None)
     cam._running = True
     cam._loop()
-    assert "check v4l2-ctl -d /dev/video4 --get-fmt-video" in cam.wrong_frame
+    assert "check v4l2-ctl -d /dev/video4 --get-fmt-video" in (cam.wrong_frame or "")
 
 
 def test_synthetic_scene_shows_target_and_arms():

@@ -66,6 +66,9 @@ SCHEMA_CASES = {
     "path in files": (lambda m: m["files"].__setitem__("../x", {"sha256": "0" * 64, "bytes": 1}), "plain file name"),
     "no hash (older vla-edge)": (lambda m: m.pop("manifest_sha256"), "re-export"),
     "bin edges not ascending": (lambda m: m.update(bin_edges=[0.5] * m["tokens"]["n_bins"]), "bin_edges"),
+    "unknown action encoding": (lambda m: m["policy"].__setitem__("actions", "zscore"), "policy.actions"),
+    "negative std under sigma3": (lambda m: m["policy"].update(actions="sigma3", action_lo=[-0.1] * 14), "std"),
+    "state_pad as long as the state": (lambda m: m["policy"].__setitem__("state_pad", [0.0] * 14), "state_pad"),
 }
 
 
@@ -76,6 +79,23 @@ def test_schema_problems_are_refused_even_with_a_valid_hash(copy, case):
     with pytest.raises(BundleError) as e:
         Bundle.load(copy)
     assert phrase in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bundle_from_before_action_encodings_decodes_min_max(copy):
+    """A manifest without ``policy.actions`` / ``policy.state_pad`` (written before they existed) still loads:
+    actions decode with the bounds, as every bundle did then, and the state is not padded."""
+    import numpy as np
+    from vla_edge.edge.engine import Engine
+
+    _edit(copy, lambda m: [m["policy"].pop(k) for k in ("actions", "state_pad")], resign=True)
+    b = Bundle.load(copy)
+    assert b.policy.actions == "bounds" and b.policy.state_pad == () and b.policy.robot_state_dim == 14
+    engine = Engine(b, provider="cpu")
+    lo, hi = np.array(b.policy.action_lo), np.array(b.policy.action_hi)
+    ids = np.arange(b.tokens.vocab_base - 14, b.tokens.vocab_base)  # the 14 highest bins: centres near -1
+    x = -1 + (2 * (b.tokens.vocab_base - ids - 1) + 1) / 255
+    np.testing.assert_allclose(engine.detokenize(ids - (b.tokens.vocab_base - 256)).joints[0],
+                               (x + 1) / 2 * (hi - lo) + lo, rtol=0, atol=1e-12)
 
 
 def test_unknown_extra_keys_are_accepted(copy):

@@ -3,7 +3,10 @@
 Samples are parsed the way LLaVA-VLA's trainer parses them (split on "\\n" and " ", ``float()``), the
 canvas is recomposed with PIL (``Image.resize`` LANCZOS tiles pasted on a black canvas, as the
 reference's calvin2json.py does) and saved with PIL's default JPEG settings, and statistics.yaml is read
-with ``yaml.safe_load`` and compared with numpy on the HDF5 datasets.
+with ``yaml.safe_load`` and compared with numpy on the HDF5 datasets. The trainer's own checks hold: the
+state line has the 15 values ``encode_robot_obs`` asserts, and every action value lies in [-1, 1], where
+``encode_actions(statistics=None)`` bins it as it is; the reference's min-max decoding
+(``denormalize_actions``) of it gives back the recorded float32 action exactly.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def test_round_trip_samples_images_statistics(recorded, tmp_path):
     files = sorted(recorded.glob("episode_*.hdf5"))
     assert len(files) == 2
 
-    all_q, all_a, k = [], [], 0
+    all_q, all_a, decoded, k = [], [], [], 0
     for path in files:
         with h5py.File(path, "r") as f:
             q, a = f["observations/qpos"][()], f["action"][()]
@@ -66,10 +69,13 @@ def test_round_trip_samples_images_statistics(recorded, tmp_path):
                 assert human["from"] == "human" and gpt["from"] == "gpt"
                 image_tag, text, state = human["value"].split("\n")
                 assert image_tag == "<image>" and text == instruction
-                assert np.array_equal(_floats(state).astype(np.float32), q[t])  # str() round-trips float32
-                chunk = _floats(gpt["value"]).astype(np.float32).reshape(5, 14)
+                state = _floats(state)
+                assert len(state) == 15 and state[14] == 0.0  # padded to what encode_robot_obs asserts
+                assert np.array_equal(state[:14].astype(np.float32), q[t])  # str() round-trips float32
+                x = _floats(gpt["value"])
+                assert x.shape == (70,) and np.all(np.abs(x) <= 1.0)  # encode_actions clips nothing
                 want = [a[min(t + j, n - 1)] for j in range(5)]  # the episode's last action repeats
-                assert np.array_equal(chunk, np.stack(want)), t
+                decoded.append((x, np.stack(want)))
                 if t in (0, n - 1):  # images: the first and the padded last sample of each episode
                     frames = [f[f"observations/images/{c}"][t] for c in COBOT_MAGIC_LAYOUT.cameras]
                     buf = io.BytesIO()
@@ -77,9 +83,6 @@ def test_round_trip_samples_images_statistics(recorded, tmp_path):
                     written = (out / s["image"]).read_bytes()
                     assert Image.open(io.BytesIO(written)).size == (336, 336)
                     assert written == buf.getvalue()  # same canvas, same encoder settings as PIL's default
-            # the last chunk is all padding: five copies of the last action
-            assert np.array_equal(_floats(samples[k + n - 1]["conversations"][1]["value"]).astype(np.float32),
-                                  np.tile(a[-1], 5))
             k += n
     assert k == len(samples)
     assert len({s["id"] for s in samples}) == len(samples)
@@ -91,12 +94,17 @@ def test_round_trip_samples_images_statistics(recorded, tmp_path):
     assert lo.shape == hi.shape == (14,) and varies.sum() >= 4
     assert np.array_equal(lo[varies], a.min(0)[varies]) and np.array_equal(hi[varies], a.max(0)[varies])
     assert np.all(hi > lo)  # constant dimensions are widened, the trainer divides by hi - lo
-    assert np.allclose(stats["robot_obs"][0]["mean"], q.mean(0), rtol=0, atol=1e-12)
-    assert np.allclose(stats["robot_obs"][0]["std"], q.std(0), rtol=0, atol=1e-12)
+    assert np.allclose(stats["robot_obs"][0]["mean"], list(q.mean(0)) + [0.0], rtol=0, atol=1e-12)
+    assert np.allclose(stats["robot_obs"][0]["std"], list(q.std(0)) + [1.0], rtol=0, atol=1e-12)
+    for x, want in decoded:  # the reference's denormalize_actions: bounds tiled over the chunk
+        back = (x + 1) / 2 * (np.tile(hi, 5) - np.tile(lo, 5)) + np.tile(lo, 5)
+        assert np.array_equal(back.astype(np.float32).reshape(5, 14), want)  # lossless
+    assert any(np.any(np.abs(want) > 1.0) for _, want in decoded)  # raw radians would have been clipped
+    assert np.array_equal(decoded[-1][0].reshape(5, 14), np.tile(decoded[-1][0][:14], (5, 1)))  # last: padding
 
     sidecar = json.loads((out / "vla_edge.json").read_text())
-    assert sidecar == {"policy": {"chunk_size": 5, "action_dim": 14, "state_dim": 14},
-                       "image_layout": json.loads(json.dumps(COBOT_MAGIC_LAYOUT.to_dict()))}
+    assert sidecar == {"policy": {"chunk_size": 5, "action_dim": 14, "state_dim": 15, "state_pad": [0.0]},
+                       "actions": "bounds", "image_layout": json.loads(json.dumps(COBOT_MAGIC_LAYOUT.to_dict()))}
 
 
 def _stock_episode(path, n: int, instruction: str | None = "stack the cups", compression="gzip") -> np.ndarray:
@@ -123,8 +131,10 @@ def test_short_episode_other_layout_and_compressed_images(tmp_path):
     assert (r.episodes, r.samples) == (1, 3)
     samples = json.loads((tmp_path / "out/data.json").read_text())
     assert [s["id"] for s in samples] == ["episode_7_0000000", "episode_7_0000001", "episode_7_0000002"]
-    first = _floats(samples[0]["conversations"][1]["value"]).astype(np.float32).reshape(5, 14)
-    assert np.array_equal(first, action[[0, 1, 2, 2, 2]])
+    stats = yaml.safe_load((tmp_path / "out/statistics.yaml").read_text())
+    lo, hi = np.array(stats["act_min_bound"]), np.array(stats["act_max_bound"])
+    first = (_floats(samples[0]["conversations"][1]["value"]).reshape(5, 14) + 1) / 2 * (hi - lo) + lo
+    assert np.array_equal(first.astype(np.float32), action[[0, 1, 2, 2, 2]])
     assert Image.open(tmp_path / "out" / samples[0]["image"]).size == (334, 334)
     assert json.loads((tmp_path / "out/vla_edge.json").read_text())["image_layout"]["canvas_w"] == 334
 
@@ -178,18 +188,22 @@ def test_export_with_the_converted_statistics(recorded, request, tmp_path):
     """``vla-edge export --stats OUT/statistics.yaml`` gives the bundle the converted statistics."""
     from vla_edge.edge.bundle.manifest import Bundle
 
-    tiny_ckpt = request.getfixturevalue("tiny_ckpt")
+    torch = pytest.importorskip("torch")
+    wrapper = torch.load(request.getfixturevalue("tiny_ckpt"), weights_only=True)
+    del wrapper["policy"], wrapper["image_layout"]  # as a trainer's checkpoint: the statistics stay with the data
+    torch.save(wrapper, tmp_path / "best.pt")
     out = tmp_path / "llava"
     convert(recorded, out)
     stats = yaml.safe_load((out / "statistics.yaml").read_text())
-    r = run_cli("export", "--ckpt", str(tiny_ckpt), "--stats", str(out / "statistics.yaml"), "--out",
+    r = run_cli("export", "--ckpt", str(tmp_path / "best.pt"), "--stats", str(out / "statistics.yaml"), "--out",
                 str(tmp_path / "bundle"), "--precision", "fp32", "--parity-samples", "1")
     assert r.returncode == 0, r.stderr
     policy = Bundle.load(tmp_path / "bundle").policy
     assert np.allclose(policy.action_lo, stats["act_min_bound"]) and np.allclose(policy.action_hi, stats["act_max_bound"])
     assert np.allclose(policy.proprio_mean, stats["robot_obs"][0]["mean"])
     assert np.allclose(policy.proprio_std, stats["robot_obs"][0]["std"])
-    assert policy.chunk_size == 5 and policy.action_dim == policy.state_dim == 14
+    assert policy.chunk_size == 5 and policy.action_dim == 14 and policy.state_dim == 15
+    assert policy.actions == "bounds" and policy.state_pad == (0.0,) and policy.robot_state_dim == 14
 
 
 def test_stock_recorder_jpeg_rows(tmp_path):

@@ -130,3 +130,45 @@ def test_train_tiny_loss_falls_and_checkpoint_loads(tmp_path):
 def test_cli_help(command):
     r = run_cli(command, "--help", timeout=60)
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+class _Slow:
+    """The expert, thinking ``delay_s`` per chunk: the episode's success comes while a step is in flight."""
+
+    def __init__(self, policy, delay_s: float):
+        self.policy, self.delay_s = policy, delay_s
+
+    def start_episode(self, instruction, navigation=False):
+        self.policy.start_episode(instruction, navigation)
+
+    def step(self, frames, state):
+        import time
+
+        time.sleep(self.delay_s)
+        return self.policy.step(frames, state)
+
+
+def test_an_episode_returns_with_no_inference_in_flight():
+    """eval's episode ends on success without waiting for the loop's step in flight; run_episode must wait for it
+    (robot safe first): a step left running shares the policy with the next episode, or is still inside torch
+    or ONNX Runtime when the process exits, which aborts it ("terminate called without an active exception")."""
+    import threading
+
+    with SimBench(max_seconds=6.0) as bench:
+        slow = _Slow(ExpertPolicy(bench.task, bench.sim), 0.3)
+        r = bench.run_episode(CountingPolicy(slow), 1001)
+        assert r.success
+        assert not [t for t in threading.enumerate() if t.name == "inference" and t.is_alive()]
+
+
+def test_eval_with_the_torch_baseline_exits_0(tmp_path):
+    """Issue 20 item 5: ``eval --baseline torch`` printed its result and then aborted (exit 134) in 7 of 8 runs."""
+    pytest.importorskip("torch")
+    from vla_edge.export.demo import shipped_policy
+
+    r = run_cli("export", "--ckpt", str(shipped_policy()), "--out", str(tmp_path / "b"), "--parity-samples", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for _ in range(2):
+        r = run_cli("eval", "--bundle", str(tmp_path / "b"), "--episodes", "1", "--baseline", "torch", "--ckpt",
+                    str(shipped_policy()), timeout=180)
+        assert r.returncode == 0 and "token agreement" in r.stdout, (r.returncode, r.stderr[-2000:])
