@@ -10,23 +10,23 @@ here smoke-tests a dataset before a real training run:
   (``id = V - digitize(x, edges)``); the human turn's last line through ``encode_robot_obs`` with the
   statistics' ``robot_obs``: ``((s - mean) / (std + 1e-5)) / 3``, clipped and binned, **15 values asserted**;
   both replaced by the tokenizer's decoding of their ids before tokenising the turn;
-* then the exact ids written over their spans, located by the newline tokens as the reference locates them
-  (the action span between the last two newlines, the state span between the fourth- and third-last), and
-  labels: the system and user turns ignored except newline, ``<|im_start|>`` and ``<|im_end|>`` tokens, the
-  assistant turn learnt whole, the state span ignored.
+* then the exact ids written over the decoded text's spans (the assistant turn's content, the user turn's
+  last line), and labels: the system and user turns ignored except newline, ``<|im_start|>`` and
+  ``<|im_end|>`` tokens, the assistant turn learnt whole, the state span ignored.
 
 Images: ``images/<id>.jpg`` opened with PIL, RGB, resized to the vision tower's size with PIL BICUBIC (the
 SigLIP image processor's resize), scaled to ``(px / 255 - 0.5) / 0.5`` when batched.
 
-The spans are found from the turns' own token boundaries (the text before the numbers tokenised alone must
-be a prefix of the turn's ids); the reference finds them by the positions of the newline token, which gives
-the same spans whenever no state or action token is the newline token: true of Qwen2, whose bins are ids
-151387..151642, not of the tiny test tokenizer, whose 256 bins include its newline byte.
+The spans are found from the turns' own token boundaries (the text before the numbers, tokenised alone, must
+be a prefix of the turn's ids). The reference finds them by the positions of the newline token (the action
+span between the last two newlines, the state span between the fourth- and third-last): the same spans
+whenever no state or action token is the newline token, true of Qwen2, whose bins are ids 151387..151642,
+not of the tiny test tokenizer, whose 256 bins include its newline byte.
 
 Smoke-test a dataset before a real training run (the tiny model, fine-tuned from the shipped policy; then
 ``vla-edge export --ckpt best.pt --stats data/statistics.yaml --out bundle/`` and ``vla-edge eval``)::
 
-    vla-edge train-tiny --data data/ --out best.pt --steps 200 --init export/data/tiny_policy.pt
+    vla-edge train-tiny --data data/ --out best.pt --steps 400 --lr 1e-3 --init export/data/tiny_policy.pt
 
 Usage (``vla-edge train-tiny --data data/`` does this when the directory holds a ``data.json``)::
 
@@ -117,6 +117,13 @@ class ReferenceEncoder:
             labels += enc if gpt else [IGNORE_INDEX] * len(enc)
         if [s[3] for s in spans] != [False, True]:
             raise LlavaDataError("a sample is one human turn (image, instruction, state) and one gpt turn (actions)")
+        v, nl_id = self.tokens.vocab_base, self.tokens.newline
+        if not v - self.tokens.n_bins <= nl_id < v:  # the reference's newline search is meaningful: it must agree
+            nl = [i for i, t in enumerate(ids) if t == nl_id]
+            if len(nl) < 4 or [(nl[-4] + 1, nl[-3] - 1), (nl[-2] + 1, nl[-1] - 1)] != [s[:2] for s in spans]:
+                raise LlavaDataError("the reference trainer locates the state and the actions by the newline tokens "
+                                     "and would misplace them here (an instruction that ends in punctuation or a "
+                                     "space, or holds a newline): it would train on another prompt")
         keep = (self.tokens.newline, self.tokens.im_start, self.tokens.im_end)
         for i, t in enumerate(ids):
             if t in keep:

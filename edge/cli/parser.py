@@ -285,7 +285,8 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
         "come from the data. --record N first records N scripted-expert episodes of the simulated reach "
         "task into --data. Writes a best.pt that vla-edge export takes. Needs the [export] extra.",
     )
-    p.add_argument("--data", required=True, help="directory of episode_*.hdf5 files")
+    p.add_argument("--data", required=True, help="directory of episode_*.hdf5 files, or LLaVA-VLA data (data.json, "
+                   "its images, statistics.yaml: vla-edge convert's output), encoded as the reference trainer does")
     p.add_argument("--out", required=True, help="checkpoint to write (best.pt)")
     p.add_argument("--record", type=NON_NEGATIVE_INT, default=0, help="first record this many expert episodes into --data")
     p.add_argument("--record-seed", type=int, default=0, help="seed of the first recorded episode (default 0)")

@@ -3,9 +3,9 @@
 Usage::
 
     vla-edge convert episodes/ --to llava-vla data/      # every episode_*.hdf5 in episodes/
-    # then train LLaVA-VLA with  --data_path data/data.json --image_folder data
-    #                            --action_stat data/statistics.yaml
-    vla-edge export --ckpt best.pt --stats data/statistics.yaml --out bundle/
+    # then train LLaVA-VLA, unmodified, with  --data_path data/data.json --image_folder data
+    #                                         --action_stat data/statistics.yaml   (README: the whole command)
+    vla-edge export --ckpt checkpoint-N/ --stats data/statistics.yaml --out bundle/   # decodes as data/vla_edge.json says
 
 Input: HDF5 episodes in the Cobot Magic layout (:mod:`vla_edge.edge.episodes.format`: vla-edge's recorder
 or the stock AgileX recorder): each camera's frames (N, H, W, 3) uint8 RGB (any HDF5 filter; the stock
@@ -153,6 +153,13 @@ def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
             raise ConvertError(f"{path}: {name} is not finite at tick {bad[0][0]}, dimension {bad[0][1]}")
     if not instruction.strip():
         raise ConvertError(f"{path}: no 'instruction' attribute; pass --instruction")
+    if "\n" in instruction or not instruction[-1].isalnum():
+        # The reference trainer finds the state's tokens by the positions of the newline token; Qwen2 merges a
+        # final '.', '!', '?' or space with the newline after the instruction (".\n" is one token), and the
+        # trainer then writes the state over the instruction: it would train without it.
+        raise ConvertError(f"{path}: instruction {instruction!r} ends in {instruction[-1]!r} or holds a newline: "
+                           "the reference trainer would train without it (Qwen2 merges a final punctuation mark or "
+                           "space with the newline it locates the state by); give --instruction without it")
     return EpisodeInfo(path, r.index or 0, instruction, qpos, action)
 
 

@@ -1,7 +1,7 @@
 """The data loop closes, as a user runs it: record -> convert -> train -> export -> eval, each a CLI command.
 
-1. ``vla-edge record --robot sim``: 16 teleoperated episodes of the reach task (the simulated operator moves
-   the master arms with the scripted expert; seeds 0..15, random start poses);
+1. ``vla-edge record --robot sim``: 24 teleoperated episodes of the reach task (the simulated operator moves
+   the master arms with the scripted expert; seeds 40..63, six at each of the four spots, random start poses);
 2. ``vla-edge convert --to llava-vla``: data.json, the JPEGs, statistics.yaml, vla_edge.json;
 3. ``vla-edge train-tiny --data <convert's output>``: the tiny LLaVA-VLA-shaped model trained from data.json,
    the JPEGs and statistics.yaml only, the text encoded as the reference trainer encodes it (fine-tuned from
@@ -33,10 +33,11 @@ from conftest import run_cli
 pytest.importorskip("torch")
 pytest.importorskip("PIL")
 
-EPISODES = 16
-EVAL_EPISODES = 8
-MIN_SUCCESSES = 3
-"""Held-out successes the test requires of 8 (measured 6-7 of 8; a wrong encoding gives 0)."""
+EPISODES, FIRST_SEED = 24, 40
+EVAL_EPISODES = 12
+MIN_SUCCESSES = 4
+"""Held-out successes the test requires of 12 (README, "Collecting data": measured 7-9 of 12; the shipped
+policy's weights with the data's statistics but no training: 0 of 8, as a wrong encoding gives)."""
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,11 @@ def loop(tmp_path_factory) -> dict:
         assert r.returncode == 0, (name, r.stderr[-3000:])
 
     step("record", "record", "--robot", "sim", "--instruction", "touch the red target", "--episodes", str(EPISODES),
-         "--episode-seconds", "2", "--reset-seconds", "0.2", "--seed", "0", "--keyboard", "none", "--out",
+         "--episode-seconds", "2", "--reset-seconds", "0.2", "--seed", str(FIRST_SEED), "--keyboard", "none", "--out",
          str(d / "episodes"))
     step("convert", "convert", str(d / "episodes"), "--to", "llava-vla", str(d / "data"))
-    step("train", "train-tiny", "--data", str(d / "data"), "--out", str(d / "best.pt"), "--steps", "200", "--batch",
-         "8", "--lr", "5e-4", "--init", str(shipped_policy()))
+    step("train", "train-tiny", "--data", str(d / "data"), "--out", str(d / "best.pt"), "--steps", "400", "--batch",
+         "8", "--lr", "1e-3", "--init", str(shipped_policy()))
     step("export", "export", "--ckpt", str(d / "best.pt"), "--stats", str(d / "data" / "statistics.yaml"), "--out",
          str(d / "bundle"))
     print("data loop, seconds per step:", {k: round(v) for k, v in times.items()})

@@ -157,6 +157,12 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConvertError, match="no dataset observations/images/cam_high"):
         convert(src, out)  # the Cobot Magic layout's cameras are not in these files
 
+    # Qwen2 merges a final '.' with the newline the reference trainer locates the state by: it would train
+    # without the instruction (tests/tools/test_llava_data.py shows the trainer's spans go wrong)
+    for instruction in ("stack the cups.", "stack the cups ", "stack\nthe cups"):
+        with pytest.raises(ConvertError, match="the reference trainer would train without it"):
+            convert(src, out, ConvertConfig(layout=CALVIN_LAYOUT, instruction=instruction))
+
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     r = run_cli("convert", str(src), "--to", "llava-vla", str(out), "--instruction", "x")
