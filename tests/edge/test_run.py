@@ -31,7 +31,7 @@ import can
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, stall_tolerant_sim
 from vla_edge.edge.chunks import ActionSchedule, BaseProfile, base_profile
 from vla_edge.edge.episodes.repair import recover_episode
 from vla_edge.edge.policy import ActionChunk
@@ -253,20 +253,6 @@ def test_max_ticks_run_records_the_documented_episode(int8_bundle, tmp_path):
         assert f["vla_edge/inference/stage_ms"].shape[0] == n_inf
         assert (f["vla_edge/inference/n_tokens"][:] > 0).all()
         assert f.attrs["instruction"] == INSTRUCTION and f.attrs["robot"] == "sim"
-
-
-def stall_tolerant_sim(tmp_path: Path) -> Path:
-    """The sim profile with 2 s device watchdogs: a loaded 2-core machine stalls the whole process for
-    ~0.4 s at times, which the sim's 0.3 s limits rightly call a fault; tests of other things use this."""
-    from vla_edge.edge.profile import PROFILE_DIR
-
-    text = (PROFILE_DIR / "sim.toml").read_text()
-    for key in ("feedback_timeout_s = 0.3", "stale_after_s = 0.3"):
-        assert key in text, key
-        text = text.replace(key, key.replace("0.3", "2.0"))
-    path = tmp_path / "sim_stall_tolerant.toml"
-    path.write_text(text)
-    return path
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

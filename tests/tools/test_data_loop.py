@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, stall_tolerant_sim
 
 pytest.importorskip("torch")
 pytest.importorskip("PIL")
@@ -53,7 +53,8 @@ def loop(tmp_path_factory) -> dict:
         times[name] = time.monotonic() - t0
         assert r.returncode == 0, (name, r.stderr[-3000:])
 
-    step("record", "record", "--robot", "sim", "--instruction", "touch the red target", "--episodes", str(EPISODES),
+    robot = str(stall_tolerant_sim(d))  # the sim profile with 2 s watchdogs: a loaded CI box stalls ~0.4 s
+    step("record", "record", "--robot", robot, "--instruction", "touch the red target", "--episodes", str(EPISODES),
          "--episode-seconds", "2", "--reset-seconds", "0.2", "--seed", str(FIRST_SEED), "--keyboard", "none", "--out",
          str(d / "episodes"))
     step("convert", "convert", str(d / "episodes"), "--to", "llava-vla", str(d / "data"))
@@ -123,7 +124,7 @@ def test_the_trained_bundle_reproduces_training_actions_within_one_bin(loop):
 
 def test_the_trained_bundle_reaches_held_out_targets(loop):
     report = loop["dir"] / "eval.json"
-    r = run_cli("eval", "--bundle", str(loop["dir"] / "bundle"), "--episodes", str(EVAL_EPISODES), "--max-seconds",
+    r = run_cli("eval", "--robot", str(stall_tolerant_sim(loop["dir"])), "--bundle", str(loop["dir"] / "bundle"), "--episodes", str(EVAL_EPISODES), "--max-seconds",
                 "6", "--json", str(report), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(report.read_text())["summaries"][0]

@@ -30,7 +30,8 @@ def test_bench_plot_draws_a_box_per_stage_and_run(tiny_ckpt, fused_fp32_bundle, 
     white = (img[..., :3] > 0.98).all(-1).mean()
     assert 0.5 < white < 0.98  # mostly background, but drawn on
     # the three runs (parallel decoding, sequential decoding, PyTorch) in matplotlib's first three colours
-    assert _near(img, "#1f77b4") > 100 and _near(img, "#ff7f0e") > 100 and _near(img, "#2ca02c") > 100
+    # (each run's boxes are drawn; how many pixels depends on the latencies' spread, which a loaded box varies)
+    assert _near(img, "#1f77b4") > 20 and _near(img, "#ff7f0e") > 20 and _near(img, "#2ca02c") > 20
     assert _near(img, "#d62728") == 0  # no fourth run
 
 
