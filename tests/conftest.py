@@ -75,3 +75,9 @@ def stall_tolerant_sim(tmp_path: Path) -> Path:
     path = tmp_path / "sim_stall_tolerant.toml"
     path.write_text(text)
     return path
+
+
+SERVE_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                  "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2"}
+"""Environment for a Ray Serve a test starts: beside busy loops on 2 cores Serve's HTTP proxy misses the default
+5 s ready check and 10 s health check and Serve kills it; Ray's processes inherit these."""

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import SERVE_PATIENCE, run_cli
 from vla_edge.edge.remote import RemotePolicy
 
 if not os.environ.get("CI"):  # CI installs the [serve] extra and must run these
@@ -67,7 +67,7 @@ def test_serve_prints_where_it_listens_serves_and_stops_cleanly_on_ctrl_c(int8_b
     port = _free_port()
     p = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "serve", "--bundle", str(int8_bundle),
                           "--port", str(port), "--num-cpus", "2", "--cpus-per-replica", "0", "--provider", "cpu"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SERVE_PATIENCE})
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
     reader.start()
