@@ -73,7 +73,11 @@ def main(args) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port})
+        except ray.exceptions.RayError as e:  # e.g. the HTTP proxy did not come up: its first line, no traceback
+            raise VlaEdgeError(f"Ray Serve did not start on {args.host}:{args.port}: "
+                               f"{str(e).strip().splitlines()[0]}") from None
         try:
             serve.run(application(opts), name=opts.name, route_prefix=opts.route_prefix, blocking=False)
         except RuntimeError as e:  # the replicas' constructor failed (Serve retried it): its first line
