@@ -165,8 +165,8 @@ class SafetyFilter:
         self.last_wz_radps = 0.0
 
     def _count(self, name: str, detail: str) -> None:
-        joint = clamp_joint(name)
-        if not any(clamp_joint(k) == joint for k in self.clamp_counts):
+        joint = clamp_joint(name)  # the scan below runs only for a name not seen yet, not every clamp of a tick
+        if name not in self.clamp_counts and not any(clamp_joint(k) == joint for k in self.clamp_counts):
             log.debug("safety: first clamp of %s: %s (%s); the run's summary counts them", joint, name, detail)
         self.clamp_counts[name] = self.clamp_counts.get(name, 0) + 1
 
