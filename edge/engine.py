@@ -97,7 +97,7 @@ class Engine:
         self.kernels = kernels
         self.pixels = np.zeros((1, 3, bundle.layout.output, bundle.layout.output), np.float32)
         self._init_vision(ort)
-        prefix_embeds = self._embed(bundle.prompt.prefix)
+        self.prefix_embeds = self._embed(bundle.prompt.prefix)
         self.suffix_embeds = self._embed(bundle.prompt.suffix)
         self.instruction_embeds: np.ndarray | None = None
         self.navigation = False
@@ -125,7 +125,7 @@ class Engine:
         self.prefix_len = 0
         self.prefix_past: list = [np.zeros((1, d.kv_heads, 0, d.head_dim), self.kv_dtype)] * len(self.past_names)
         cache = self._new_cache()
-        cache.run(np.zeros(1, np.int64), Rows(embeds=prefix_embeds[None]))
+        cache.run(np.zeros(1, np.int64), Rows(embeds=self.prefix_embeds[None]))
         self.prefix_len = cache.length
         self.prefix_past = cache.past if isinstance(cache, GrowingKV) else []
 
@@ -292,11 +292,12 @@ class Engine:
         k = len(head_idx)
         return self._new_cache().run(np.arange(rows.count - k, rows.count, dtype=np.int64), rows)
 
-    def detokenize(self, head_idx: np.ndarray) -> ActionChunk:
+    def detokenize(self, head_idx: np.ndarray, navigation: bool | None = None) -> ActionChunk:
+        """Cut-head indices -> chunk; ``navigation``: the output's grammar (default: the episode's)."""
         ids = self.head_ids[head_idx]
         bins = head_idx < self.tokens.n_bins
         base = None
-        if self.navigation:
+        if self.navigation if navigation is None else navigation:
             direction, value = self.kernels.parse_navigation(head_idx, self.policy.d_max_m, self.policy.theta_max_deg,
                                                               self.edges)
             base = (direction, float(value))
@@ -307,8 +308,9 @@ class Engine:
         return ActionChunk(joints=joints, base=base, token_ids=ids)
 
     # -- decoding ------------------------------------------------------------------------------------
-    def _grammar(self):
-        return self.kernels.ChunkGrammar(self.tokens.n_bins, self.policy.chunk_tokens, self.navigation)
+    def _grammar(self, navigation: bool | None = None):
+        nav = self.navigation if navigation is None else navigation
+        return self.kernels.ChunkGrammar(self.tokens.n_bins, self.policy.chunk_tokens, nav)
 
     def _new_cache(self) -> GrowingKV | SharedKV:
         """A cache holding the system-prompt prefix (``prefix_len`` rows), ready for the next prompt."""

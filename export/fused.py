@@ -17,15 +17,16 @@ then the last residual add + final norm + cut head run only at the ``logit_index
 
 Inputs and outputs (``L`` = ``max_len``, fixed when the graph is built)::
 
-    image_embeds           (1, I, H)            float   the vision graph's output, or 0 rows
-    inputs_embeds          (1, E, H)            float   rows from embeddings.npy, or 0 rows
-    head_index             (1, N)               int64   cut-head rows (0..n_head-1), or none
-    logit_index            (K,)                 int64   which of the T positions get logits
-    seqlens_k              (1,)                 int32   past_len + T - 1 (GQA's convention)
-    total_sequence_length  ()                   int32   past_len + T
-    past.{i}.key|value     (1, Nkv, L, D)       float   rows < past_len are the cache; the rest unused
+    image_embeds           (B, I, H)            float   the vision graph's output, or 0 rows
+    inputs_embeds          (B, E, H)            float   rows from embeddings.npy, or 0 rows
+    head_index             (B, N)               int64   cut-head rows (0..n_head-1), or none
+    logit_index            (K,)                 int64   which of the B x T positions get logits (row b's
+                                                        position t is b * T + t)
+    seqlens_k              (B,)                 int32   past_len[b] + T - 1 (GQA's convention)
+    total_sequence_length  ()                   int32   max_b past_len[b] + T
+    past.{i}.key|value     (B, Nkv, L, D)       float   rows < past_len[b] are row b's cache; the rest unused
     -> logits              (1, K, n_head)       float32 cut head (TokenSpec.head_ids rows)
-    -> present.{i}.key|value (1, Nkv, L, D)     float   the same buffer, rows past_len..+T-1 written
+    -> present.{i}.key|value (B, Nkv, L, D)     float   the same buffer, rows past_len[b]..+T-1 written
 
 The T = I + E + N new positions are ``concat(image_embeds, inputs_embeds, head_table[head_index])``:
 a prefill joins the image embeddings (left on the device by the vision graph) to the text rows, and a
@@ -33,6 +34,12 @@ decode step is fed by *head index*, gathered from the 261 head rows' embeddings 
 a (n_head, H) initializer) inside the graph, so no embedding row is looked up or uploaded by the host.
 Every call feeds all three; the unused ones are empty (0 rows). (Empty initializers as defaults
 would make them optional, but ONNX Runtime's IO binding cannot bind such "overridable initializers".)
+
+**Batches** (``B`` > 1, :mod:`vla_edge.edge.batch`): every row takes T new positions after its own
+``past_len[b]`` (GroupQueryAttention reads each row's length from ``seqlens_k`` and applies the rotary
+embedding at the row's own positions), so rows with different prompt lengths share a call when the shorter
+ones are padded *at the end*: causal attention keeps a row's real positions blind to its padding, and the
+padding's cache rows are overwritten by the row's next call. ``B`` = 1 is the single-robot case.
 
 Bind each ``present`` to the OrtValue of its ``past`` (IO binding) and nothing is copied: the host
 tracks ``past_len``, and rolling back (Jacobi decoding) is just lowering it. Without binding,
@@ -132,11 +139,11 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
     fed = g.node("Gather", [head_table, "head_index"], ["head.fed"], "head.Gather", axis=0)[0]
     x = g.node("Concat", ["image_embeds", "inputs_embeds", fed], ["embeds"], "embeds.Concat", axis=1)[0]
     inputs = [
-        helper.make_tensor_value_info("image_embeds", elem, [1, "image_len", H]),
-        helper.make_tensor_value_info("inputs_embeds", elem, [1, "embeds_len", H]),
-        helper.make_tensor_value_info("head_index", TensorProto.INT64, [1, "head_len"]),
+        helper.make_tensor_value_info("image_embeds", elem, ["batch", "image_len", H]),
+        helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "embeds_len", H]),
+        helper.make_tensor_value_info("head_index", TensorProto.INT64, ["batch", "head_len"]),
         helper.make_tensor_value_info("logit_index", TensorProto.INT64, ["n_logits"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "n_logits", len(head_ids)])]
@@ -144,8 +151,8 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
     for i in range(text.layers):
         p = f"model.layers.{i}."
         for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kv}", elem, [1, nkv, max_len, D]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", elem, [1, nkv, max_len, D]))
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kv}", elem, ["batch", nkv, max_len, D]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", elem, ["batch", nkv, max_len, D]))
         if i == 0:
             h, residual = norm(f"layers.{i}.input_norm", x, p + "input_layernorm.weight")[0], x
         else:
@@ -172,9 +179,13 @@ def build_fused_decoder(lm, text, head_ids, max_len: int = DEFAULT_MAX_LEN, dtyp
         gated = g.node("Mul", [act, up], [f"layers.{i}.mlp.gated"], f"layers.{i}.mlp.Mul")[0]
         mlp = linear(f"layers.{i}.mlp.down_proj", gated, sd[m + "down_proj.weight"].T)
 
-    # Only the K requested positions go through the last residual add, the final norm and the head.
-    picked = [g.node("Gather", [t, "logit_index"], [f"final.{n}"], f"final.Gather.{n}", axis=1)[0]
-              for t, n in ((mlp, "mlp"), (residual, "residual"))]
+    # Only the K requested positions go through the last residual add, the final norm and the head; the
+    # B rows of T positions are one row of B x T first, so logit_index picks positions of any row.
+    flat = g.weight("final.flat_shape", np.array([1, -1, H], np.int64), dtype=np.int64)
+    picked = []
+    for t, n in ((mlp, "mlp"), (residual, "residual")):
+        row = g.node("Reshape", [t, flat], [f"final.{n}.flat"], f"final.Reshape.{n}")[0]
+        picked.append(g.node("Gather", [row, "logit_index"], [f"final.{n}"], f"final.Gather.{n}", axis=1)[0])
     h, _ = norm("final_norm", picked[0], "model.norm.weight", skip=picked[1])
     head = sd["lm_head.weight"][head_rows].T  # (H, n_head)
     logits = linear("head", h, head)

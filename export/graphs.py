@@ -1,7 +1,8 @@
 """The two ONNX graphs of a bundle, as PyTorch modules, and their export.
 
-* ``vision.onnx``: ``pixels`` (1,3,S,S) float32 -> ``image_embeds`` (1, n_patches+1, hidden): the
-  truncated SigLIP trunk, the projector, and the ``image_newline`` row appended.
+* ``vision.onnx``: ``pixels`` (B,3,S,S) float32 -> ``image_embeds`` (B, n_patches+1, hidden): the
+  truncated SigLIP trunk, the projector, and the ``image_newline`` row appended; B images are B
+  independent rows (one robot: B = 1; a batch of robots: :mod:`vla_edge.edge.batch`).
 * ``decoder.onnx``: ``inputs_embeds`` (1,T,hidden) + ``logit_index`` (K,) int64 + the past cache
   ``past.{i}.key|value`` (1, kv_heads, P, head_dim) -> ``logits`` (1,K,n_head) for the positions in
   ``logit_index`` only, over the *cut* head (the rows that can ever be generated), and
@@ -78,6 +79,7 @@ def export_vision(model: LlavaVLA, path: Path, opset: int) -> None:
             str(path),
             input_names=["pixels"],
             output_names=["image_embeds"],
+            dynamic_axes={"pixels": {0: "batch"}, "image_embeds": {0: "batch"}},
             opset_version=opset,
             dynamo=False,
             external_data=_large(model),

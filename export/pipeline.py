@@ -321,10 +321,11 @@ def _graph_io(m, decoder: str = "plain", max_len: int = 0) -> dict:
     dec_in = {"inputs_embeds": [1, "new_len", t.hidden], "logit_index": ["n_logits"]}
     dec_out = {"logits": [1, "n_logits", "n_head"]}
     if decoder == "fused":
-        dec_in = {"image_embeds": [1, "image_len", t.hidden], "inputs_embeds": [1, "embeds_len", t.hidden],
-                  "head_index": [1, "head_len"], "logit_index": ["n_logits"], "seqlens_k": [1],
+        # a batch of B robots: row b's positions past_len[b].. (vla_edge.edge.batch); logit_index over B x T
+        dec_in = {"image_embeds": ["batch", "image_len", t.hidden], "inputs_embeds": ["batch", "embeds_len", t.hidden],
+                  "head_index": ["batch", "head_len"], "logit_index": ["n_logits"], "seqlens_k": ["batch"],
                   "total_sequence_length": []}
-        past = present = [1, t.kv_heads, max_len, t.head_dim]  # one shared buffer per tensor
+        past = present = ["batch", t.kv_heads, max_len, t.head_dim]  # one shared buffer per tensor
     else:
         past = [1, t.kv_heads, "past_len", t.head_dim]
         present = [1, t.kv_heads, "past_len + new_len", t.head_dim]
@@ -334,7 +335,8 @@ def _graph_io(m, decoder: str = "plain", max_len: int = 0) -> dict:
             dec_out[f"present.{i}.{k}"] = present
     s = m.vision.image_size
     return {
-        "vision": {"inputs": {"pixels": [1, 3, s, s]}, "outputs": {"image_embeds": [1, m.image_tokens, t.hidden]}},
+        "vision": {"inputs": {"pixels": ["batch", 3, s, s]},
+                   "outputs": {"image_embeds": ["batch", m.image_tokens, t.hidden]}},
         "decoder": {"inputs": dec_in, "outputs": dec_out},
     }
 

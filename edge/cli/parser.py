@@ -215,6 +215,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-cpus", type=COUNT, help="CPUs of the local Ray (default: all)")
     p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     p.add_argument("--parallel", action="store_true", help="Jacobi parallel decoding (as bench --parallel)")
+    p.add_argument("--max-batch", type=COUNT, default=8,
+                   help="requests a replica runs as one batch (default 8; 1: one at a time). Each robot's tokens "
+                   "equal its step alone; a dynamically quantised (CPU int8) bundle always runs one at a time")
+    p.add_argument("--batch-wait-ms", type=NON_NEGATIVE, default=0.0,
+                   help="how long a batch waits for more requests once one arrived (default 0: a batch is what "
+                   "waits while the engine is busy, so a lone robot never waits)")
     p.add_argument("--write-config", metavar="FILE",
                    help="write a Serve config file for `serve deploy FILE` on a cluster, and exit")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.serve", "main", a))

@@ -8,6 +8,7 @@ Usage::
     vla-edge serve --bundle b/ --host 0.0.0.0 --replicas 2      # reachable from the robots, two replicas
     vla-edge serve --bundle b/ --address auto --gpus-per-replica 0.5 --min-replicas 1 --max-replicas 8
     vla-edge serve --bundle b/ --write-config serve.yaml        # a Serve config; then `serve deploy serve.yaml`
+    vla-edge serve --bundle b/ --max-batch 8 --batch-wait-ms 2  # robots waiting together run as one batch
 
 It prints where it listens and what it serves (stdout), then serves until Ctrl+C or SIGTERM, and shuts
 down cleanly: on its own local Ray, Serve and Ray; on a cluster (``--address``), only its application.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 from vla_edge import VlaEdgeError
+from vla_edge.edge.batch import batch_refusal
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.wire import bundle_id
 from vla_edge.export.demo import ensure_demo_bundle
@@ -37,7 +39,8 @@ def _options(args, bundle: Path):
     return ServeOptions(bundle=str(bundle.resolve()), provider=args.provider, threads=args.threads,
                         parallel=args.parallel, replicas=args.replicas, min_replicas=args.min_replicas,
                         max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica,
-                        gpus_per_replica=args.gpus_per_replica, route_prefix=args.route_prefix)
+                        gpus_per_replica=args.gpus_per_replica, route_prefix=args.route_prefix,
+                        max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1e3)
 
 
 def _port_free(host: str, port: int) -> None:
@@ -87,8 +90,10 @@ def main(args) -> int:
         scale = (f"{opts.autoscaling['min_replicas']}..{opts.autoscaling['max_replicas']} replicas (autoscaling)"
                  if opts.autoscaling else f"{opts.replicas} replica{'s' if opts.replicas != 1 else ''}")
         where = f"the Ray cluster at {args.address}" if args.address else "a local Ray"
+        refused = batch_refusal(bundle.manifest) if opts.max_batch > 1 else "--max-batch 1"
+        batching = f"one request at a time ({refused})" if refused else f"batches of up to {opts.max_batch}"
         print(f"vla-edge serve: bundle {bundle.root} ({bundle_id(bundle.manifest)[:12]}, {bundle.precision}) "
-              f"on {where}, {scale}, listening on {args.host}:{args.port}", flush=True)
+              f"on {where}, {scale}, {batching}, listening on {args.host}:{args.port}", flush=True)
         print(f"vla-edge serve: robots: vla-edge run --policy-server {url}   (Ctrl+C stops)", flush=True)
         while not stop.wait(0.5):
             pass

@@ -10,6 +10,8 @@ Routes, under the application's route prefix (default ``/``)::
 
 A bad request never takes a replica down: it is answered and the replica goes on. The engine runs in a
 worker thread, so the replica's event loop keeps reading requests and answering Serve's health checks.
+Requests that wait together run as one batch (``@serve.batch``, up to ``max_batch``; each robot's tokens are
+those of its step alone) where the bundle allows it (:func:`vla_edge.edge.batch.batch_refusal`).
 
 Usage::
 
@@ -32,6 +34,7 @@ with warnings.catch_warnings():  # Ray Serve's config models pass Field options 
     from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from vla_edge.edge.batch import DEFAULT_MAX_BATCH
 from vla_edge.edge.serve.handler import PolicyHandler, RequestError
 from vla_edge.edge.wire import CONTENT_TYPE
 
@@ -42,7 +45,9 @@ log = logging.getLogger(__name__)
 class ServeOptions:
     """One served bundle. ``replicas`` fixed, or autoscaling between ``min_replicas`` and ``max_replicas``
     (Serve's autoscaler, aiming at ``target_ongoing_requests`` per replica). ``threads``: ONNX Runtime
-    intra-op threads per replica (default: ``cpus_per_replica``, at least 1)."""
+    intra-op threads per replica (default: ``cpus_per_replica``, at least 1). ``max_batch``: requests a replica
+    runs as one batch (1: one at a time); ``batch_wait_s``: how long a batch waits for more requests once one
+    has arrived (0: a batch is whatever waits when the engine is free, so a lone robot never waits)."""
 
     bundle: str
     provider: str = "auto"
@@ -55,6 +60,8 @@ class ServeOptions:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_ongoing_requests: int = 16
+    max_batch: int = DEFAULT_MAX_BATCH
+    batch_wait_s: float = 0.0
     name: str = "vla-edge"
     route_prefix: str = "/"
 
@@ -89,10 +96,14 @@ class ServeOptions:
 @serve.deployment(name="VlaEdgePolicy", health_check_period_s=2.0, health_check_timeout_s=10.0,
                   graceful_shutdown_timeout_s=2.0)
 class PolicyDeployment:
-    """One replica: the bundle's engine behind ``/v1/info`` and ``/v1/step``."""
+    """One replica: the bundle's engine behind ``/v1/info`` and ``/v1/step``; steps that wait together run as
+    one batch (``@serve.batch``; the handler runs them one at a time where the bundle cannot batch)."""
 
-    def __init__(self, bundle: str, provider: str = "auto", threads: int | None = None, parallel: bool = False):
-        self.handler = PolicyHandler(bundle, provider=provider, threads=threads, parallel=parallel)
+    def __init__(self, bundle: str, provider: str = "auto", threads: int | None = None, parallel: bool = False,
+                 max_batch: int = DEFAULT_MAX_BATCH, batch_wait_s: float = 0.0):
+        self.handler = PolicyHandler(bundle, provider=provider, threads=threads, parallel=parallel, max_batch=max_batch)
+        self._steps.set_max_batch_size(self.handler.max_batch)
+        self._steps.set_batch_wait_timeout_s(batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
         received_s = time.perf_counter()
@@ -102,7 +113,9 @@ class PolicyDeployment:
                 return JSONResponse(self.handler.info())
             if path.endswith("/v1/step") and request.method == "POST":
                 body = await _read_capped(request, self.handler.max_request_bytes)
-                reply = await asyncio.to_thread(self.handler.step, body, received_s)
+                reply = await self._steps((body, received_s))
+                if isinstance(reply, RequestError):
+                    raise reply
                 return Response(reply, media_type=CONTENT_TYPE)
             return PlainTextResponse(f"error: no route {request.method} {path or '/'} (GET /v1/info, POST /v1/step)",
                                      status_code=404)
@@ -111,6 +124,12 @@ class PolicyDeployment:
         except Exception as e:  # a bug: answered, logged, and the replica goes on
             log.exception("policy server: request failed")
             return PlainTextResponse(f"error: internal: {type(e).__name__}: {e}".splitlines()[0], status_code=500)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=0.0)
+    async def _steps(self, requests: list[tuple[bytes, float]]) -> list:
+        """The requests waiting together -> a reply (or a RequestError) each; the engine runs in a worker thread,
+        so the replica's event loop keeps reading requests and answering Serve's health checks."""
+        return await asyncio.to_thread(self.handler.step_many, [b for b, _ in requests], [t for _, t in requests])
 
     def check_health(self) -> None:
         """Serve's periodic health check: the engine exists (a replica whose constructor failed never gets here)."""
@@ -136,7 +155,7 @@ def application(opts: ServeOptions):
     """The Serve application of ``opts`` (bind it with ``serve.run``)."""
     threads = opts.threads or max(1, int(opts.cpus_per_replica))
     return PolicyDeployment.options(**opts.deployment_options()).bind(opts.bundle, opts.provider, threads,
-                                                                      opts.parallel)
+                                                                      opts.parallel, opts.max_batch, opts.batch_wait_s)
 
 
 def build_app(args: dict):

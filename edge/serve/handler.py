@@ -3,15 +3,18 @@ with a request, apart from Ray (the Ray Serve deployment, :mod:`vla_edge.edge.se
 
 The composed uint8 image is normalised with the kernel's own values (``(px/255 - 0.5)/0.5`` as float32, a
 256-entry table equal to the C++ ``normalise`` for every byte) and handed to ``Engine.step(pixels=...)``,
-so a remote step's tokens are those of an in-process step on the same frames. One step at a time per
-handler (the engine holds one KV cache); concurrent requests wait on a lock, and the wait is reported
-as ``queue_ms``.
+so a remote step's tokens are those of an in-process step on the same frames. Requests that arrive together
+(Serve's ``@serve.batch``) run as one batch (:class:`~vla_edge.edge.batch.BatchedEngine`: each row's tokens
+equal its step alone) where the bundle allows it (:func:`~vla_edge.edge.batch.batch_refusal`: not on a
+dynamically quantised CPU bundle), else one at a time; a bad request is answered on its own and never fails
+the others. One batch at a time per handler; the wait is reported as ``queue_ms``, the batch size as ``batch``.
 
 Usage::
 
     handler = PolicyHandler("bundle/", provider="cpu")
     handler.info()                       # {"wire_version", "bundle_id", "manifest", ...}: GET /v1/info
     reply = handler.step(request_bytes)  # reply bytes; RequestError(status, one line) for a bad request
+    replies = handler.step_many([a, b])  # reply bytes or a RequestError per request, in order
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 
 import numpy as np
 from vla_edge import VlaEdgeError, __version__
+from vla_edge.edge.batch import DEFAULT_MAX_BATCH, BatchedEngine, Observation, batch_refusal
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.engine import Engine
 from vla_edge.edge.wire import (
@@ -56,9 +60,13 @@ def normalise(image: np.ndarray) -> np.ndarray:
 class PolicyHandler:
     """Loads and verifies the bundle, builds its engine (same provider choice, decoding and kernels as ``run``)."""
 
-    def __init__(self, bundle_dir: str, provider: str = "auto", threads: int | None = None, parallel: bool = False):
+    def __init__(self, bundle_dir: str, provider: str = "auto", threads: int | None = None, parallel: bool = False,
+                 max_batch: int = DEFAULT_MAX_BATCH):
         self.bundle = Bundle.load(bundle_dir)
         self.engine = Engine(self.bundle, provider=provider, threads=threads, parallel=parallel)
+        self.batch_refused = batch_refusal(self.bundle.manifest) if max_batch > 1 else "--max-batch 1"
+        self.batch = None if self.batch_refused else BatchedEngine(self.engine, max_batch)
+        self.max_batch = 1 if self.batch is None else max_batch
         self.bundle_id = bundle_id(self.bundle.manifest)
         s, d = self.bundle.layout.output, self.bundle.policy.state_dim
         self.image_shape = (s, s, 3)
@@ -67,18 +75,50 @@ class PolicyHandler:
         self._lock = threading.Lock()
         self._episode: tuple[str, bool] | None = None
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
-        log.info("policy server: bundle %s (%s) on %s", self.bundle.root, self.bundle_id[:12], self.engine.provider)
+        log.info("policy server: bundle %s (%s) on %s, %s", self.bundle.root, self.bundle_id[:12], self.engine.provider,
+                 f"batches of up to {self.max_batch}" if self.batch else f"one request at a time ({self.batch_refused})")
 
     def info(self) -> dict:
         """What ``GET /v1/info`` answers: the robot checks the wire version and bundle id at connect."""
         return {"wire_version": WIRE_VERSION, "bundle_id": self.bundle_id, "manifest": self.bundle.manifest,
                 "vla_edge": __version__, "provider": self.engine.provider, "parallel": self.engine.parallel,
-                "replica": self.replica}
+                "max_batch": self.max_batch, "batching_off": self.batch_refused, "replica": self.replica}
 
     def step(self, body: bytes, received_s: float | None = None) -> bytes:
         """One request's bytes -> the reply's bytes. ``received_s``: ``time.perf_counter()`` at arrival."""
+        out = self.step_many([body], [received_s])[0]
+        if isinstance(out, RequestError):
+            raise out
+        return out
+
+    def step_many(self, bodies: list[bytes], received_s: list[float | None] | None = None) -> list[bytes | RequestError]:
+        """Requests -> replies (or each request's RequestError), in order. Valid requests run as one batch
+        (:class:`~vla_edge.edge.batch.BatchedEngine`) when the bundle allows it, else one at a time."""
         t0 = time.perf_counter()
-        received_s = t0 if received_s is None else received_s
+        received = [t0 if r is None else r for r in (received_s or [None] * len(bodies))]
+        out: list[bytes | RequestError | None] = [None] * len(bodies)
+        valid = []
+        for i, body in enumerate(bodies):
+            try:
+                valid.append((i, self._parse(body)))
+            except RequestError as e:
+                out[i] = e
+        with self._lock:
+            t1 = time.perf_counter()
+            chunks = self._run(valid)
+        t2 = time.perf_counter()
+        for (i, (req, _)), chunk in zip(valid, chunks, strict=True):
+            if isinstance(chunk, RequestError):
+                out[i] = chunk
+                continue
+            server = {"replica": self.replica, "queue_ms": (t1 - received[i]) * 1e3,
+                      "handle_ms": (t2 - received[i]) * 1e3, "batch": len(valid)}
+            out[i] = encode_reply(req.seq, chunk.token_ids, chunk.joints, chunk.base, chunk.decode_calls,
+                                  chunk.timings_ms, server)
+        return out
+
+    def _parse(self, body: bytes):
+        """A request's bytes -> (request, (1,3,S,S) pixels), or the RequestError that answers it."""
         if len(body) > self.max_request_bytes:
             raise RequestError(413, f"request of {len(body)} bytes is over this bundle's limit of "
                                f"{self.max_request_bytes}")
@@ -91,17 +131,29 @@ class PolicyHandler:
                                f"{self.bundle_id[:12]} ({self.bundle.root.name})")
         if req.image.shape != self.image_shape:
             raise RequestError(400, f"image has shape {req.image.shape}, this bundle takes {self.image_shape}")
-        pixels = normalise(req.image)
-        with self._lock:
-            t1 = time.perf_counter()
+        try:  # checked here so that one robot's bad state never fails another's step in the same batch
+            self.bundle.policy.model_state(req.state)
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
+        if not req.instruction.strip():
+            raise RequestError(400, "instruction is empty")
+        return req, normalise(req.image)
+
+    def _run(self, valid: list) -> list:
+        """The engine on the parsed requests (under the lock): a batch when it may, else one at a time."""
+        if self.batch is not None and len(valid) > 1:
+            obs = [Observation(req.state, req.instruction, pixels=px, navigation=req.navigation) for req, px in valid]
             try:
-                if self._episode != (req.instruction, req.navigation):
-                    self.engine.start_episode(req.instruction, navigation=req.navigation)
-                    self._episode = (req.instruction, req.navigation)
-                chunk = self.engine.step(None, req.state, pixels=pixels)
-            except (VlaEdgeError, ValueError) as e:  # a bad state (shape, NaN), an empty instruction
-                raise RequestError(400, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        t2 = time.perf_counter()
-        server = {"replica": self.replica, "queue_ms": (t1 - received_s) * 1e3, "handle_ms": (t2 - received_s) * 1e3}
-        return encode_reply(req.seq, chunk.token_ids, chunk.joints, chunk.base, chunk.decode_calls,
-                            chunk.timings_ms, server)
+                return self.batch.step(obs)
+            except (VlaEdgeError, ValueError) as e:  # e.g. one instruction too long: each request gets its own answer
+                log.info("policy server: batch of %d failed (%s); running them one at a time", len(valid), e)
+        return [self._step_one(req, px) for req, px in valid]
+
+    def _step_one(self, req, pixels):
+        try:
+            if self._episode != (req.instruction, req.navigation):
+                self.engine.start_episode(req.instruction, navigation=req.navigation)
+                self._episode = (req.instruction, req.navigation)
+            return self.engine.step(None, req.state, pixels=pixels)
+        except (VlaEdgeError, ValueError) as e:  # a bad state (shape, NaN), an empty instruction
+            return RequestError(400, str(e).splitlines()[0] if str(e) else type(e).__name__)
