@@ -105,14 +105,14 @@ class PolicyHandler:
                 out[i] = e
         with self._lock:
             t1 = time.perf_counter()
-            chunks = self._run(valid)
+            chunks, batch = self._run([parsed for _, parsed in valid])
         t2 = time.perf_counter()
         for (i, (req, _)), chunk in zip(valid, chunks, strict=True):
             if isinstance(chunk, RequestError):
                 out[i] = chunk
                 continue
             server = {"replica": self.replica, "queue_ms": (t1 - received[i]) * 1e3,
-                      "handle_ms": (t2 - received[i]) * 1e3, "batch": len(valid)}
+                      "handle_ms": (t2 - received[i]) * 1e3, "batch": batch}
             out[i] = encode_reply(req.seq, chunk.token_ids, chunk.joints, chunk.base, chunk.decode_calls,
                                   chunk.timings_ms, server)
         return out
@@ -135,19 +135,23 @@ class PolicyHandler:
             self.bundle.policy.model_state(req.state)
         except ValueError as e:
             raise RequestError(400, str(e)) from None
+        if not np.isfinite(req.state).all():
+            bad = int(np.flatnonzero(~np.isfinite(req.state))[0])
+            raise RequestError(400, f"state[{bad}] is {req.state[bad]} (NaN or infinite): not a robot's state")
         if not req.instruction.strip():
             raise RequestError(400, "instruction is empty")
         return req, normalise(req.image)
 
-    def _run(self, valid: list) -> list:
-        """The engine on the parsed requests (under the lock): a batch when it may, else one at a time."""
+    def _run(self, valid: list) -> tuple[list, int]:
+        """The engine on the parsed requests (under the lock): a batch when it may, else one at a time.
+        Returns a chunk or a RequestError per request, and the size of the batch they ran in."""
         if self.batch is not None and len(valid) > 1:
             obs = [Observation(req.state, req.instruction, pixels=px, navigation=req.navigation) for req, px in valid]
             try:
-                return self.batch.step(obs)
+                return self.batch.step(obs), len(valid)
             except (VlaEdgeError, ValueError) as e:  # e.g. one instruction too long: each request gets its own answer
                 log.info("policy server: batch of %d failed (%s); running them one at a time", len(valid), e)
-        return [self._step_one(req, px) for req, px in valid]
+        return [self._step_one(req, px) for req, px in valid], 1
 
     def _step_one(self, req, pixels):
         try:

@@ -188,6 +188,58 @@ def test_four_robots_at_once_each_get_their_own_answers(server, engine):
     assert len({tuple(v) for v in want.values()}) > 1, "the observations should not all give the same chunk"
 
 
+def test_robots_waiting_together_run_as_one_batch_and_get_their_own_answers(server, fused_fp32_bundle):
+    """An fp32 bundle (rows independent) served with batches of up to 4: ``@serve.batch`` hands the replica the
+    requests that wait together, and each robot's reply equals its in-process step alone."""
+    from vla_edge.edge.serve.app import ServeOptions, application
+    from vla_edge.edge.serve.handler import normalise
+    from vla_edge.edge.wire import decode_reply
+
+    opts = ServeOptions(bundle=str(fused_fp32_bundle), provider="cpu", threads=1, cpus_per_replica=0, name="batched",
+                        route_prefix="/batched", max_batch=4, batch_wait_s=0.3)
+    serve.run(application(opts), name="batched", route_prefix="/batched")
+    try:
+        local = Engine(Bundle.load(fused_fp32_bundle), provider="cpu", threads=1)
+        bid, s = bundle_id(local.bundle.manifest), local.bundle.layout.output
+        rng = np.random.default_rng(11)
+        images = [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for _ in range(4)]
+        states = [rng.normal(0, 0.3, 14) for _ in range(4)]
+        instructions = ["pick up the red cube", "reach", "open the top drawer slowly", "go"]
+        want = []
+        for img, st, instr in zip(images, states, instructions, strict=True):
+            local.start_episode(instr)
+            want.append(local.step(None, st, pixels=normalise(img)).token_ids)
+        replies, errors = {}, []
+        start = threading.Barrier(4)
+
+        def robot(r: int) -> None:
+            try:
+                for k in range(2):
+                    start.wait(60)
+                    body = encode_request(k, bid, instructions[r], False, images[r], states[r])
+                    conn = http.client.HTTPConnection(server.split("//")[1], timeout=60)
+                    conn.request("POST", "/batched/v1/step", body, {"Content-Type": CONTENT_TYPE})
+                    resp = conn.getresponse()
+                    assert resp.status == 200, resp.read()[:300]
+                    replies[(r, k)] = decode_reply(resp.read())
+                    conn.close()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=robot, args=(r,)) for r in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        for (r, k), reply in replies.items():
+            np.testing.assert_array_equal(reply.token_ids, want[r], err_msg=f"robot {r} step {k}")
+        sizes = [reply.server["batch"] for reply in replies.values()]
+        assert len(replies) == 8 and max(sizes) > 1, sizes
+    finally:
+        serve.delete("batched")
+
+
 def test_the_robot_side_steps_with_neither_ray_nor_torch_nor_onnxruntime_importable(server):
     """As on a robot with only the runtime installed: ray, torch and ONNX Runtime unimportable, a remote step works."""
     code = (
