@@ -4,12 +4,15 @@ Starts a private local Ray Serve (loopback, one replica of the bundle, the same 
 in-process engine), then measures on the same synthetic observations:
 
     in-process      ``Engine.step`` (compose included), ``--steps`` steps after ``--warmup``
+    batched N       ``BatchedEngine.step`` of N observations in one call (N = 1, 2, 4, 8; compose included):
+                    steps/s = N / the batch's p50. Only where the bundle batches exactly
+                    (:func:`~vla_edge.edge.batch.batch_refusal`: not a dynamically quantised CPU int8 bundle)
     remote          ``RemotePolicy.step`` through the server (compose here, HTTP, the replica's engine):
                     its p50 less the in-process p50 is the server's per-request overhead
     fleet N         N simulated robots stepping at once for ``--fleet-seconds`` each (N = 1, 2, 4, 8):
-                    steps/s of all of them and each step's latency. The replica runs one step at a time,
-                    so the steps/s stays near one engine's; more replicas (``vla-edge serve --replicas``)
-                    or GPUs are what scale it.
+                    steps/s of all of them and each step's latency. The replica runs the requests that wait
+                    together as one batch (up to 8) where the bundle batches, else one at a time; more
+                    replicas (``vla-edge serve --replicas``) or GPUs scale it further.
 
 Usage::
 
@@ -26,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from vla_edge.edge.batch import BatchedEngine, Observation, batch_refusal
 from vla_edge.edge.bundle.manifest import Bundle
 from vla_edge.edge.cli.bench import synthetic_inputs
 from vla_edge.edge.engine import Engine
@@ -44,6 +48,21 @@ def _timed(step, n: int, warmup: int) -> list[float]:
         t0 = time.perf_counter()
         step()
         out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def _batched(engine: Engine, steps: int, warmup: int) -> list[dict]:
+    """``BatchedEngine.step`` on N different observations (composed in the call) for each N of ``ROBOTS``."""
+    batch = BatchedEngine(engine, max_batch=max(ROBOTS))
+    out = []
+    for n in ROBOTS:
+        obs = []
+        for i in range(n):
+            frames, state = synthetic_inputs(engine.bundle.layout, engine.bundle.policy.robot_state_dim, seed=i)
+            obs.append(Observation(state, INSTRUCTION, frames=frames))
+        lat = _timed(lambda obs=obs: batch.step(obs), steps, warmup)
+        p = percentiles(lat, (50, 95))
+        out.append({"robots": n, **p, "steps_per_s": n * 1e3 / p["p50"]})
     return out
 
 
@@ -102,10 +121,12 @@ def main(args) -> int:
     console = out_console()
     bundle = Bundle.load(args.bundle)
     threads = max(1, os.cpu_count() or 1)
-    frames, state = synthetic_inputs(bundle.layout, bundle.policy.state_dim)
+    frames, state = synthetic_inputs(bundle.layout, bundle.policy.robot_state_dim)
     engine = Engine(bundle, provider=args.provider, threads=threads)
     engine.start_episode(INSTRUCTION)
     local = _timed(lambda: engine.step(frames, state), args.steps, args.warmup)
+    refused = batch_refusal(bundle.manifest)
+    batched = [] if refused else _batched(engine, args.steps, args.warmup)
     engine = None  # free its sessions before the replica loads the same bundle
     ray.init(num_cpus=max(2, threads), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
@@ -118,17 +139,24 @@ def main(args) -> int:
         policy.start_episode(INSTRUCTION)
         remote = _timed(lambda: policy.step(frames, state), args.steps, args.warmup)
         policy.close()
-        fleet = [_fleet(url, n, args.fleet_seconds, bundle.layout, bundle.policy.state_dim) for n in ROBOTS]
+        fleet = [_fleet(url, n, args.fleet_seconds, bundle.layout, bundle.policy.robot_state_dim) for n in ROBOTS]
     finally:
         serve.shutdown()
         ray.shutdown()
     lp, rp = percentiles(local, (50, 95)), percentiles(remote, (50, 95))
     res = {"bundle": str(bundle.root), "provider": args.provider, "threads": threads, "cpus": os.cpu_count(),
-           "in_process_ms": lp, "remote_ms": rp, "overhead_p50_ms": rp["p50"] - lp["p50"], "fleet": fleet}
+           "in_process_ms": lp, "remote_ms": rp, "overhead_p50_ms": rp["p50"] - lp["p50"], "batched": batched,
+           "batching_off": refused, "fleet": fleet}
     console.print(f"policy server vs in-process: {bundle.root} ({bundle.precision}), {args.provider}, {threads} "
                   f"ONNX Runtime threads; server: local Ray Serve, 1 replica, loopback HTTP", highlight=False)
     console.print(f"  in-process step      p50 {lp['p50']:7.1f} ms  p95 {lp['p95']:7.1f} ms  "
-                  f"{1e3 / lp['p50']:6.1f} steps/s", highlight=False)
+                  f"{1e3 / lp['p50']:6.1f} steps/s (1x: one robot at a time)", highlight=False)
+    for b in batched:
+        console.print(f"  in-process batch of {b['robots']} p50 {b['p50']:7.1f} ms  p95 {b['p95']:7.1f} ms  "
+                      f"{b['steps_per_s']:6.1f} steps/s {b['steps_per_s'] * lp['p50'] / 1e3:5.2f}x",
+                      highlight=False)
+    if refused:
+        console.print(f"  in-process batches   off: {refused}", highlight=False)
     console.print(f"  remote step          p50 {rp['p50']:7.1f} ms  p95 {rp['p95']:7.1f} ms  "
                   f"overhead p50 {res['overhead_p50_ms']:+.1f} ms", highlight=False)
     for f in fleet:

@@ -93,3 +93,20 @@ def test_serve_prints_where_it_listens_serves_and_stops_cleanly_on_ctrl_c(int8_b
     assert rc == 0, p.stderr.read()[-2000:]
     with socket.socket() as s:  # the proxy is gone: nothing listens on the port any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_bench_fleet_prints_the_batched_and_served_tables(fused_fp32_bundle, tmp_path):
+    """``vla-edge bench --fleet`` on a bundle that batches: one run gives the in-process step, batches of 1, 2, 4
+    and 8, the server's overhead and the fleet of 1, 2, 4 and 8 robots, with no errors (numbers: README)."""
+    out = tmp_path / "fleet.json"
+    r = subprocess.run([sys.executable, "-m", "vla_edge.edge.cli", "bench", "--bundle", str(fused_fp32_bundle),
+                        "--fleet", "--provider", "cpu", "--steps", "2", "--warmup", "1", "--fleet-seconds", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **SERVE_PATIENCE})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = yaml.safe_load(out.read_text())  # JSON is YAML
+    assert [b["robots"] for b in res["batched"]] == [1, 2, 4, 8] and res["batching_off"] is None
+    assert all(b["steps_per_s"] > 0 and b["p50"] > 0 for b in res["batched"])
+    assert [f["robots"] for f in res["fleet"]] == [1, 2, 4, 8] and not any(f["errors"] for f in res["fleet"])
+    for line in ("in-process batch of 8", "remote step", "fleet of 8 robots"):
+        assert line in r.stdout, r.stdout
