@@ -29,6 +29,7 @@ from vla_edge.edge.wire import CONTENT_TYPE, bundle_id, encode_request
 
 # CI installs the [serve] extra and must run these; elsewhere they skip without Ray.
 ray = importlib.import_module("ray") if os.environ.get("CI") else pytest.importorskip("ray", reason="[serve] extra")
+importlib.import_module("vla_edge.edge.serve.app")  # first: it imports Ray Serve with Serve's Pydantic noise filtered
 serve = importlib.import_module("ray.serve")
 
 INSTRUCTION = "pick up the red cube"
