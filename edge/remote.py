@@ -150,6 +150,8 @@ class RemotePolicy:
         self.timeout_s = timeout_s
         self.failures: list[str] = []
         """Every failed attempt, one line each (a retried one too)."""
+        self.last_server: dict = {}
+        """The last reply's server record: ``replica``, ``queue_ms``, ``handle_ms``, ``batch`` (robots in its batch)."""
         self._active = 0
         self._seq = 0
         self._instruction: str | None = None
@@ -253,6 +255,7 @@ class RemotePolicy:
             raise RemotePolicyError(f"policy server {server.url}: {e}") from None
         if rep.seq != self._seq:
             raise RemotePolicyError(f"policy server {server.url} answered step {rep.seq} to step {self._seq}")
+        self.last_server = rep.server
         handle_ms = float(rep.server.get("handle_ms", 0.0))
         timings = {k: v for k, v in rep.timings_ms.items() if k not in ("compose", "total")}
         timings.update(compose=(t1 - t0) * 1e3, server=handle_ms,

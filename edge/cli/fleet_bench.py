@@ -16,7 +16,7 @@ in-process engine), then measures on the same synthetic observations:
 
 Usage::
 
-    vla-edge bench --bundle b/ --fleet [--fleet-seconds 5] [--steps 20] [--json fleet.json]
+    vla-edge bench --bundle b/ --fleet [--fleet-seconds 5] [--steps 20] [--batch-wait-ms 20] [--json fleet.json]
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def _batched(engine: Engine, steps: int, warmup: int) -> list[dict]:
 def _fleet(url: str, robots: int, seconds: float, layout, state_dim: int) -> dict:
     """``robots`` threads, each its own RemotePolicy and observation, stepping until ``seconds`` have passed."""
     lat: list[float] = []
+    batches: list[int] = []
     errors: list[str] = []
     lock = threading.Lock()
     ready, go = threading.Barrier(robots + 1), threading.Event()
@@ -87,6 +88,7 @@ def _fleet(url: str, robots: int, seconds: float, layout, state_dim: int) -> dic
                 t0 = time.perf_counter()
                 p.step(frames, state)
                 mine.append((time.perf_counter() - t0) * 1e3)
+                batches.append(int(p.last_server.get("batch", 1)))
         except Exception as e:  # reported in the table, not raised from a thread
             errors.append(str(e))
         with lock:
@@ -104,7 +106,7 @@ def _fleet(url: str, robots: int, seconds: float, layout, state_dim: int) -> dic
         t.join(seconds + 30)
     wall = time.perf_counter() - t0
     return {"robots": robots, "steps": len(lat), "steps_per_s": len(lat) / wall, **percentiles(lat, (50, 95)),
-            "errors": errors[:3]}
+            "mean_batch": sum(batches) / max(1, len(batches)), "errors": errors[:3]}
 
 
 def _free_port() -> int:
@@ -132,7 +134,8 @@ def main(args) -> int:
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        opts = ServeOptions(bundle=str(bundle.root.resolve()), provider=args.provider, threads=threads, cpus_per_replica=0)
+        opts = ServeOptions(bundle=str(bundle.root.resolve()), provider=args.provider, threads=threads, cpus_per_replica=0,
+                            batch_wait_s=args.batch_wait_ms / 1e3)
         serve.run(application(opts), name=opts.name, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         policy = RemotePolicy.connect([url], timeout_s=4.0)
@@ -146,23 +149,27 @@ def main(args) -> int:
     lp, rp = percentiles(local, (50, 95)), percentiles(remote, (50, 95))
     res = {"bundle": str(bundle.root), "provider": args.provider, "threads": threads, "cpus": os.cpu_count(),
            "in_process_ms": lp, "remote_ms": rp, "overhead_p50_ms": rp["p50"] - lp["p50"], "batched": batched,
-           "batching_off": refused, "fleet": fleet}
+           "batching_off": refused, "batch_wait_ms": args.batch_wait_ms, "fleet": fleet}
     console.print(f"policy server vs in-process: {bundle.root} ({bundle.precision}), {args.provider}, {threads} "
-                  f"ONNX Runtime threads; server: local Ray Serve, 1 replica, loopback HTTP", highlight=False)
-    console.print(f"  in-process step      p50 {lp['p50']:7.1f} ms  p95 {lp['p95']:7.1f} ms  "
-                  f"{1e3 / lp['p50']:6.1f} steps/s (1x: one robot at a time)", highlight=False)
+                  f"ONNX Runtime threads; server: local Ray Serve, 1 replica, loopback HTTP, --batch-wait-ms "
+                  f"{args.batch_wait_ms:g}. x: steps/s against one robot at a time in-process; batch: robots per "
+                  "server batch (mean)", highlight=False)
+
+    def row(label: str, p: dict, rate: float | None = None, extra: str = "") -> None:
+        x = "" if rate is None else f"{rate:9.1f}{rate * lp['p50'] / 1e3:7.2f}x"
+        console.print(f"  {label:<24}{p['p50']:8.1f}{p['p95']:8.1f}{x}{extra}", highlight=False)
+
+    console.print(f"  {'':<24}{'p50 ms':>8}{'p95 ms':>8}{'steps/s':>9}{'x':>8}", highlight=False)
+    row("in-process step", lp, 1e3 / lp["p50"])
     for b in batched:
-        console.print(f"  in-process batch of {b['robots']} p50 {b['p50']:7.1f} ms  p95 {b['p95']:7.1f} ms  "
-                      f"{b['steps_per_s']:6.1f} steps/s {b['steps_per_s'] * lp['p50'] / 1e3:5.2f}x",
-                      highlight=False)
+        row(f"in-process batch of {b['robots']}", b, b["steps_per_s"])
     if refused:
-        console.print(f"  in-process batches   off: {refused}", highlight=False)
-    console.print(f"  remote step          p50 {rp['p50']:7.1f} ms  p95 {rp['p95']:7.1f} ms  "
-                  f"overhead p50 {res['overhead_p50_ms']:+.1f} ms", highlight=False)
+        console.print(f"  in-process batches: off: {refused}", highlight=False)
+    row("remote step", rp, extra=f"   overhead p50 {res['overhead_p50_ms']:+.1f} ms")
     for f in fleet:
         err = f"  errors: {f['errors'][0]}" if f["errors"] else ""
-        console.print(f"  fleet of {f['robots']} robot{'s' if f['robots'] > 1 else ' '}     p50 {f['p50']:7.1f} ms  "
-                      f"p95 {f['p95']:7.1f} ms  {f['steps_per_s']:6.1f} steps/s{err}", highlight=False)
+        row(f"fleet of {f['robots']} robot{'s' if f['robots'] > 1 else ''}", f, f["steps_per_s"],
+            f"  batch {f['mean_batch']:.1f}{err}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 1 if any(f["errors"] for f in fleet) else 0

@@ -148,6 +148,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="with --bundle: the policy server (a private local Ray Serve, [serve] extra) against an "
                    "in-process engine: per-request overhead, and steps/s of 1, 2, 4 and 8 robots at once")
     p.add_argument("--fleet-seconds", type=POSITIVE, default=5.0, help="--fleet: seconds per fleet size (default 5)")
+    p.add_argument("--batch-wait-ms", type=NON_NEGATIVE, default=0.0,
+                   help="--fleet: the server's batch wait (as vla-edge serve --batch-wait-ms; default 0)")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.fleet_bench" if a.fleet else "vla_edge.edge.cli.bench",
                                         "main", a))
 
