@@ -25,7 +25,8 @@ adds a second session that replays the fused graph's fixed-shape one-token step 
 Jacobi (parallel) decoding, and why the engine refuses ``parallel=True`` on dynamic-QInt8 decoders:
 :mod:`vla_edge.edge.decoding`; provider choice: :mod:`vla_edge.edge.providers`.
 
-The system-prompt prefix is run once at start-up; every step's cache starts from it. No torch here.
+The system-prompt prefix is run once at start-up; every step's cache starts from it. Several robots'
+observations in one call (a policy server): :mod:`vla_edge.edge.batch`. No torch here.
 """
 
 from __future__ import annotations

@@ -108,5 +108,6 @@ def test_bench_fleet_prints_the_batched_and_served_tables(fused_fp32_bundle, tmp
     assert [b["robots"] for b in res["batched"]] == [1, 2, 4, 8] and res["batching_off"] is None
     assert all(b["steps_per_s"] > 0 and b["p50"] > 0 for b in res["batched"])
     assert [f["robots"] for f in res["fleet"]] == [1, 2, 4, 8] and not any(f["errors"] for f in res["fleet"])
+    assert all(1 <= f["mean_batch"] <= f["robots"] for f in res["fleet"])
     for line in ("in-process batch of 8", "remote step", "fleet of 8 robots"):
         assert line in r.stdout, r.stdout
