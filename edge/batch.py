@@ -112,7 +112,7 @@ class BatchedEngine:
     def __init__(self, engine: Engine, max_batch: int = DEFAULT_MAX_BATCH):
         if why := batch_refusal(engine.bundle.manifest):
             raise EngineError(why)
-        if not engine.by_head or not engine.image_on_device:  # a hand-edited manifest, or graphs it does not describe
+        if not engine.by_head:  # a hand-edited manifest, or graphs it does not describe
             raise EngineError("this bundle's graphs do not match its manifest's batch axis: re-export it")
         if max_batch < 1:
             raise EngineError(f"max_batch must be >= 1, got {max_batch}")
@@ -122,37 +122,36 @@ class BatchedEngine:
         self._instructions: dict[tuple[str, bool], np.ndarray] = {}
 
     def step(self, observations: list[Observation]) -> list[ActionChunk]:
-        """N observations -> N chunks, in order. Raises EngineError (naming the row) for a bad observation,
-        before anything runs."""
+        """N observations -> N chunks, in order. Raises EngineError (naming the row) for a bad observation
+        (state width or NaN, empty instruction, camera count), before any graph runs."""
         e = self.engine
         n = len(observations)
         if not 1 <= n <= self.max_batch:
             raise EngineError(f"a batch holds 1..{self.max_batch} observations, got {n}")
         t0 = time.perf_counter()
-        states, texts = [], []
+        rows = []  # each row's prompt after the image: instruction, proprio tokens, suffix
         for i, obs in enumerate(observations):
             try:
-                states.append(e.policy.model_state(obs.state))
-                texts.append(self._instruction(obs.instruction, obs.navigation))
+                proprio = self._proprio(e.policy.model_state(obs.state))  # shape, then NaN: ValueError
+                rows.append(np.concatenate([self._instruction(obs.instruction, obs.navigation), e._embed(proprio),
+                                            e.suffix_embeds]))
             except (ValueError, EngineError) as err:
                 raise EngineError(f"observation {i}: {err}") from None
         buf = self._buffers.get(n) or self._allocate(n)
+        t1 = time.perf_counter()
         for i, obs in enumerate(observations):
             self._pixels_into(buf.pixels_host[i : i + 1], obs, i)
-        t1 = time.perf_counter()
+        t2 = time.perf_counter()
         buf.pixels.update_inplace(buf.pixels_host)
         e.vision.run_with_iobinding(buf.vision)
         image = buf.image.numpy()  # the prefill below starts with the system prompt, before the image
-        t2 = time.perf_counter()
-        rows = [np.concatenate([text, e._embed(self._proprio(state)), e.suffix_embeds])
-                for text, state in zip(texts, states, strict=True)]
         t3 = time.perf_counter()
         heads, calls, t_prefill = self._generate(buf, image, rows, [o.navigation for o in observations])
         t5 = time.perf_counter()
         chunks = [e.detokenize(np.asarray(h, np.int64), navigation=o.navigation)
                   for h, o in zip(heads, observations, strict=True)]
         t6 = time.perf_counter()
-        timings = {"compose": t1 - t0, "vision": t2 - t1, "prompt": t3 - t2, "prefill": t_prefill,
+        timings = {"prompt": t1 - t0, "compose": t2 - t1, "vision": t3 - t2, "prefill": t_prefill,
                    "decode": t5 - t3 - t_prefill, "detokenize": t6 - t5, "total": t6 - t0}
         for c in chunks:
             c.timings_ms = {k: v * 1e3 for k, v in timings.items()}  # the batch's stages: shared by its rows
@@ -188,7 +187,10 @@ class BatchedEngine:
         if obs.frames is None or len(obs.frames) != len(cams):
             got = 0 if obs.frames is None else len(obs.frames)
             raise EngineError(f"observation {i}: expected {len(cams)} camera frames ({', '.join(cams)}), got {got}")
-        e.kernels.compose_views(obs.frames, e.bundle.layout, out)
+        try:
+            e.kernels.compose_views(obs.frames, e.bundle.layout, out)
+        except (ValueError, TypeError) as err:  # a frame of another shape or type
+            raise EngineError(f"observation {i}: {err}") from None
 
     def _proprio(self, state: np.ndarray) -> np.ndarray:
         e = self.engine

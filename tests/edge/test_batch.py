@@ -113,6 +113,10 @@ def test_a_bad_observation_names_its_row_and_nothing_runs(engine):
     bad_state = Observation(np.zeros(13), "reach", pixels=obs[0].pixels)
     with pytest.raises(EngineError, match=r"observation 2: state has shape \(13,\)"):
         batch.step([obs[0], obs[1], bad_state])
+    with pytest.raises(EngineError, match="observation 1: state.* is NaN"):
+        batch.step([obs[0], Observation(obs[1].state * np.nan, "reach", pixels=obs[0].pixels)])
+    with pytest.raises(EngineError, match="observation 1: frames"):
+        batch.step([obs[0], Observation(obs[1].state, "reach", frames=[f[:, :, :2] for f in obs[1].frames])])
     with pytest.raises(EngineError, match="observation 1: instruction is empty"):
         batch.step([obs[0], Observation(obs[1].state, "  ", pixels=obs[0].pixels)])
     with pytest.raises(EngineError, match="observation 0: expected 3 camera frames"):
