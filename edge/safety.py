@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
-from vla_edge import VlaEdgeError
+from vla_edge import VlaEdgeError, kernels
 from vla_edge.edge.bundle.spec import PIPER_JOINT_HI, PIPER_JOINT_LO
 
 log = logging.getLogger(__name__)
@@ -102,31 +102,33 @@ class SafetyLimits:
         return cls(**section)
 
     @classmethod
-    def for_robot(cls, robot, policy=None) -> SafetyLimits:
+    def for_robot(cls, robot, policy=None, edges=None) -> SafetyLimits:
         """The limits of a loaded robot profile (:class:`~vla_edge.edge.robot.RobotConfig`): its arms' joint
         limits, its base's speed (m/s, rad/s) and acceleration (m/s^2, rad/s^2) limits.
 
         ``policy``: the bundle's :class:`~vla_edge.edge.bundle.spec.PolicySpec`; the joints whose targets, as
         the bundle decodes them (:meth:`PolicySpec.action_bounds`, its action encoding), can leave these limits
-        are logged once as a warning (those targets will be clamped: a sign of a wrong encoding)."""
+        are logged once as a warning (those targets will be clamped: a sign of a wrong encoding); ``edges``: its
+        bin edges (``TokenSpec.bin_edges``; default uniform)."""
         arm, base = robot.arms["left"], robot.base
         limits = cls(joint_lo=arm.joint_lo, joint_hi=arm.joint_hi, max_vx_mps=base.max_linear_mps,
                      max_wz_radps=base.max_angular_radps, max_ax_mps2=base.max_linear_accel_mps2,
                      max_aw_radps2=base.max_angular_accel_radps2)
         if policy is not None and policy.action_dim == len(JOINT_NAMES):
-            beyond = limits.beyond(*policy.action_bounds())
+            beyond = limits.beyond(*policy.action_bounds(), edges=edges)
             if beyond:
                 log.warning("safety: the bundle's actions (encoding %s) reach beyond the joint limits on %s; those "
                             "targets will be clamped", policy.actions, ", ".join(beyond))
         return limits
 
-    def beyond(self, lo, hi, n_bins: int = 255) -> list[str]:
+    def beyond(self, lo, hi, edges=None) -> list[str]:
         """Joints whose decoded targets can leave the limits: ``(lo, hi)`` as ``kernels.detokenize_actions``
-        takes them, the extreme bin centres being ``1 / n_bins`` of the range inside them (uniform bins), e.g.
-        ``["L_gripper [-0.996, 0.996] vs [0, 0.07]"]``."""
+        takes them, and the bundle's bin ``edges`` (default: the uniform 256), whose first and last bin centres
+        are the extreme values a token decodes to, e.g. ``["L_gripper [-0.996, 0.996] vs [0, 0.07]"]``."""
         lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-        inset = (hi - lo) / (2 * n_bins)
-        first, last = lo + inset, hi - inset
+        b = kernels.UNIFORM_EDGES if edges is None else np.asarray(edges, np.float64)
+        ends = [((b[0] + b[1]) / 2 + 1) / 2 * (hi - lo) + lo, ((b[-2] + b[-1]) / 2 + 1) / 2 * (hi - lo) + lo]
+        first, last = np.minimum(*ends), np.maximum(*ends)
         out = []
         for i in np.flatnonzero((first < self.joint_lo - 1e-9) | (last > self.joint_hi + 1e-9)):
             out.append(f"{JOINT_NAMES[i]} [{first[i]:.3g}, {last[i]:.3g}] vs [{self.joint_lo[i]:.3g}, "

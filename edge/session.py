@@ -241,7 +241,8 @@ def _run(cfg: RunConfig, session: Session, policy_wrapper, on_connected) -> int:
                                     "robot": profile.name, "sim": profile.sim is not None})
             observers.insert(0, recorder)
         session.arm(robot, cfg.firmware_estop, notify)
-        safety = SafetyFilter(SafetyLimits.for_robot(profile, bundle.policy))  # warns where its targets get clamped
+        # warns where the bundle's targets get clamped (its bins: a served bundle's too, from its manifest)
+        safety = SafetyFilter(SafetyLimits.for_robot(profile, bundle.policy, bundle.manifest["bin_edges"]))
         loop = ControlLoop(robot, policy, cfg.instruction, loop_cfg, safety, estop, stats, observers,
                            cameras=bundle.layout.cameras, stop_requested=stop.event)
         status = live_status(stats, loop)

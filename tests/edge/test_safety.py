@@ -169,3 +169,10 @@ def test_a_bundle_whose_decoded_targets_leave_the_limits_is_named_at_start(caplo
     for joint in ("L_j2 [-0.996, 0.996] vs [0, 3.14]", "L_j3", "L_gripper [-0.996, 0.996] vs [0, 0.07]", "R_gripper"):
         assert joint in rec.getMessage()
     assert "encoding raw" in rec.getMessage() and "L_j1" not in rec.getMessage()  # J1: +-2.62 rad holds +-0.996
+    # the bundle's own bins (e.g. export --bins norm): the extreme bin centres, not the uniform ones
+    edges = np.concatenate([[-1.0], np.linspace(-0.5, 0.5, 254), [1.0]])  # first centre -0.75, last +0.75
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vla_edge.edge.safety"):
+        SafetyLimits.for_robot(profile, cobot_magic_policy(actions="raw"), edges)
+    [rec] = caplog.records
+    assert "L_j2 [-0.75, 0.75] vs [0, 3.14]" in rec.getMessage(), rec.getMessage()
