@@ -17,6 +17,7 @@
 #   3b. placement  ONNX Runtime's profiler: the provider of every kernel run by each graph (node_providers.json)
 #   4. bench    vla-edge bench --provider cuda --baseline torch (PyTorch float16 on the same GPU),
 #               sequential and --parallel; then once more with the CUDA graph on (no baseline)
+#   4b. batch   BatchedEngine on batches of 1/2/4/8: steps/s against one at a time, tokens equal (batch.json)
 #   5. report   one JSON ($OUT/gpu_check.json) and a table on stdout
 #
 # Usage:
@@ -227,6 +228,49 @@ if [ "$PROVIDER" = cuda ]; then  # last: a CUDA graph that cannot be captured mu
     --warmup "$WARMUP" --json "$OUT_DIR/bench_cuda_graph.json"
 fi
 
+# ---- 4b. batch ------------------------------------------------------------------------------------------
+cat > "$WORK/batch.py" <<'PYEOF'
+"""Batches of 1/2/4/8 observations on the bundle: steps/s against one at a time, and tokens equal (batch.json)."""
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from vla_edge.edge.batch import BatchedEngine, Observation, batch_refusal
+from vla_edge.edge.bundle.manifest import Bundle
+from vla_edge.edge.engine import Engine
+
+bundle, out, provider = Bundle.load(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+if why := batch_refusal(bundle.manifest):
+    (out / "batch.json").write_text(json.dumps({"off": why}) + "\n")
+    print("batching off:", why)
+    sys.exit(0)
+engine = Engine(bundle, provider=provider)
+rng, s = np.random.default_rng(0), bundle.layout.output
+obs = [Observation(rng.normal(0, 0.3, bundle.policy.robot_state_dim), ["pick up the red cube", "go left", "open the top drawer slowly"][i % 3],
+                   pixels=rng.uniform(-1, 1, (1, 3, s, s)).astype(np.float32)) for i in range(8)]
+def p50(f, n=5):
+    f()
+    t = []
+    for _ in range(n):
+        t0 = time.perf_counter(); f(); t.append(time.perf_counter() - t0)
+    return float(np.median(t)) * 1e3
+alone = []
+for o in obs:
+    engine.start_episode(o.instruction)
+    alone.append(engine.step(None, o.state, pixels=o.pixels).token_ids)
+engine.start_episode(obs[0].instruction)
+one_ms = p50(lambda: engine.step(None, obs[0].state, pixels=obs[0].pixels))
+batch = BatchedEngine(engine)
+rows = []
+for n in (1, 2, 4, 8):
+    got = batch.step(obs[:n])
+    same = all(np.array_equal(g.token_ids, a) for g, a in zip(got, alone))
+    ms = p50(lambda: batch.step(obs[:n]))
+    rows.append({"robots": n, "p50_ms": ms, "steps_per_s": n * 1e3 / ms, "x": n * one_ms / ms, "tokens_equal": same})
+    print(rows[-1])
+(out / "batch.json").write_text(json.dumps({"one_at_a_time_p50_ms": one_ms, "batches": rows}, indent=2) + "\n")
+PYEOF
+stage "batches of 1/2/4/8 (BatchedEngine)" 120 "$PY" "$WORK/batch.py" "$BUNDLE" "$OUT_DIR" "$PROVIDER"
+
 # ---- 5. report ----------------------------------------------------------------------------------------
 "$PY" - "$OUT_DIR" "$SHAPE" "$PROVIDER" "$(( $(date +%s) - T0 ))" <<'EOF' | tee -a "$LOG"
 import json, platform, subprocess, sys
@@ -242,7 +286,7 @@ if provider == "cuda":
                          capture_output=True, text=True).stdout.strip()
 report = {"shape": shape, "provider": provider, "gpu": gpu, "machine": platform.platform(), "seconds": seconds,
           "parity": load("parity.json"), "node_providers": load("node_providers.json"),
-          "bench": load("bench.json"), "bench_cuda_graph": load("bench_cuda_graph.json")}
+          "bench": load("bench.json"), "bench_cuda_graph": load("bench_cuda_graph.json"), "batch": load("batch.json")}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
 def row(label, d, key="p50"):
@@ -281,6 +325,12 @@ for key, title in (("bench", "engine"), ("bench_cuda_graph", "CUDA graph on")):
         print(f"  {'speed-up vs PyTorch (p50 total)':<44}{base['speedup_p50']:>10.2f}x; chunks identical {base['chunks_identical']}")
         if "torch_peak_memory_mb" in base:
             print(f"  {'PyTorch peak GPU memory (MB)':<44}{base['torch_peak_memory_mb']:>10.0f}")
+bt = report["batch"] or {}
+if bt.get("off"):
+    print(f"  batches: off ({bt['off']})")
+for r in bt.get("batches", []):
+    print(f"  {'batch of ' + str(r['robots']) + ' (p50 ms, steps/s, x one at a time)':<44}{r['p50_ms']:>10.2f}"
+          f"{r['steps_per_s']:>9.1f}{r['x']:>7.2f}x  tokens equal {r['tokens_equal']}")
 print(f"\nwrote {out / 'gpu_check.json'}")
 EOF
 exit $bench_rc
