@@ -14,6 +14,11 @@ here smoke-tests a dataset before a real training run:
   last line), and labels: the system and user turns ignored except newline, ``<|im_start|>`` and
   ``<|im_end|>`` tokens, the assistant turn learnt whole, the state span ignored.
 
+Target positions: a sample may carry ``target_xy_m`` (``[x, y]`` m, where the simulated target was: ``vla-edge
+convert`` copies it from a simulated episode; the reference trainer ignores the key). When every sample has one,
+:attr:`LlavaData.targets_xy_m` holds them and ``vla-edge train-tiny`` turns on its training-only target probe
+(what the tiny model needs to learn the reach task from scratch); nothing else reads them.
+
 Images: ``images/<id>.jpg`` opened with PIL, RGB, resized to the vision tower's size with PIL BICUBIC (the
 SigLIP image processor's resize), scaled to ``(px / 255 - 0.5) / 0.5`` when batched.
 
@@ -32,7 +37,7 @@ Usage (``vla-edge train-tiny --data data/`` does this when the directory holds a
 
     data = LlavaData.load("data/", tokenizer_json, tokens, image_size=384)   # data.json, images/, statistics.yaml
     ids, labels = data.ids[0], data.labels[0]     # the image a single IMAGE_TOKEN_INDEX, as the reference has it
-    batch = JsonBatcher(model, data)([0, 1, 2])    # (inputs_embeds, attention_mask, labels, image_embeds)
+    batch = JsonBatcher(model, data)([0, 1, 2])    # (inputs_embeds, attention_mask, labels, image_embeds, after_image)
 
 Needs Pillow, PyYAML and ``tokenizers``; :class:`JsonBatcher` needs torch (the ``[export]`` extra).
 """
@@ -145,8 +150,9 @@ class LlavaData:
     ids: list[list[int]] = field(repr=False)
     labels: list[list[int]] = field(repr=False)
     sample_ids: list[str] = field(repr=False)
-
-    targets_xy_m = None  # no target positions in LLaVA-VLA data: train-tiny's target probe stays off
+    targets_xy_m: np.ndarray | None = field(default=None, repr=False)
+    """(n, 2) each sample's ``target_xy_m`` when every sample has one (simulated data), else None: train-tiny's
+    target probe stays off."""
 
     @property
     def episodes(self) -> int:
@@ -166,30 +172,40 @@ class LlavaData:
             raise LlavaDataError(f"{root / 'data.json'}: {e}") from None
         stats = read_statistics(Path(stats_path) if stats_path else root / "statistics.yaml")
         enc = ReferenceEncoder(tokenizer_json, tokens, stats.proprio_mean, stats.proprio_std)
-        images, ids, labels, names = [], [], [], []
+        if not isinstance(samples, list) or not samples:
+            raise LlavaDataError(f"{root / 'data.json'}: no samples")
+        # one array filled in place: a list of per-sample arrays stacked at the end held every image twice
+        images = np.empty((len(samples), image_size, image_size, 3), np.uint8)
+        ids, labels, names, targets = [], [], [], []
         for k, s in enumerate(samples):
             try:
                 a, b = enc.conversation(s["conversations"])
+                target = s.get("target_xy_m")
+                if target is not None:
+                    target = [float(v) for v in target]
+                    if len(target) != 2 or not np.all(np.isfinite(target)):
+                        raise ValueError(f"target_xy_m {s['target_xy_m']!r} is not a finite [x, y]")
                 with Image.open(root / s["image"]) as im:
                     px = im.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
             except (KeyError, TypeError, ValueError, OSError) as e:
                 raise LlavaDataError(f"{root / 'data.json'}: sample {k} ({s.get('id', '?')}): {e}") from None
             except LlavaDataError as e:
                 raise LlavaDataError(f"{root / 'data.json'}: sample {k} ({s.get('id', '?')}): {e}") from None
-            images.append(np.asarray(px, np.uint8))
+            images[k] = np.asarray(px, np.uint8)
             ids.append(a)
             labels.append(b)
             names.append(str(s.get("id", k)))
+            targets.append(target)
             if progress is not None:
                 progress()
-        if not ids:
-            raise LlavaDataError(f"{root / 'data.json'}: no samples")
-        return cls(root, np.stack(images), ids, labels, names)
+        known = all(t is not None for t in targets)
+        return cls(root, images, ids, labels, names, np.asarray(targets, np.float64) if known else None)
 
 
 class JsonBatcher:
     """A batch of :class:`LlavaData` samples for :func:`vla_edge.tools.train_tiny.loss_of`: the image
-    embeddings spliced in at the image token (labels ignored there), right-padded."""
+    embeddings spliced in at the image token (labels ignored there), right-padded; and per sample the first
+    position after the image (the target probe reads the decoder only where the image is in view)."""
 
     def __init__(self, model, data: LlavaData):
         self.model, self.data = model, data
@@ -213,4 +229,5 @@ class JsonBatcher:
         full = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
         for b, (r, lab) in enumerate(zip(rows, labels, strict=True)):
             embeds[b, : len(r)], attn[b, : len(r)], full[b, : len(lab)] = r, 1, torch.tensor(lab)
-        return embeds, attn, full, image
+        after_image = torch.tensor([self.split[i] + image.shape[1] for i in idx])
+        return embeds, attn, full, image, after_image

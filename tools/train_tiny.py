@@ -24,8 +24,13 @@ token table start as smooth Fourier features of the bin value, so neighbouring b
 the output head is ordinal from the first step. AdamW, warm-up then cosine decay.
 
 **LLaVA-VLA data** (``--data`` with a ``data.json``, e.g. ``vla-edge convert``'s): read and encoded as the reference
-trainer does (:mod:`vla_edge.tools.llava_data`, which says how to smoke-test a dataset), no target probe; the
-checkpoint carries no statistics, like the trainer's: export it with ``--stats data/statistics.yaml``.
+trainer does (:mod:`vla_edge.tools.llava_data`, which says how to smoke-test a dataset). The target probe is on
+when every sample carries ``target_xy_m`` (convert copies it from simulated episodes; the reference trainer
+ignores the key); its decoder head reads the positions after the image. The checkpoint carries no statistics,
+like the trainer's (export it with ``--stats data/statistics.yaml``), unless ``with_stats`` (``--with-stats``):
+then it records the data's ``statistics.yaml`` and ``vla_edge.json`` (bounds, proprio moments, the action
+encoding, the state padding, the image layout) as its ``policy`` and ``image_layout``, and ``vla-edge export``
+needs no ``--stats`` (as ``vla-edge demo`` exports its policy; ``vla_edge.tools.make_demo_policy`` trains that way).
 
 Output: a vla-edge wrapper checkpoint (``best.pt``) that ``vla-edge export`` takes like any other
 (``torch.load(weights_only=True)`` safe).
@@ -58,6 +63,7 @@ from vla_edge.edge.sim.evaluate import record_expert_episodes
 from vla_edge.export.checkpoint import load_checkpoint
 from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
 from vla_edge.export.demo import SHIPPED_POLICY  # noqa: F401  (re-exported)
+from vla_edge.export.stats import read_statistics
 from vla_edge.export.tiny import build_tiny_tokenizer, tiny_token_spec
 from vla_edge.kernels.reference import bin_edges, tokenize_proprio
 from vla_edge.tools.llava_data import JsonBatcher, LlavaData
@@ -241,13 +247,17 @@ class TargetProbe:
     def parameters(self):
         return [*self.image_head.parameters(), *self.decoder_head.parameters()]
 
-    def loss(self, image, last_hidden, labels, idx):
-        """Mean squared error of both heads (standardised units) for the samples ``idx``."""
+    def loss(self, image, last_hidden, labels, idx, after_image=None):
+        """Mean squared error of both heads (standardised units) for the samples ``idx``; ``after_image``: per
+        sample, the first position after the image (the decoder head reads no labelled position before it)."""
+        import torch  # torch: the [export] extra
         import torch.nn.functional as F  # torch: the [export] extra
 
         y = self.targets[idx]
         from_image = self.image_head(image[:, :-1].mean(1))  # patches only, not image_newline
         emits = labels[:, 1:] != -100  # position p emits the token at p + 1
+        if after_image is not None:  # LLaVA-VLA data labels a few prompt tokens before the image too
+            emits &= torch.arange(emits.shape[1])[None, :] >= after_image[:, None]
         h = last_hidden[:, :-1][emits]  # (n_action_positions, H)
         rows = emits.nonzero()[:, 0]
         return F.mse_loss(from_image, y) + F.mse_loss(self.decoder_head(h), y[rows])
@@ -257,12 +267,12 @@ def loss_of(model, batch, probe: TargetProbe | None = None, idx=None):
     """Cross-entropy of the action tokens (plus ``probe``'s weighted loss); returns ``(total, ce, aux)``."""
     import torch.nn.functional as F  # torch: the [export] extra
 
-    embeds, attn, labels, image = batch
+    embeds, attn, labels, image, *after_image = batch  # JsonBatcher adds where each image ends
     out = model.lm(inputs_embeds=embeds, attention_mask=attn, output_hidden_states=probe is not None)
     ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     if probe is None:
         return ce, ce, None
-    aux = probe.loss(image, out.hidden_states[-1], labels, idx)
+    aux = probe.loss(image, out.hidden_states[-1], labels, idx, *after_image)
     return ce + probe.weight * aux, ce, aux
 
 
@@ -279,11 +289,13 @@ class TrainResult:
 
 def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: int = 8, lr: float = 2e-3,
           seed: int = 0, max_episodes: int = 0, threads: int = 0, progress: bool = True,
-          init: str | Path | None = None, aux_weight: float = 1.0) -> TrainResult:
+          init: str | Path | None = None, aux_weight: float = 1.0, with_stats: bool = False) -> TrainResult:
     """Train on the episodes in ``data_dir`` and write the wrapper checkpoint to ``out``.
 
     ``init``: start from this checkpoint's weights (one written by this function) instead of a fresh model.
     ``aux_weight``: weight of the :class:`TargetProbe` loss (used when the episodes record their target; 0: off).
+    ``with_stats``: LLaVA-VLA data: record its statistics.yaml and vla_edge.json in the checkpoint (module
+    docstring), so that it exports without ``--stats``.
     """
     import torch  # torch: the [export] extra
 
@@ -306,6 +318,11 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
             job = bar.add_task("reading episodes", total=n_files)
             ds = load_dataset(data_dir, layout, max_episodes, progress=lambda: bar.advance(job))
     policy = None if llava else statistics(ds)
+    out_layout = None if llava else layout
+    if llava and with_stats:  # the data's own statistics, action encoding, state padding and layout
+        data_stats = read_statistics(Path(data_dir) / "statistics.yaml")
+        policy = data_stats.policy(chunk_size=CHUNK, actions=data_stats.actions or "raw")
+        out_layout = data_stats.layout or layout
     if init is None:
         model = build_model(tokens, seed)
     else:  # the checkpoint's own shape, which may be an older policy shape
@@ -358,9 +375,11 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
             if (step + 1) % 50 == 0:
                 log.info("step %d/%d loss %.3f target probe %.3f (%.0f s)", step + 1, steps, np.mean(losses[-50:]),
                          np.mean(aux_losses[-50:]), time.monotonic() - t0)
-    path = write_checkpoint(model, policy, tokens, tokenizer_json, None if llava else layout, out,
+    path = write_checkpoint(model, policy, tokens, tokenizer_json, out_layout, out,
                             meta={"data": str(data_dir), "episodes": ds.episodes, "samples": n, "steps": steps,
                                   "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight if probe else 0.0,
+                                  "init": str(init) if init else None,
+                                  "statistics": "data" if llava and with_stats else ("derived" if not llava else None),
                                   "final_loss": float(np.mean(losses[-20:]))})
     return TrainResult(path=path, losses=losses, seconds=time.monotonic() - t0, samples=n, episodes=ds.episodes,
                        probe_losses=aux_losses if probe is not None else [])
@@ -368,7 +387,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
 
 def write_checkpoint(model, policy, tokens, tokenizer_json: str, layout, out, meta: dict, fp16: bool = True) -> Path:
     """The vla-edge wrapper (README, "Checkpoints"); tensors stored fp16 by default to keep it small.
-    ``policy``/``layout`` None: left out (LLaVA-VLA data: the statistics and layout stay with the data)."""
+    ``policy``/``layout`` None: left out (LLaVA-VLA data without ``with_stats``: they stay with the data)."""
     import torch  # torch: the [export] extra
 
     sd = model.llava_state_dict()
@@ -397,9 +416,14 @@ def main(args) -> int:
                                              progress=lambda r: bar.advance(job))
         ok = sum(r.success for r in results)
         console.print(f"recorded {len(results)} expert episodes into {args.data} ({ok} successful)")
-    stats = f" --stats {Path(args.data) / 'statistics.yaml'}" if (Path(args.data) / "data.json").is_file() else ""
+    llava = (Path(args.data) / "data.json").is_file()
+    with_stats = getattr(args, "with_stats", False)
+    if with_stats and not llava:
+        raise VlaEdgeError("--with-stats is for LLaVA-VLA data (a data.json); HDF5 episodes' statistics are always "
+                           "recorded in the checkpoint")
+    stats = f" --stats {Path(args.data) / 'statistics.yaml'}" if llava and not with_stats else ""
     res = train(args.data, args.out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                max_episodes=args.max_episodes, init=args.init, aux_weight=args.aux_weight)
+                max_episodes=args.max_episodes, init=args.init, aux_weight=args.aux_weight, with_stats=with_stats)
     console.print(f"[green]wrote[/] {res.path} ({res.path.stat().st_size / 1e6:.2f} MB) after {res.seconds:.0f} s; "
                   f"loss {np.mean(res.losses[:20]):.3f} -> {np.mean(res.losses[-20:]):.3f}. "
                   f"Next: vla-edge export --ckpt {res.path}{stats} --out bundle/")

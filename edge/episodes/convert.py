@@ -29,7 +29,12 @@ Output, in OUT (written to a temporary directory and renamed into place only whe
                        the trainer's ``encode_robot_obs`` asserts (the Cobot Magic has 14; a wider state is
                        refused). Floats are ``str()`` joined by single spaces: the recorded float32 state
                        values, and the float64 normalised actions (shortest round-trip form: lossless, the
-                       recorded float32 action is ``float32((x + 1) / 2 * (hi - lo) + lo)``)
+                       recorded float32 action is ``float32((x + 1) / 2 * (hi - lo) + lo)``).
+                       A simulated episode (one with the ``target_xy_m`` attribute, as ``vla-edge record
+                       --robot sim`` writes it) adds ``"target_xy_m": [x, y]`` to each of its samples: where
+                       the simulated target was, for ``vla-edge train-tiny``'s training-only target probe.
+                       The reference trainer reads only ``image``, ``conversations``, ``embody`` and ``id``
+                       of a sample (``LazySupervisedDataset._get_item``) and ignores the extra key
     images/*.jpg       the composed canvas of tick t (e.g. 336 x 336 for the Cobot Magic layout), before
                        the trainer's resize to 384: the layout's tiles and filter, composed by the same
                        C++ kernel as the runtime (bit-identical to PIL), JPEG quality 75 (PIL's default,
@@ -108,6 +113,7 @@ class EpisodeInfo:
     instruction: str
     qpos: np.ndarray = field(repr=False)
     action: np.ndarray = field(repr=False)
+    target_xy_m: list[float] | None = None  # a simulated episode's target (attribute ``target_xy_m``)
 
 
 @dataclass
@@ -144,6 +150,7 @@ def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
         qpos = r.qpos().astype(np.float32)
         action = r.action().astype(np.float32)
         instruction = cfg.instruction or r.instruction()
+        target = r.attrs.get("target_xy_m")
         r.check_equal_rows()
     if qpos.ndim != 2 or action.ndim != 2 or qpos.shape[0] == 0:
         raise ConvertError(f"{path}: qpos {qpos.shape} / action {action.shape}: expected (N, D) with N > 0")
@@ -160,7 +167,20 @@ def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
         raise ConvertError(f"{path}: instruction {instruction!r} ends in {instruction[-1]!r} or holds a newline: "
                            "the reference trainer would train without it (Qwen2 merges a final punctuation mark or "
                            "space with the newline it locates the state by); give --instruction without it")
-    return EpisodeInfo(path, r.index or 0, instruction, qpos, action)
+    return EpisodeInfo(path, r.index or 0, instruction, qpos, action, _target_xy_m(path, target))
+
+
+def _target_xy_m(path: Path, value) -> list[float] | None:
+    """A simulated episode's ``target_xy_m`` attribute (JSON ``[x, y]``), or None when it has none."""
+    if value is None:
+        return None
+    try:
+        xy = [float(v) for v in json.loads(value if isinstance(value, str) else bytes(value).decode())]
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"{path}: attribute target_xy_m {value!r} is not [x, y] ({e})") from None
+    if len(xy) != 2 or not all(np.isfinite(xy)):
+        raise ConvertError(f"{path}: attribute target_xy_m {value!r} is not a finite [x, y]")
+    return xy
 
 
 # -- samples -----------------------------------------------------------------------------------------------
@@ -181,9 +201,11 @@ def normalise_bounds(actions: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.
     return np.clip(x, -1.0, 1.0)
 
 
-def sample_entry(sample_id: str, image: str, instruction: str, qpos: np.ndarray, chunk: np.ndarray) -> dict:
-    """One data.json sample; ``qpos`` and ``chunk`` as they are to be written (padded, normalised)."""
-    return {
+def sample_entry(sample_id: str, image: str, instruction: str, qpos: np.ndarray, chunk: np.ndarray,
+                 target_xy_m: list[float] | None = None) -> dict:
+    """One data.json sample; ``qpos`` and ``chunk`` as they are to be written (padded, normalised);
+    ``target_xy_m``: a simulated episode's target, kept for train-tiny's target probe."""
+    sample = {
         "id": sample_id,
         "image": image,
         "conversations": [
@@ -192,6 +214,9 @@ def sample_entry(sample_id: str, image: str, instruction: str, qpos: np.ndarray,
         ],
         "embody": True,
     }
+    if target_xy_m is not None:
+        sample["target_xy_m"] = list(target_xy_m)
+    return sample
 
 
 # -- statistics ----------------------------------------------------------------------------------------------
@@ -265,7 +290,8 @@ def convert(src: str | Path, out: str | Path, cfg: ConvertConfig = ConvertConfig
                     if not ok:
                         raise ConvertError(f"{ep.path}: tick {t}: JPEG encoding failed")
                     (tmp / image).write_bytes(jpeg.tobytes())
-                    samples.append(sample_entry(sample_id, image, ep.instruction, states[t], chunks[t]))
+                    samples.append(sample_entry(sample_id, image, ep.instruction, states[t], chunks[t],
+                                                ep.target_xy_m))
             if progress is not None:
                 progress(ep)
         with open(tmp / DATA_JSON, "w") as fh:

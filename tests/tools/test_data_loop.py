@@ -2,10 +2,12 @@
 
 1. ``vla-edge record --robot sim``: 24 teleoperated episodes of the reach task (the simulated operator moves
    the master arms with the scripted expert; seeds 40..63, six at each of the four spots, random start poses);
-2. ``vla-edge convert --to llava-vla``: data.json, the JPEGs, statistics.yaml, vla_edge.json;
+2. ``vla-edge convert --to llava-vla``: data.json (each sample with its simulated episode's ``target_xy_m``), the
+   JPEGs, statistics.yaml, vla_edge.json;
 3. ``vla-edge train-tiny --data <convert's output>``: the tiny LLaVA-VLA-shaped model trained from data.json,
    the JPEGs and statistics.yaml only, the text encoded as the reference trainer encodes it (fine-tuned from
-   the shipped tiny policy, as LLaVA-VLA fine-tunes a pretrained model);
+   the shipped tiny policy, as LLaVA-VLA fine-tunes a pretrained model; with the training-only target probe, fed
+   by the samples' ``target_xy_m``);
 4. ``vla-edge export --ckpt best.pt --stats data/statistics.yaml``: no flag says how actions were encoded;
 5. ``vla-edge eval`` on held-out seeds (1000.., never trained on).
 
@@ -36,8 +38,9 @@ pytest.importorskip("PIL")
 EPISODES, FIRST_SEED = 24, 40
 EVAL_EPISODES = 12
 MIN_SUCCESSES = 4
-"""Held-out successes the test requires of 12 (README, "Collecting data": measured 7-9 of 12; the shipped
-policy's weights with the data's statistics but no training: 0 of 8, as a wrong encoding gives)."""
+"""Held-out successes the test requires of 12 (README, "Collecting data": measured 7-9 of 12 before the probe
+read data.json's targets, 10 of 12 with it; the shipped policy's weights with the data's statistics but no
+training: 0 of 8, as a wrong encoding gives)."""
 
 
 @pytest.fixture(scope="module")

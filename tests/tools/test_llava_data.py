@@ -190,3 +190,62 @@ def test_what_the_reference_trainer_would_stop_on_or_misread(dataset, tmp_path):
         with pytest.raises(LlavaDataError, match=phrase) as e:
             LlavaData.load(d, tj, tokens, 384)
         assert "sample 0 (episode_0_0000000)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_target_positions_are_read_when_every_sample_has_one(dataset, tmp_path):
+    """convert copies a simulated episode's ``target_xy_m`` into its samples (the reference trainer ignores the
+    key): train-tiny's target probe reads them; the ids and labels are the same as without them."""
+    tokens, tj = dataset["tokens"], dataset["tokenizer_json"]
+    plain = LlavaData.load(dataset["dir"] / "data", tj, tokens, 384)
+    assert plain.targets_xy_m is None
+    for name, targets, want in (("all", [[0.1, 0.4], [-0.2, 0.45], [0.3, 0.42]], "array"),
+                                ("some", [[0.1, 0.4], None, [0.3, 0.42]], None),
+                                ("bad", [[0.1, 0.4], [0.2], [0.3, 0.42]], "not a finite")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "images").symlink_to(dataset["dir"] / "data" / "images")
+        (d / "statistics.yaml").write_text((dataset["dir"] / "data" / "statistics.yaml").read_text())
+        samples = json.loads(json.dumps(dataset["samples"]))
+        for s, t in zip(samples, targets, strict=True):
+            if t is not None:
+                s["target_xy_m"] = t
+        (d / "data.json").write_text(json.dumps(samples))
+        if want == "not a finite":
+            with pytest.raises(LlavaDataError, match="sample 1 .*not a finite"):
+                LlavaData.load(d, tj, tokens, 384)
+            continue
+        data = LlavaData.load(d, tj, tokens, 384)
+        assert data.ids == plain.ids and data.labels == plain.labels
+        if want is None:
+            assert data.targets_xy_m is None
+        else:
+            assert np.array_equal(data.targets_xy_m, np.array(targets))
+
+
+def test_train_tiny_with_stats_writes_a_self_contained_checkpoint(dataset, tmp_path):
+    """``train-tiny --data data/ --with-stats``: the probe is on (the samples carry targets) and the checkpoint
+    records the data's statistics.yaml and vla_edge.json, so it loads (exports) with no --stats."""
+    pytest.importorskip("torch")
+    from vla_edge.export.checkpoint import load_checkpoint
+    from vla_edge.tools.train_tiny import train
+
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "images").symlink_to(dataset["dir"] / "data" / "images")
+    (d / "statistics.yaml").write_text((dataset["dir"] / "data" / "statistics.yaml").read_text())
+    (d / "vla_edge.json").write_text(json.dumps({"policy": {"chunk_size": 5, "action_dim": 14, "state_dim": 15,
+                                                            "state_pad": [0.0]}, "actions": "bounds"}))
+    samples = json.loads(json.dumps(dataset["samples"]))
+    for k, s in enumerate(samples):
+        s["target_xy_m"] = [0.1 * k, 0.43]
+    (d / "data.json").write_text(json.dumps(samples))
+    res = train(d, tmp_path / "with.pt", steps=2, batch=2, progress=False, with_stats=True)
+    assert len(res.probe_losses) == 2 and all(np.isfinite(res.probe_losses))
+    ck = load_checkpoint(res.path)  # no --stats
+    stats = dataset["stats"]
+    assert ck.policy.actions == "bounds" and ck.policy.state_pad == (0.0,) and ck.policy.state_dim == 15
+    assert ck.policy.action_lo == stats["act_min_bound"] and ck.policy.proprio_std == stats["robot_obs"][0]["std"]
+    res = train(d, tmp_path / "without.pt", steps=1, batch=2, progress=False, aux_weight=0)
+    assert res.probe_losses == []
+    with pytest.raises(Exception, match="carries no normalisation statistics"):
+        load_checkpoint(res.path)  # like the reference trainer's: the statistics stay with the data

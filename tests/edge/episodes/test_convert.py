@@ -59,12 +59,14 @@ def test_round_trip_samples_images_statistics(recorded, tmp_path):
         with h5py.File(path, "r") as f:
             q, a = f["observations/qpos"][()], f["action"][()]
             instruction = f.attrs["instruction"]
+            target = json.loads(f.attrs["target_xy_m"])  # a simulated episode's target, for train-tiny's probe
             n = len(q)
             all_q.append(q)
             all_a.append(a)
             for t in range(n):
                 s = samples[k + t]
-                assert set(s) == {"id", "image", "conversations", "embody"} and s["embody"] is True
+                assert set(s) == {"id", "image", "conversations", "embody", "target_xy_m"} and s["embody"] is True
+                assert s["target_xy_m"] == target and len(target) == 2
                 human, gpt = s["conversations"]
                 assert human["from"] == "human" and gpt["from"] == "gpt"
                 image_tag, text, state = human["value"].split("\n")
@@ -131,6 +133,7 @@ def test_short_episode_other_layout_and_compressed_images(tmp_path):
     assert (r.episodes, r.samples) == (1, 3)
     samples = json.loads((tmp_path / "out/data.json").read_text())
     assert [s["id"] for s in samples] == ["episode_7_0000000", "episode_7_0000001", "episode_7_0000002"]
+    assert all(set(s) == {"id", "image", "conversations", "embody"} for s in samples)  # no target on a real robot
     stats = yaml.safe_load((tmp_path / "out/statistics.yaml").read_text())
     lo, hi = np.array(stats["act_min_bound"]), np.array(stats["act_max_bound"])
     first = (_floats(samples[0]["conversations"][1]["value"]).reshape(5, 14) + 1) / 2 * (hi - lo) + lo
