@@ -12,6 +12,7 @@ the bundle needs the [export] extra.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,8 +53,11 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     d = demo_dir(workdir)
     bundle = d / "bundle"
     wanted = policy.name if policy is not None else "tiny.pt"
-    if _loads(bundle) and json.loads((bundle / "manifest.json").read_text())["source"]["name"] == wanted:
-        return bundle
+    if _loads(bundle):
+        source = json.loads((bundle / "manifest.json").read_text())["source"]
+        # the shipped policy by content: a bundle cached from an earlier tiny_policy.pt is exported again
+        if source["name"] == wanted and (policy is None or source.get("sha256") == _sha256(policy)):
+            return bundle
     try:
         # the export tools: a robot-side install lacks them (the except below)
         from vla_edge.export.checkpoint import load_checkpoint
@@ -76,6 +80,11 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
                   console=log_console()) as progress:
         export_bundle(load_checkpoint(ckpt), ExportOptions(out=bundle, precision="int8", force=True), progress)
     return bundle
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256 (hex), as the bundle's manifest records its source's."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _loads(bundle: Path) -> bool:

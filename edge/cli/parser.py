@@ -245,6 +245,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=POSITIVE, default=10.0, help="how long to run the simulated robot")
     p.add_argument("--seed", type=int, help="episode seed: where the target is (default: a random one)")
     p.add_argument("--workdir", help="where to keep the checkpoint and bundle (default: user cache)")
+    p.add_argument("--bundle", help="run this bundle instead of the shipped policy's (another reach policy: "
+                   "python -m vla_edge.tools.demo_rate --bundle measures it)")
     _policy_server_options(p)
     _view_options(p, "the demo")
     p.set_defaults(func=lambda a: _call("vla_edge.edge.cli.run", "demo", a))
@@ -307,6 +309,9 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aux-weight", type=NON_NEGATIVE, default=1.0,
                    help="weight of the training-only target-position loss, used when the episodes record "
                    "target_xy_m (default 1.0; 0 turns it off)")
+    p.add_argument("--with-stats", action="store_true",
+                   help="LLaVA-VLA data: record its statistics.yaml and vla_edge.json in the checkpoint, so that "
+                   "vla-edge export needs no --stats (as vla-edge demo exports its policy)")
     p.set_defaults(func=lambda a: _call("vla_edge.tools.train_tiny", "main", a))
 
 

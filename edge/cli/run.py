@@ -7,6 +7,7 @@ Usage::
     vla-edge run --robot sim --seconds 10 --view                # and watch it live in Rerun ([view] extra)
     vla-edge demo                                               # shipped policy -> INT8 bundle -> sim reach
     vla-edge demo --policy-server http://127.0.0.1:8000         # the same, the policy on `vla-edge serve`
+    vla-edge demo --bundle b/                                   # the same episode with another reach policy
 
 Without ``--bundle`` the simulated robot runs the demo bundle (exported from the shipped tiny policy on first
 use, :mod:`vla_edge.export.demo`); a real robot needs ``--bundle``.
@@ -79,7 +80,8 @@ def demo(args) -> int:
     ``--seconds``. The verdict (stdout) is eval's: success and time to success, or none.
     """
     served = getattr(args, "policy_server", None)  # vla-edge serve runs the (demo) bundle
-    if not served:
+    bundle = getattr(args, "bundle", None)  # another policy's bundle instead of the shipped one's
+    if not served and not bundle:
         ensure_demo_bundle(args.workdir)
     task = ReachTask()
     seed = args.seed if getattr(args, "seed", None) is not None else random.randrange(1_000_000)
@@ -94,7 +96,7 @@ def demo(args) -> int:
         seen["monitor"] = SuccessMonitor(task, robot.sim, episode, loop, 1.0 / loop.cfg.rate_hz).__enter__()
 
     try:
-        cfg = RunConfig(bundle="" if served else str(demo_dir(args.workdir) / "bundle"), robot="sim",
+        cfg = RunConfig(bundle="" if served else (bundle or str(demo_dir(args.workdir) / "bundle")), robot="sim",
                         instruction=INSTRUCTION, seconds=args.seconds, view=getattr(args, "view", False),
                         view_save=getattr(args, "view_save", None), policy_server=served,
                         policy_timeout_s=getattr(args, "policy_timeout", 1.0))
