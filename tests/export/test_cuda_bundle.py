@@ -59,6 +59,7 @@ CUDA_KERNELS: dict[tuple[str, str], dict[int, set | None] | str] = {
     ("", "Softmax"): {0: _FLOAT},
     ("", "Tanh"): {0: _FLOAT},
     ("", "Transpose"): {0: _ALL},
+    ("", "Unsqueeze"): {0: _ALL, 1: {"int64"}},  # the vision graph's batch axis: attention shapes from Shape
     ("", "Where"): {0: {"bool"}, 1: {"bfloat16", "double", "float", "float16", "int32", "int64", "uint8"},
                     2: {"bfloat16", "double", "float", "float16", "int32", "int64", "uint8"}},
     ("", "Constant"): "folded into an initializer when the session loads: no kernel runs",
