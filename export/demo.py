@@ -12,7 +12,6 @@ the bundle needs the [export] extra.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -56,7 +55,7 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     if _loads(bundle):
         source = json.loads((bundle / "manifest.json").read_text())["source"]
         # the shipped policy by content: a bundle cached from an earlier tiny_policy.pt is exported again
-        if source["name"] == wanted and (policy is None or source.get("sha256") == _sha256(policy)):
+        if source["name"] == wanted and (policy is None or source.get("sha256") == _file_sha256(policy)):
             return bundle
     try:
         # the export tools: a robot-side install lacks them (the except below)
@@ -82,9 +81,11 @@ def ensure_demo_bundle(workdir: str | None = None) -> Path:
     return bundle
 
 
-def _sha256(path: Path) -> str:
-    """The file's sha256 (hex), as the bundle's manifest records its source's."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _file_sha256(path: Path) -> str:
+    """The file's sha256, as export records its source's (export.checkpoint: kept out of `vla-edge run`'s start-up)."""
+    from vla_edge.export.checkpoint import file_sha256
+
+    return file_sha256(path)
 
 
 def _loads(bundle: Path) -> bool:
@@ -98,10 +99,6 @@ def _loads(bundle: Path) -> bool:
 
 def shipped_checkpoint_for(bundle) -> str | None:
     """The shipped tiny policy's path, when ``bundle`` was exported from it (its sha256 matches)."""
-    if SHIPPED_POLICY.exists():
-        # export.checkpoint: kept out of `vla-edge run`'s start-up, as above
-        from vla_edge.export.checkpoint import file_sha256
-
-        if file_sha256(SHIPPED_POLICY) == bundle.manifest.get("source", {}).get("sha256"):
-            return str(SHIPPED_POLICY)
+    if SHIPPED_POLICY.exists() and _file_sha256(SHIPPED_POLICY) == bundle.manifest.get("source", {}).get("sha256"):
+        return str(SHIPPED_POLICY)
     return None
