@@ -35,7 +35,9 @@ the ``[view]`` extra), never holding up a tick.
 ``sim``: simulated master arms (:mod:`vla_edge.firmware_bridge.piper_master_sim`) send the same CAN
 frames on the puppets' virtual buses, moved by the reach task's scripted expert
 (:class:`~vla_edge.edge.sim.task.ExpertPolicy`); each episode places the target and the start pose of
-seed ``--seed + i``, so the whole path runs through the real piper_sdk.
+seed ``--seed + i``, so the whole path runs through the real piper_sdk. The simulated operator ends each
+episode as a person presses **n**: ``--hold-seconds`` (0.5 s) after it reached the target (``--episode-seconds``
+the longest); ``--start-spread 0`` starts every episode at the ready pose.
 
 Robot-side: no torch.
 """
@@ -85,6 +87,10 @@ class RecordConfig:
     keyboard: str = "auto"
     keyboard_tty: object = None
     seed: int = 0
+    start_spread_rad: float | None = None
+    """sim: the start pose's spread (:meth:`~vla_edge.edge.sim.task.ReachTask.start_pose`; None: the task's)."""
+    hold_s: float = 0.5
+    """sim: the simulated operator ends each episode once it held the reached target this long."""
     view: bool = False
     view_save: Path | None = None
     """Stream every recorded tick to a Rerun viewer (``view``) or into a .rrd file (``view_save``)."""
@@ -95,6 +101,10 @@ class RecordConfig:
         if self.episodes < 1 or self.episode_s <= 0 or self.reset_s < 0:
             raise VlaEdgeError(f"need --episodes >= 1, --episode-seconds > 0, --reset-seconds >= 0; got "
                                f"{self.episodes}, {self.episode_s}, {self.reset_s}")
+        if self.start_spread_rad is not None and not 0.0 <= self.start_spread_rad <= 1.0:
+            raise VlaEdgeError(f"need 0 <= --start-spread <= 1 rad; got {self.start_spread_rad}")
+        if self.hold_s < 0:
+            raise VlaEdgeError(f"need --hold-seconds >= 0; got {self.hold_s}")
         if self.out.exists() and not self.out.is_dir():
             raise VlaEdgeError(f"--out {self.out} exists and is not a directory")
 
@@ -192,7 +202,9 @@ class Recorder:
             self.master_sims[side] = PiperMasterSim(PiperMasterSimConfig(channel=channels[side])).start()
         if self.sim_teleoperator is None:
             raise VlaEdgeError(f"robot {self.profile.name} is simulated: record needs a simulated teleoperator")
-        self.teleop = self.sim_teleoperator(self.robot, self.master_sims, self.rate_hz, self.cfg.instruction).start()
+        self.teleop = self.sim_teleoperator(self.robot, self.master_sims, self.rate_hz, self.cfg.instruction,
+                                            start_spread_rad=self.cfg.start_spread_rad,
+                                            linger_ticks=round(self.cfg.hold_s * self.rate_hz)).start()
         return channels
 
     def _disconnect(self) -> None:
@@ -281,7 +293,8 @@ class Recorder:
             meta = {"instruction": cfg.instruction, "robot": self.profile.name, "sim": self.robot.sim is not None,
                     "teleop": True, "policy": "teleop", "forwarding": self.forward}
             if self.teleop is not None:
-                meta.update(seed=cfg.seed + i, target_xy_m=list(self.robot.sim.scene.target_xy_m))
+                meta.update(seed=cfg.seed + i, target_xy_m=list(self.robot.sim.scene.target_xy_m),
+                            start_spread_rad=self.teleop.start_spread_rad)
             path = writer.start_episode(meta)
             self.episode_open, first = True, False
             if self.live is not None:
@@ -290,7 +303,7 @@ class Recorder:
             safety.reset(self.robot.read_state().qpos)
             if self.teleop is not None:
                 self.teleop.go()
-            fault = self._loop(writer, safety, estop, self.cfg.episode_s, self.keys.end.is_set)
+            fault = self._loop(writer, safety, estop, self.cfg.episode_s, self._episode_done)
             if fault:
                 writer.record_event(time.monotonic(), "fault", fault)
             self.episode_open = False
@@ -304,6 +317,10 @@ class Recorder:
             if fault:
                 return fault
         return None
+
+    def _episode_done(self) -> bool:
+        """**n** was pressed, or (sim) the simulated operator finished its demonstration."""
+        return self.keys.end.is_set() or (self.teleop is not None and self.teleop.done())
 
     def _reset_period(self, safety, estop, i: int, first: bool) -> str | None:
         """Between episodes the puppets keep following (forwarding) but nothing is recorded. sim: the

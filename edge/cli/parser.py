@@ -349,11 +349,18 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", required=True, help="the task instruction stored with every episode")
     p.add_argument("--episodes", type=int, default=1, help="episodes to record (default 1)")
     p.add_argument("--out", required=True, help="directory for episode_<n>.hdf5 (numbering continues)")
-    p.add_argument("--episode-seconds", type=float, default=30.0, help="longest episode (default 30 s)")
+    p.add_argument("--episode-seconds", type=float, default=30.0, help="longest episode (default 30 s; n ends one "
+                   "early; sim: the simulated operator ends each --hold-seconds after it reached the target)")
     p.add_argument("--reset-seconds", type=float, default=5.0,
                    help="reset period between episodes (default 5 s; n ends it early)")
     p.add_argument("--rate", type=float, help="recording rate in Hz (default: the robot profile's, 30)")
     p.add_argument("--seed", type=int, default=0, help="sim: seed of the first episode's target and start pose")
+    p.add_argument("--start-spread", type=float, default=None, metavar="RAD",
+                   help="sim: each episode starts from the ready pose plus up to this much on J1, J2, J3 and J5 "
+                        "(default 0.3 rad; 0: the ready pose, where demo and eval start)")
+    p.add_argument("--hold-seconds", type=float, default=0.5, metavar="S",
+                   help="sim: the simulated operator ends each episode (as n would) once it has held the reached "
+                        "target this long (default 0.5 s; longer than --episode-seconds: never)")
     p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",
                    help="episode and e-stop keys: the terminal (tty), a physical keyboard (evdev), a desktop (pynput)")
     _view_options(p, "the recording")

@@ -17,6 +17,7 @@ from vla_edge.edge.teleop import RecordConfig, Recorder
 def main(args) -> int:
     cfg = RecordConfig(robot=args.robot, instruction=args.instruction, episodes=args.episodes, out=Path(args.out),
                        episode_s=args.episode_seconds, reset_s=args.reset_seconds, rate_hz=args.rate,
-                       keyboard=args.keyboard, seed=args.seed, view=args.view,
+                       keyboard=args.keyboard, seed=args.seed, start_spread_rad=args.start_spread,
+                       hold_s=args.hold_seconds, view=args.view,
                        view_save=Path(args.view_save) if args.view_save else None)
     return Recorder(cfg, sim_teleoperator=SimTeleoperator).run()

@@ -96,6 +96,33 @@ def test_record_sim_two_episodes_action_is_what_the_masters_sent(tmp_path):
     assert moved == 2  # the expert moved the masters in both episodes
 
 
+def test_sim_operator_ends_each_episode_after_it_touched_the_target_and_starts_where_asked(tmp_path):
+    """The simulated operator presses "n" 0.5 s after it reached the target, long before --episode-seconds;
+    --start-spread 0 starts every episode at the ready pose (where demo and eval start). Checked on the
+    recorded joints with the task's own success geometry, not the operator's bookkeeping."""
+    from conftest import stall_tolerant_sim
+    from vla_edge.edge.sim.task import ReachTask
+
+    task = ReachTask()
+    out = tmp_path / "ep"
+    r = run_cli("record", "--robot", str(stall_tolerant_sim(tmp_path)), "--instruction", "touch the red target",
+                "--episodes", "2", "--out", str(out), "--episode-seconds", "10", "--reset-seconds", "0.2",
+                "--keyboard", "none", "--seed", "7", "--start-spread", "0", timeout=120)
+    assert r.returncode == 0, r.stderr
+    for e in range(2):
+        with h5py.File(out / f"episode_{e}.hdf5", "r") as f:
+            qpos, tick_t = f["observations/qpos"][()].astype(np.float64), f["vla_edge/tick_t"][()]
+            target = json.loads(f.attrs["target_xy_m"])  # a JSON list, as every list attribute
+            assert f.attrs["start_spread_rad"] == 0.0
+        assert np.abs(qpos[0] - task.ready_q14).max() < 5e-3  # the ready pose, to the bus's resolution
+        assert task.at_target(qpos[-1], target)  # it ended on the target ...
+        assert tick_t[-1] - tick_t[0] < 4.0  # ... about 1.5 s in (reach ~0.8 s + 0.5 s), not after 10 s
+        assert sum(task.at_target(q, target) for q in qpos) >= task.hold_ticks  # and held it for the success test
+    r = run_cli("record", "--robot", "sim", "--instruction", "x", "--out", str(tmp_path / "o"), "--start-spread", "-1",
+                "--keyboard", "none")
+    assert r.returncode == 2 and r.stderr.strip() == "vla-edge record: error: need 0 <= --start-spread <= 1 rad; got -1.0"
+
+
 def test_record_refuses_bad_arguments_in_one_line(tmp_path):
     not_dir = tmp_path / "file"
     not_dir.write_text("x")
@@ -159,7 +186,7 @@ def test_space_estops_the_puppets_while_recording_and_q_quits(tmp_path):
     out = tmp_path / "ep"
     proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "record", "--robot", "sim", "--instruction",
                              "x", "--episodes", "1", "--out", str(out), "--episode-seconds", "20",
-                             "--keyboard", "tty", "--seed", "1"],
+                             "--keyboard", "tty", "--seed", "1", "--hold-seconds", "60"],
                             stdin=slave_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:  # wait until the episode is being recorded
@@ -234,7 +261,7 @@ def test_b_discards_and_records_again_n_ends_early(tmp_path):
     out = tmp_path / "ep"
     proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "record", "--robot", "sim", "--instruction",
                              "x", "--episodes", "1", "--out", str(out), "--episode-seconds", "20",
-                             "--keyboard", "tty", "--seed", "2"],
+                             "--keyboard", "tty", "--seed", "2", "--hold-seconds", "60"],
                             stdin=slave_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     try:
@@ -267,7 +294,7 @@ def test_sigterm_ends_a_recording_as_an_operator_stop(tmp_path):
     out = tmp_path / "ep"
     proc = subprocess.Popen([sys.executable, "-m", "vla_edge.edge.cli", "record", "--robot", "sim", "--instruction",
                              "x", "--episodes", "3", "--out", str(out), "--episode-seconds", "30",
-                             "--keyboard", "none", "--seed", "2"],
+                             "--keyboard", "none", "--seed", "2", "--hold-seconds", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
