@@ -60,7 +60,7 @@ from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
 from vla_edge.edge.episodes.format import EPISODE_GLOB, EpisodeReader, episode_paths
 from vla_edge.edge.sim.evaluate import record_expert_episodes
-from vla_edge.export.checkpoint import load_checkpoint
+from vla_edge.export.checkpoint import file_sha256, load_checkpoint
 from vla_edge.export.config import ModelConfig, TextConfig, VisionConfig
 from vla_edge.export.demo import SHIPPED_POLICY  # noqa: F401  (re-exported)
 from vla_edge.export.stats import read_statistics
@@ -323,6 +323,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
         data_stats = read_statistics(Path(data_dir) / "statistics.yaml")
         policy = data_stats.policy(chunk_size=CHUNK, actions=data_stats.actions or "raw")
         out_layout = data_stats.layout or layout
+    init_sha256 = file_sha256(Path(init)) if init else None  # the file as it was read (a chain of fine-tunes)
     if init is None:
         model = build_model(tokens, seed)
     else:  # the checkpoint's own shape, which may be an older policy shape
@@ -379,6 +380,7 @@ def train(data_dir: str | Path, out: str | Path, *, steps: int = 1500, batch: in
                             meta={"data": str(data_dir), "episodes": ds.episodes, "samples": n, "steps": steps,
                                   "batch": batch, "lr": lr, "seed": seed, "aux_weight": aux_weight if probe else 0.0,
                                   "init": str(init) if init else None,
+                                  "init_sha256": init_sha256,
                                   "statistics": "data" if llava and with_stats else ("derived" if not llava else None),
                                   "final_loss": float(np.mean(losses[-20:]))})
     return TrainResult(path=path, losses=losses, seconds=time.monotonic() - t0, samples=n, episodes=ds.episodes,
