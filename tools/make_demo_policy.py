@@ -15,12 +15,12 @@ run continues where it stopped; record continues after the episodes already in W
    --reset-seconds 0.2 --keyboard none --out WORK/episodes``: the simulated operator (the reach task's scripted
    expert moving the master arms) demonstrates 200 episodes, seeds 0..199 (targets at the four spots,
    jittered, each from a randomised start pose), each ended by the operator 0.5 s after it reached the target
-   (about 1.3 s, 40 ticks), in real time (~7 min). On a loaded machine a stall of the whole process (over the
+   (about 1.3 s, 38 ticks), in real time (~6 min). On a loaded machine a stall of the whole process (over the
    sim's 0.3 s watchdogs) stops record safely (exit 3) and keeps the episode so far: that cut episode is
    deleted and recording continues from its seed (at most 5 times);
 2. the same with ``--start-spread 0`` for 200 more, seeds 200..399: each from the ready pose, where the demo
    starts, so the data holds the demo's own first decision (which way J1 turns, read from the image alone)
-   200 times instead of never (~6 min);
+   200 times instead of never (~5 min);
 3. ``vla-edge convert WORK/episodes --to llava-vla WORK/data``: data.json (each sample also carries its
    episode's ``target_xy_m``), the JPEGs, statistics.yaml, vla_edge.json;
 4. ``nice -n 5 vla-edge train-tiny --data WORK/data --out WORK/best.pt --steps 1000 --batch 16 --lr 5e-4

@@ -13,10 +13,9 @@ Usage::
 Like a person pressing **n** once the target is touched, the operator ends each episode ``linger_ticks``
 control periods (default 15: ``record --hold-seconds 0.5`` at 30 Hz) after its masters reach the reach pose: the puppets catch up
 (a tick or two) and hold it for the task's 5-tick success test and 10 ticks more, as
-:func:`~vla_edge.edge.sim.evaluate.record_expert_episodes` lingers after success. Episodes then hold the
-target for about a third of their ticks instead of most of them: a fixed 2 s episode was 60 % holding,
-which taught a tiny policy to hold wherever it is more than to read the target (README, "A policy that
-does something").
+:func:`~vla_edge.edge.sim.evaluate.record_expert_episodes` lingers after success. A reach episode is then
+about 1.3 s (38 ticks) instead of whatever ``--episode-seconds`` says, most of a fixed 2 s one being the
+arm holding still over the target.
 """
 
 from __future__ import annotations
