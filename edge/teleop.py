@@ -69,6 +69,8 @@ from vla_edge.firmware_bridge.piper_motion import read_motion
 log = logging.getLogger(__name__)
 
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
+SIM_HOLD_S = 0.5
+"""sim: how long the simulated operator holds the reached target before it ends the episode (``--hold-seconds``)."""
 SIM_RESET_TIMEOUT_S = 5.0
 """sim: longest the puppets may take to follow the masters to an episode's start pose."""
 
@@ -89,8 +91,8 @@ class RecordConfig:
     seed: int = 0
     start_spread_rad: float | None = None
     """sim: the start pose's spread (:meth:`~vla_edge.edge.sim.task.ReachTask.start_pose`; None: the task's)."""
-    hold_s: float = 0.5
-    """sim: the simulated operator ends each episode once it held the reached target this long."""
+    hold_s: float | None = None
+    """sim: the simulated operator ends each episode once it held the reached target this long (None: 0.5 s)."""
     view: bool = False
     view_save: Path | None = None
     """Stream every recorded tick to a Rerun viewer (``view``) or into a .rrd file (``view_save``)."""
@@ -103,7 +105,7 @@ class RecordConfig:
                                f"{self.episodes}, {self.episode_s}, {self.reset_s}")
         if self.start_spread_rad is not None and not 0.0 <= self.start_spread_rad <= 1.0:
             raise VlaEdgeError(f"need 0 <= --start-spread <= 1 rad; got {self.start_spread_rad}")
-        if self.hold_s < 0:
+        if self.hold_s is not None and self.hold_s < 0:
             raise VlaEdgeError(f"need --hold-seconds >= 0; got {self.hold_s}")
         if self.out.exists() and not self.out.is_dir():
             raise VlaEdgeError(f"--out {self.out} exists and is not a directory")
@@ -161,6 +163,9 @@ class Recorder:
         self.cfg = cfg
         self.sim_teleoperator = sim_teleoperator
         self.profile = load_profile(cfg.robot)
+        if self.profile.sim is None and (cfg.start_spread_rad is not None or cfg.hold_s is not None):
+            raise VlaEdgeError(f"--start-spread and --hold-seconds move the simulated operator; robot "
+                               f"{self.profile.name} is teleoperated by a person")
         self.master_cans = master_cans(cfg.robot)
         self.forward = any(self.master_cans[s] != self.profile.arms[s].can_name for s in SIDES)
         self.rate_hz = cfg.rate_hz or self.profile.control_rate_hz
@@ -202,9 +207,10 @@ class Recorder:
             self.master_sims[side] = PiperMasterSim(PiperMasterSimConfig(channel=channels[side])).start()
         if self.sim_teleoperator is None:
             raise VlaEdgeError(f"robot {self.profile.name} is simulated: record needs a simulated teleoperator")
+        hold_s = SIM_HOLD_S if self.cfg.hold_s is None else self.cfg.hold_s
         self.teleop = self.sim_teleoperator(self.robot, self.master_sims, self.rate_hz, self.cfg.instruction,
                                             start_spread_rad=self.cfg.start_spread_rad,
-                                            linger_ticks=round(self.cfg.hold_s * self.rate_hz)).start()
+                                            linger_ticks=round(hold_s * self.rate_hz)).start()
         return channels
 
     def _disconnect(self) -> None:

@@ -358,7 +358,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-spread", type=float, default=None, metavar="RAD",
                    help="sim: each episode starts from the ready pose plus up to this much on J1, J2, J3 and J5 "
                         "(default 0.3 rad; 0: the ready pose, where demo and eval start)")
-    p.add_argument("--hold-seconds", type=float, default=0.5, metavar="S",
+    p.add_argument("--hold-seconds", type=float, default=None, metavar="S",
                    help="sim: the simulated operator ends each episode (as n would) once it has held the reached "
                         "target this long (default 0.5 s; longer than --episode-seconds: never)")
     p.add_argument("--keyboard", choices=["auto", "tty", "evdev", "pynput", "none"], default="auto",

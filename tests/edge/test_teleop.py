@@ -121,6 +121,11 @@ def test_sim_operator_ends_each_episode_after_it_touched_the_target_and_starts_w
     r = run_cli("record", "--robot", "sim", "--instruction", "x", "--out", str(tmp_path / "o"), "--start-spread", "-1",
                 "--keyboard", "none")
     assert r.returncode == 2 and r.stderr.strip() == "vla-edge record: error: need 0 <= --start-spread <= 1 rad; got -1.0"
+    r = run_cli("record", "--robot", "cobot_magic", "--instruction", "x", "--out", str(tmp_path / "o"),
+                "--hold-seconds", "1", "--keyboard", "none")  # refused before any device is touched
+    assert r.returncode == 2 and r.stderr.strip() == ("vla-edge record: error: --start-spread and --hold-seconds move "
+                                                      "the simulated operator; robot cobot_magic is teleoperated by "
+                                                      "a person")
 
 
 def test_record_refuses_bad_arguments_in_one_line(tmp_path):
