@@ -58,6 +58,7 @@ from rich.progress import (
 from vla_edge import VlaEdgeError, kernels
 from vla_edge.edge.bundle.prompt import PromptTemplate, tokenizer_encoder
 from vla_edge.edge.bundle.spec import COBOT_MAGIC_LAYOUT, PIPER_JOINT_HI, PIPER_JOINT_LO, PolicySpec
+from vla_edge.edge.episodes.convert import target_xy_m_attr
 from vla_edge.edge.episodes.format import EPISODE_GLOB, EpisodeReader, episode_paths
 from vla_edge.edge.sim.evaluate import record_expert_episodes
 from vla_edge.export.checkpoint import file_sha256, load_checkpoint
@@ -117,7 +118,7 @@ def load_dataset(data_dir: str | Path, layout, max_episodes: int = 0, progress=N
             q = r.qpos().astype(np.float64)
             a = r.action().astype(np.float64)
             text = r.instruction()
-            target = json.loads(r.attrs["target_xy_m"]) if "target_xy_m" in r.attrs else None
+            target = target_xy_m_attr(path, r.attrs.get("target_xy_m"))
             if not text:
                 raise VlaEdgeError(f"{path}: no 'instruction' attribute")
             all_q.append(q)

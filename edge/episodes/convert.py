@@ -167,11 +167,12 @@ def check_episode(path: Path, cfg: ConvertConfig) -> EpisodeInfo:
         raise ConvertError(f"{path}: instruction {instruction!r} ends in {instruction[-1]!r} or holds a newline: "
                            "the reference trainer would train without it (Qwen2 merges a final punctuation mark or "
                            "space with the newline it locates the state by); give --instruction without it")
-    return EpisodeInfo(path, r.index or 0, instruction, qpos, action, _target_xy_m(path, target))
+    return EpisodeInfo(path, r.index or 0, instruction, qpos, action, target_xy_m_attr(path, target))
 
 
-def _target_xy_m(path: Path, value) -> list[float] | None:
-    """A simulated episode's ``target_xy_m`` attribute (JSON ``[x, y]``), or None when it has none."""
+def target_xy_m_attr(path: Path, value) -> list[float] | None:
+    """A simulated episode's ``target_xy_m`` attribute (JSON ``[x, y]``, as ``record``/``eval`` write it) checked,
+    or None when it has none; :class:`ConvertError` names ``path``."""
     if value is None:
         return None
     try:
